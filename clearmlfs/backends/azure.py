@@ -1,0 +1,281 @@
+"""Azure Blob Storage: one container, through azure-storage-blob.
+
+Transfers use the SDK's own parallel block upload / ranged download; the SDK's
+retry policy covers single requests and `retry` covers what it lets through.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import requests
+import urllib3
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    IncompleteReadError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import BlobClient, BlobPrefix, BlobProperties, BlobServiceClient
+
+from ..config import AzureContainer
+from ..errors import (
+    AccessDenied,
+    AlreadyExists,
+    ClearmlfsError,
+    ConfigError,
+    NoSpace,
+    NotFound,
+    StorageError,
+    Transient,
+)
+from ..urls import parse_url
+from .base import Backend, ObjectInfo, Prefix, retry
+
+BLOCK_SIZE = 8 * 1024 * 1024  # block and ranged-GET size: fast, yet cheap to retry
+COPY_TIMEOUT = 30 * 60.0  # a server-side copy inside one account is fast; give large blobs room anyway
+
+# What an SDK call can raise besides our own errors. Local file errors (OSError) are included so that a
+# full disk mid-download or a reset socket surfaces in our vocabulary too.
+_CAUGHT: tuple[type[BaseException], ...] = (
+    AzureError,
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
+
+# Connection refused/reset, timeouts, short bodies (IncompleteRead).
+_TRANSPORT_FAILURES: tuple[type[BaseException], ...] = (
+    ServiceRequestError,
+    ServiceResponseError,
+    IncompleteReadError,
+    requests.ConnectionError,
+    requests.Timeout,
+    urllib3.exceptions.HTTPError,
+    http.client.IncompleteRead,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class AzureBackend(Backend):
+    """One Azure Blob container."""
+
+    def __init__(
+        self, cfg: AzureContainer, container: str, *, max_concurrency: int = 8, page_size: int | None = None
+    ) -> None:
+        self.url_prefix = f"azure://{cfg.account_name}.blob.core.windows.net/{container}"
+        self._concurrency = max(1, max_concurrency)
+        self._page_size = page_size  # None: the service default (5000)
+        self._service = _service_client(cfg)
+        self._container = self._service.get_container_client(container)
+
+    # -- Backend ----------------------------------------------------------------------------------
+    @retry()
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            return _info(self._blob(key).get_blob_properties())
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+
+    def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
+        # A generator cannot be retried as a whole without repeating entries, so each page is
+        # fetched (and retried) on its own and the listing resumes from the last continuation token.
+        token: str | None = None
+        while True:
+            entries, token = self._page(prefix, delimiter, token)
+            yield from entries
+            if not token:
+                return
+
+    @retry()
+    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        if length == 0:
+            return b""  # the SDK would turn length 0 into an open-ended range
+        try:
+            return self._blob(key).download_blob(offset=start, length=length).readall()
+        except HttpResponseError as exc:
+            if exc.status_code == 416:  # start at or past the end: nothing to read
+                return b""
+            raise _translate(exc, self._url(key)) from None
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+
+    @retry()
+    def download(self, key: str, dest: Path) -> ObjectInfo:
+        try:
+            with open(dest, "wb") as out:
+                # The downloader pins the ETag of its first response (If-Match on later ranges), so a blob
+                # overwritten mid-download fails with 412 instead of producing a mixed file.
+                stream = self._blob(key).download_blob(max_concurrency=self._concurrency)
+                stream.readinto(out)
+            return _info(stream.properties)
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+
+    @retry()
+    def upload(self, src: Path, key: str) -> ObjectInfo:
+        with open(src, "rb") as data:  # a missing source is the caller's OSError, not a storage error
+            size = os.fstat(data.fileno()).st_size
+            try:
+                result = self._blob(key).upload_blob(
+                    data, length=size, overwrite=True, max_concurrency=self._concurrency
+                )
+            except _CAUGHT as exc:
+                raise _translate(exc, self._url(key)) from None
+        return ObjectInfo(key, size, result["last_modified"].timestamp(), _etag(result["etag"]))
+
+    @retry()
+    def delete(self, key: str) -> None:
+        try:
+            self._blob(key).delete_blob()
+        except ResourceNotFoundError as exc:
+            if getattr(exc, "error_code", None) == "ContainerNotFound":
+                raise _translate(exc, self._url(key)) from None  # a missing container is still an error
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+
+    @retry()
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        dst = self._blob(dst_key)
+        try:
+            # Same account: the request's Shared Key also authorizes reading the source URL.
+            started = dst.start_copy_from_url(self._blob(src_key).url)
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(src_key)) from None
+        try:
+            return _info(_wait_for_copy(dst, started["copy_status"], started["copy_id"], self._url(dst_key)))
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(dst_key)) from None
+
+    def close(self) -> None:
+        self._service.close()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    @retry()
+    def _page(
+        self, prefix: str, delimiter: str | None, token: str | None
+    ) -> tuple[list[ObjectInfo | Prefix], str | None]:
+        """One page of a listing and the token of the next (None after the last)."""
+        try:
+            if delimiter:
+                items: Any = self._container.walk_blobs(
+                    name_starts_with=prefix or None, delimiter=delimiter, results_per_page=self._page_size
+                )
+            else:
+                items = self._container.list_blobs(
+                    name_starts_with=prefix or None, results_per_page=self._page_size
+                )
+            pages = items.by_page(continuation_token=token)
+            page = next(pages, [])
+            entries = [Prefix(e.name) if isinstance(e, BlobPrefix) else _info(e) for e in page]
+            return entries, pages.continuation_token
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(prefix)) from None
+
+    def _blob(self, key: str) -> BlobClient:
+        return self._container.get_blob_client(key)
+
+    def _url(self, key: str) -> str:
+        return f"{self.url_prefix}/{key}" if key else self.url_prefix
+
+
+def _service_client(cfg: AzureContainer) -> BlobServiceClient:
+    options: dict[str, Any] = {
+        # The SDK default (15 s first backoff, 3 retries) stalls a FUSE read for a minute; retry sooner.
+        "retry_total": 3,
+        "initial_backoff": 1,
+        "increment_base": 2,
+        "max_single_put_size": BLOCK_SIZE,
+        "max_block_size": BLOCK_SIZE,
+        "max_single_get_size": BLOCK_SIZE,
+        "max_chunk_get_size": BLOCK_SIZE,
+    }
+    try:
+        if cfg.connection_string:
+            return BlobServiceClient.from_connection_string(cfg.connection_string, **options)
+        credential = {"account_name": cfg.account_name, "account_key": cfg.account_key}
+        return BlobServiceClient(account_url=cfg.account_url, credential=credential, **options)
+    except ValueError:
+        # The SDK's message may quote the connection string; name only the account.
+        raise ConfigError(f"invalid Azure connection settings for account {cfg.account_name!r}") from None
+
+
+def _wait_for_copy(dst: BlobClient, status: str, copy_id: str, url: str) -> BlobProperties:
+    """Poll a server-side copy until it settles; a copy still pending at the deadline is aborted."""
+    deadline = time.monotonic() + COPY_TIMEOUT
+    delay = 0.05
+    props = dst.get_blob_properties()
+    while status == "pending":
+        if time.monotonic() > deadline:
+            dst.abort_copy(copy_id)
+            raise StorageError(f"{url}: server-side copy did not finish within {COPY_TIMEOUT:.0f}s")
+        time.sleep(delay)
+        delay = min(2.0, delay * 2)
+        props = dst.get_blob_properties()
+        status = props.copy.status
+    if status != "success":
+        raise StorageError(f"{url}: server-side copy {status}: {props.copy.status_description}")
+    return props
+
+
+def _info(props: BlobProperties) -> ObjectInfo:
+    return ObjectInfo(props.name, props.size, props.last_modified.timestamp(), _etag(props.etag))
+
+
+def _etag(etag: str) -> str:
+    return etag.strip('"')
+
+
+def _translate(exc: BaseException, url: str) -> ClearmlfsError:
+    """Map an Azure SDK (or transport) exception to the project's errors.
+
+    Messages carry the status, the service's error code and the first line of its message, never the
+    whole exception text: transport errors can quote request URLs, which may carry a SAS token.
+    """
+    status = getattr(exc, "status_code", None)
+    code = getattr(exc, "error_code", None)
+    code = getattr(code, "value", code)  # the SDK gives a StorageErrorCode enum for known codes
+    reason = _reason(exc, status, code)
+    if isinstance(exc, ResourceNotFoundError) or status == 404:
+        return NotFound(f"{url}: not found ({reason})")
+    if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
+        return AccessDenied(f"{parse_url(url).root}: access denied ({reason}); check the account key or SAS")
+    if isinstance(exc, ResourceExistsError) or status == 409:
+        return AlreadyExists(f"{url}: {reason}")
+    # 412 only arises from the SDK's own If-Match on later download ranges: the blob changed mid-read.
+    if status in (408, 412, 429) or (isinstance(status, int) and status >= 500 and status not in (501, 505)):
+        return Transient(f"{url}: {reason}")
+    if isinstance(exc, _TRANSPORT_FAILURES):
+        return Transient(f"{url}: {reason}")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _local_error(exc, url)
+    return StorageError(f"{url}: {reason}")
+
+
+# Query strings (a SAS token) and AccountKey=/SharedAccessSignature= pairs of a connection string.
+_SECRETS = re.compile(r"\?[^\s'\"]*|(AccountKey|SharedAccessSignature|sig)=[^\s;&'\"]*", re.IGNORECASE)
+
+
+def _reason(exc: BaseException, status: Any, code: Any) -> str:
+    lines = str(exc).strip().splitlines()
+    first = _SECRETS.sub("<redacted>", lines[0])[:200] if lines else ""
+    return ", ".join([type(exc).__name__] + [str(p) for p in (status, code, first) if p])
+
+
+def _local_error(exc: OSError, url: str) -> ClearmlfsError:
+    if exc.errno == errno.ENOSPC:  # while writing the destination file
+        return NoSpace(f"{url}: no space left on the local disk")
+    return StorageError(f"{url}: {exc.strerror or type(exc).__name__}")

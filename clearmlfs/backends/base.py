@@ -1,0 +1,114 @@
+"""The seam between clearmlfs and a storage provider.
+
+A backend serves one bucket (S3, GCS), one container (Azure) or the local
+filesystem (file://). Keys are the object names inside it, without a leading
+slash. Backends are synchronous and thread-safe: the FUSE layer calls them from
+worker threads, StorageManager calls them directly.
+
+Every method raises only `clearmlfs.errors` exceptions. Each backend translates
+its SDK's errors in one function (`_translate`) and says which are transient;
+`retry` is the one place that retries them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+from ..errors import Transient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD (or a listing entry) tells about one object."""
+
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch
+    etag: str  # ETag (S3, Azure) or generation (GCS); changes whenever the content does
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """A common prefix in a delimited listing: a 'directory'. `key` ends with the delimiter."""
+
+    key: str
+
+
+class Backend(ABC):
+    """One bucket or container. `url_prefix` is the ClearML URL of its root, e.g. ``s3://bucket``."""
+
+    url_prefix: str
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size, mtime and ETag of one object; NotFound if absent."""
+
+    @abstractmethod
+    def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
+        """Every object (and, with a delimiter, every common prefix) under `prefix`, paginating as needed."""
+
+    @abstractmethod
+    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        """Bytes [start, start+length) of an object (to its end when length is None)."""
+
+    @abstractmethod
+    def download(self, key: str, dest: Path) -> ObjectInfo:
+        """Write the whole object to `dest` (created or truncated), with the SDK's parallel transfer."""
+
+    @abstractmethod
+    def upload(self, src: Path, key: str) -> ObjectInfo:
+        """Store the file `src` as `key`; multipart/parallel where the provider and settings allow."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object; deleting an absent object is not an error."""
+
+    @abstractmethod
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        """Server-side copy inside this bucket/container."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release pooled connections."""
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def retry(
+    attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Retry a backend call on `Transient`, with jittered exponential backoff.
+
+    SDK-level retries already cover most transient HTTP failures; this catches what
+    they let through (short bodies, errors mid-transfer) and gives every backend the
+    same policy.
+    """
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            for attempt in range(1, attempts + 1):
+                try:
+                    return fn(*args, **kwargs)
+                except Transient as exc:
+                    if attempt == attempts:
+                        raise
+                    delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+                    log.debug("%s failed (%s); retry %d/%d in %.2fs", fn.__name__, exc, attempt, attempts, delay)
+                    time.sleep(delay)
+            raise AssertionError("unreachable")
+
+        return wrapper
+
+    return decorate

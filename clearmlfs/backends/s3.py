@@ -1,0 +1,190 @@
+"""Amazon S3 and S3-compatible servers (MinIO, SeaweedFS, Ceph...) through boto3.
+
+Transfers use boto3's transfer manager (parallel multipart up and down); the
+client's own retry mode handles throttling and 5xx; `_translate` is the one place
+botocore's errors become clearmlfs errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+from ..config import S3Credentials, S3Settings
+from ..errors import AccessDenied, ClearmlfsError, NotFound, StorageError, Transient
+from .base import Backend, ObjectInfo, Prefix, retry
+
+log = logging.getLogger(__name__)
+
+SINGLE_PUT_LIMIT = 5 * 1024**3  # S3's largest single PUT; `multipart: false` uploads up to it in one request
+_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload"}
+_DENIED = {
+    "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+    "InvalidToken", "ExpiredToken", "AccountProblem", "Forbidden",
+}
+_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+              "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "429"}
+_TRANSIENT_EXC = (
+    botocore.exceptions.ConnectionError,  # includes EndpointConnectionError, ConnectionClosedError
+    botocore.exceptions.HTTPClientError,  # includes ReadTimeoutError
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ResponseStreamingError,
+)
+
+
+def _translate(exc: BaseException, url: str) -> ClearmlfsError:
+    """botocore/boto3 exception → clearmlfs error. Never includes credentials."""
+    cause = _client_error_in(exc)
+    if cause is not None:
+        code = str(cause.response.get("Error", {}).get("Code", ""))
+        status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _NOT_FOUND or status == 404:
+            return NotFound(f"{url}: not found")
+        if code in _DENIED or status == 403:
+            return AccessDenied(f"{url}: access denied ({code or status}) for bucket {url.split('/')[2]!r}")
+        if code in _TRANSIENT or status == 429 or status >= 500:
+            return Transient(f"{url}: {code or status}")
+        return StorageError(f"{url}: {code or status}: {cause.response.get('Error', {}).get('Message', '')}")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return AccessDenied(f"{url}: no S3 credentials configured (sdk.aws.s3 key/secret or the AWS chain)")
+    if isinstance(exc, _TRANSIENT_EXC) or isinstance(exc, (ConnectionError, TimeoutError)):
+        return Transient(f"{url}: {type(exc).__name__}: {exc}")
+    return StorageError(f"{url}: {type(exc).__name__}: {exc}")
+
+
+def _client_error_in(exc: BaseException) -> botocore.exceptions.ClientError | None:
+    # boto3's transfer manager wraps ClientError (S3UploadFailedError); look down the chain.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, botocore.exceptions.ClientError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
+    """A boto3 S3 client for one credentials entry (endpoint, TLS, pool size from clearml.conf)."""
+    session = boto3.session.Session(
+        aws_access_key_id=creds.key or None,
+        aws_secret_access_key=creds.secret or None,
+        aws_session_token=creds.token or None,
+        region_name=creds.region or ("us-east-1" if creds.host else None),
+        profile_name=(creds.profile or None) if not creds.key else None,
+    )
+    options: dict[str, Any] = {
+        "max_pool_connections": settings.pool_connections,
+        "retries": {"max_attempts": 6, "mode": "standard"},
+        "signature_version": "s3v4",
+    }
+    if creds.host:
+        # Compatible servers: path-style buckets, and no flexible-checksum trailers, which many do not speak.
+        options["s3"] = {"addressing_style": "path"}
+        options["request_checksum_calculation"] = "when_required"
+        options["response_checksum_validation"] = "when_required"
+    endpoint = f"{'https' if creds.secure else 'http'}://{creds.host}" if creds.host else None
+    return session.client(
+        "s3", endpoint_url=endpoint, verify=creds.verify, config=botocore.config.Config(**options)
+    )
+
+
+class S3Backend(Backend):
+    def __init__(self, creds: S3Credentials, settings: S3Settings, bucket: str, client: Any = None) -> None:
+        self.bucket = bucket
+        netloc = f"{creds.host}/{bucket}" if creds.host else bucket
+        self.url_prefix = f"s3://{netloc}"
+        self._client = client or make_client(creds, settings)
+        self._transfer = TransferConfig(
+            multipart_threshold=settings.multipart_threshold if creds.multipart else SINGLE_PUT_LIMIT,
+            multipart_chunksize=settings.multipart_chunksize,
+            max_concurrency=settings.max_multipart_concurrency,
+            use_threads=True,
+        )
+
+    def _url(self, key: str) -> str:
+        return f"{self.url_prefix}/{key}"
+
+    @retry()
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise _translate(exc, self._url(key)) from None
+        return ObjectInfo(key, head["ContentLength"], head["LastModified"].timestamp(), head["ETag"].strip('"'))
+
+    def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            args["Delimiter"] = delimiter
+        try:
+            for page in paginator.paginate(**args):
+                for common in page.get("CommonPrefixes", ()):
+                    yield Prefix(common["Prefix"])
+                for obj in page.get("Contents", ()):
+                    yield ObjectInfo(obj["Key"], obj["Size"], obj["LastModified"].timestamp(), obj["ETag"].strip('"'))
+        except Exception as exc:
+            raise _translate(exc, self._url(prefix)) from None
+
+    @retry()
+    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        if length == 0:
+            return b""
+        end = "" if length is None else str(start + length - 1)
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")
+            data: bytes = resp["Body"].read()
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # start is at or past the end of the object
+            raise _translate(exc, self._url(key)) from None
+        except Exception as exc:
+            raise _translate(exc, self._url(key)) from None
+        if len(data) != resp["ContentLength"]:
+            raise Transient(f"{self._url(key)}: short read ({len(data)} of {resp['ContentLength']} bytes)")
+        return data
+
+    @retry()
+    def download(self, key: str, dest: Path) -> ObjectInfo:
+        info = self.stat(key)
+        try:
+            self._client.download_file(self.bucket, key, str(dest), Config=self._transfer)
+        except Exception as exc:
+            raise _translate(exc, self._url(key)) from None
+        if dest.stat().st_size != info.size:
+            raise Transient(f"{self._url(key)}: downloaded {dest.stat().st_size} of {info.size} bytes")
+        return info
+
+    @retry()
+    def upload(self, src: Path, key: str) -> ObjectInfo:
+        try:
+            self._client.upload_file(str(src), self.bucket, key, Config=self._transfer)
+        except Exception as exc:
+            raise _translate(exc, self._url(key)) from None
+        return self.stat(key)
+
+    @retry()
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            error = _translate(exc, self._url(key))
+            if not isinstance(error, NotFound):
+                raise error from None
+
+    @retry()
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        try:
+            self._client.copy({"Bucket": self.bucket, "Key": src_key}, self.bucket, dst_key, Config=self._transfer)
+        except Exception as exc:
+            raise _translate(exc, self._url(src_key)) from None
+        return self.stat(dst_key)
+
+    def close(self) -> None:
+        self._client.close()

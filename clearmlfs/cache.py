@@ -1,0 +1,321 @@
+"""The managed cache, shared with the ClearML SDK.
+
+Layout (the SDK's, so a file fetched by either tool is found by the other)::
+
+    <base>/storage_manager/<context>/<md5(url)>.<basename>          cached objects
+    <base>/storage_manager/<context>/.lock.NNN.<entry>.clearml      pins (flock'd while held)
+    <base>/storage_manager/<context>/<entry>_<time>.partially       downloads in progress
+    <base>/clearmlfs/<context>/<entry>.json                         our per-entry state
+    <base>/clearmlfs/<context>/<entry>.fetch                        download-once lock
+
+Our state lives outside the SDK's folder because the SDK counts and deletes
+everything it finds there. Pins use the SDK's lock-file convention so its cleaner
+(and ours) leave pinned entries alone. Downloads are serialised per entry with an
+flock, which excludes other threads and other processes alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .backends.base import Backend, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+STORAGE_MANAGER_FOLDER = "storage_manager"
+STATE_FOLDER = "clearmlfs"
+DEFAULT_CONTEXT = "global"
+LOCK_PREFIX = ".lock."
+LOCK_SUFFIX = ".clearml"
+PARTIAL_SUFFIX = ".partially"
+STALE_PARTIAL_SECONDS = 24 * 3600
+
+
+def entry_name(url: str, max_name_length: int = 255) -> str:
+    """The SDK's cache file name for `url`: ``<md5(url)>.<basename>``, shortened to fit the file-name limit."""
+    digest = hashlib.md5(url.encode(), usedforsecurity=False).hexdigest()
+    return _conform(f"{digest}.{url.split('/')[-1]}", max_name_length)
+
+
+def _conform(name: str, max_name_length: int) -> str:
+    # The SDK's rule, character for character: keep the last two suffixes, cut the stem,
+    # leave 32 characters for the temporary-download suffix.
+    allowed = max_name_length - 32
+    if len(name) <= allowed:
+        return name
+    ext = "".join(Path(name).suffixes[-2:]).rstrip(" ")
+    stem = name[: -len(ext)].strip() if ext else name
+    if len(ext) > allowed:
+        ext = "." + ext[-(allowed - 1) :].lstrip(".")
+    allowed -= len(ext)
+    return stem[:allowed].strip() + ext
+
+
+@dataclass
+class EntryState:
+    """What we know about one cached entry beyond the file itself."""
+
+    url: str
+    etag: str = ""
+    size: int = 0
+    dirty: bool = False  # written locally, not yet uploaded
+    extracted: str = ""  # ETag of the archive content last extracted next to it
+
+
+class Pin:
+    """A held ``.lock.NNN.<entry>.clearml`` flock: the entry must not be evicted until `release`."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # unlinking first: nobody can find a lock we are about to drop
+        os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> Pin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class CacheContext:
+    """One cache context (``global`` by default) under the configured base folder."""
+
+    def __init__(
+        self, base_dir: Path, context: str = DEFAULT_CONTEXT, file_limit: int = 100, byte_limit: int | None = None
+    ) -> None:
+        self.context = context
+        self.folder = Path(base_dir).expanduser() / STORAGE_MANAGER_FOLDER / context
+        self.state_folder = Path(base_dir).expanduser() / STATE_FOLDER / context
+        self.file_limit = file_limit
+        self.byte_limit = byte_limit
+        for folder in (self.folder, self.state_folder):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._name_max = os.statvfs(self.folder).f_namemax
+
+    # -- naming -------------------------------------------------------------------------------------
+    def path_for(self, url: str) -> Path:
+        return self.folder / entry_name(url, self._name_max)
+
+    def _state_path(self, name: str) -> Path:
+        return self.state_folder / f"{name}.json"
+
+    # -- state --------------------------------------------------------------------------------------
+    def state(self, url: str) -> EntryState | None:
+        try:
+            raw = json.loads(self._state_path(self.path_for(url).name).read_text())
+            return EntryState(**raw)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def save_state(self, state: EntryState) -> None:
+        """Durably record `state` (write, fsync, rename): a dirty flag must survive a crash."""
+        path = self._state_path(self.path_for(state.url).name)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def dirty_entries(self) -> list[EntryState]:
+        states = []
+        for path in self.state_folder.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                state = EntryState(**json.loads(path.read_text()))
+                if state.dirty:
+                    states.append(state)
+        return states
+
+    # -- lookup and fetch ---------------------------------------------------------------------------
+    def lookup(self, url: str, info: ObjectInfo | None = None) -> Path | None:
+        """The cached copy of `url` if present (and, given the server's `info`, still current); touches it."""
+        path = self.path_for(url)
+        if not path.is_file() or not self._is_current(url, path, info):
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # reuse refreshes LRU order, as the SDK does
+        return path
+
+    def _is_current(self, url: str, path: Path, info: ObjectInfo | None) -> bool:
+        if info is None:
+            return True
+        state = self.state(url)
+        if state is not None and state.dirty:
+            return True  # local changes not uploaded yet are the newest content
+        if state is not None and state.etag:
+            return state.etag == info.etag
+        # Fetched by the ClearML SDK, which records nothing: trust a copy of the right size.
+        if path.stat().st_size == info.size:
+            self.save_state(EntryState(url, info.etag, info.size))
+            return True
+        return False
+
+    def fetch(
+        self, url: str, backend: Backend, key: str, info: ObjectInfo | None = None, force: bool = False
+    ) -> Path:
+        """The cached copy of `url`, downloading it once if missing, stale (given `info`) or `force`d."""
+        cached = None if force else self.lookup(url, info)
+        if cached is not None:
+            return cached
+        with self._fetch_lock(url):
+            # Another thread or process may have fetched it while we waited for the lock.
+            cached = None if force else self.lookup(url, info)
+            if cached is not None:
+                return cached
+            self.clean()
+            return self._download(url, backend, key)
+
+    @contextlib.contextmanager
+    def _fetch_lock(self, url: str) -> Iterator[None]:
+        lock_path = self.state_folder / f"{self.path_for(url).name}.fetch"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _download(self, url: str, backend: Backend, key: str) -> Path:
+        final = self.path_for(url)
+        partial = final.with_name(f"{final.name}_{time.time()}{PARTIAL_SUFFIX}")
+        try:
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            info = backend.download(key, partial)
+            os.chmod(partial, 0o600)
+            os.replace(partial, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+        self.save_state(EntryState(url, info.etag, info.size))
+        log.debug("fetched %s (%d bytes)", url, info.size)
+        return final
+
+    # -- pins ---------------------------------------------------------------------------------------
+    def pin(self, path: Path) -> Pin:
+        """Hold the entry at `path` against eviction (by us and by the SDK) until the pin is released."""
+        for i in range(1000):
+            lock_path = path.parent / f"{LOCK_PREFIX}{i:03d}.{path.name}{LOCK_SUFFIX}"
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return Pin(fd, lock_path)
+        raise RuntimeError(f"cannot pin {path}: 1000 lock files are held")
+
+    def is_pinned(self, name: str) -> bool:
+        """True while any process holds one of the entry's lock files; stale lock files are removed."""
+        pinned = False
+        for lock_path in self.folder.glob(f"{LOCK_PREFIX}[0-9][0-9][0-9].{_glob_escape(name)}{LOCK_SUFFIX}"):
+            try:
+                fd = os.open(lock_path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock_path.unlink(missing_ok=True)  # nobody holds it: a leftover
+            except BlockingIOError:
+                pinned = True
+            finally:
+                os.close(fd)
+        return pinned
+
+    # -- limits and eviction ------------------------------------------------------------------------
+    def set_file_limit(self, limit: int) -> int:
+        """Raise the entry-count limit (never lowers it, as in the SDK); returns the limit in force."""
+        self.file_limit = max(self.file_limit, int(limit))
+        return self.file_limit
+
+    def clean(self) -> list[Path]:
+        """Evict least-recently-used entries beyond the count and byte limits; never pinned or dirty ones."""
+        entries = sorted(self._entries(), key=_last_used, reverse=True)
+        total = sum(_size(p) for p in entries)
+        evicted = []
+        for index, path in enumerate(entries):
+            over_count = index >= self.file_limit
+            over_bytes = self.byte_limit is not None and total > self.byte_limit
+            if not (over_count or over_bytes) or not self._evictable(path.name):
+                continue
+            total -= _size(path)
+            self._remove(path)
+            evicted.append(path)
+        return evicted
+
+    def _entries(self) -> list[Path]:
+        entries = []
+        now = time.time()
+        for path in self.folder.iterdir():
+            name = path.name
+            if name.startswith(LOCK_PREFIX) and name.endswith(LOCK_SUFFIX):
+                continue
+            if name.endswith(PARTIAL_SUFFIX):
+                if now - _last_used(path) > STALE_PARTIAL_SECONDS:
+                    self._remove(path)  # left behind by a crashed download
+                continue
+            entries.append(path)
+        return entries
+
+    def _evictable(self, name: str) -> bool:
+        if self.is_pinned(name):
+            return False
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if json.loads(self._state_path(name).read_text()).get("dirty"):
+                return False
+        return True
+
+    def _remove(self, path: Path) -> None:
+        log.debug("evicting %s", path.name)
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        with contextlib.suppress(OSError):
+            self._state_path(path.name).unlink()
+
+    def stats(self) -> tuple[int, int]:
+        """(entries, bytes) currently in this context."""
+        entries = self._entries()
+        return len(entries), sum(_size(p) for p in entries)
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _last_used(path: Path) -> float:
+    # A folder (an extracted archive) counts as used when anything directly in it was.
+    try:
+        stamp = path.stat().st_mtime
+        if path.is_dir():
+            stamp = max([stamp, *(child.stat().st_mtime for child in path.iterdir())])
+        return stamp
+    except OSError:
+        return 0.0
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0

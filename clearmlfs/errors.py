@@ -1,0 +1,75 @@
+"""Project exceptions, and the one table that maps them to errno.
+
+Backends translate their SDK's exceptions into these; everything above the
+backends (cache, StorageManager, the FUSE layer, the CLI) only sees these.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class ClearmlfsError(Exception):
+    """Base of every error clearmlfs raises on purpose."""
+
+
+class ConfigError(ClearmlfsError):
+    """clearml.conf is missing, malformed, or does not allow the request."""
+
+
+class InvalidURL(ClearmlfsError):
+    """A URL that names no storage clearmlfs understands."""
+
+
+class StorageError(ClearmlfsError):
+    """A storage request failed; subclasses say why."""
+
+
+class NotFound(StorageError):
+    """The object, prefix, bucket or container does not exist."""
+
+
+class AccessDenied(StorageError):
+    """The credentials were refused for this bucket or object."""
+
+
+class AlreadyExists(StorageError):
+    """The target exists and the operation would not replace it."""
+
+
+class Transient(StorageError):
+    """A failure worth retrying: throttling, 5xx, reset or timed-out connection, short body."""
+
+
+class NoSpace(StorageError):
+    """The local cache disk is full."""
+
+
+class Unsupported(StorageError):
+    """The operation is not supported by this storage or by clearmlfs."""
+
+
+# Order matters: the first matching class wins, so subclasses come first.
+_ERRNO: tuple[tuple[type[BaseException], int], ...] = (
+    (NotFound, errno.ENOENT),
+    (AccessDenied, errno.EACCES),
+    (AlreadyExists, errno.EEXIST),
+    (NoSpace, errno.ENOSPC),
+    (Unsupported, errno.ENOTSUP),
+    (InvalidURL, errno.EINVAL),
+    (ConfigError, errno.EACCES),
+    (Transient, errno.EIO),
+    (StorageError, errno.EIO),
+    (FileNotFoundError, errno.ENOENT),
+    (PermissionError, errno.EACCES),
+)
+
+
+def to_errno(exc: BaseException) -> int:
+    """The errno a filesystem caller should see for `exc` (EIO when nothing more precise fits)."""
+    for cls, code in _ERRNO:
+        if isinstance(exc, cls):
+            return code
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
