@@ -160,7 +160,7 @@ class StorageManager:
         parsed, backend = _locate(remote_url)
         folder = Path(local_folder or _rt().context(None).folder).expanduser().absolute()
         try:
-            dest = _inside(folder, parsed.key if parsed.scheme != "file" else Path(parsed.key).name)
+            dest = _inside(folder, parsed.key)
             if dest.is_file() and dest.stat().st_size and not overwrite:
                 return str(dest)
             dest.parent.mkdir(parents=True, exist_ok=True)

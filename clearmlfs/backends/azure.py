@@ -94,9 +94,15 @@ class AzureBackend(Backend):
         # A generator cannot be retried as a whole without repeating entries, so each page is
         # fetched (and retried) on its own and the listing resumes from the last continuation token.
         token: str | None = None
+        seen: set[str] = set()  # a prefix spanning several pages may be reported on each of them
         while True:
             entries, token = self._page(prefix, delimiter, token)
-            yield from entries
+            for entry in entries:
+                if isinstance(entry, Prefix):
+                    if entry.key in seen:
+                        continue
+                    seen.add(entry.key)
+                yield entry
             if not token:
                 return
 

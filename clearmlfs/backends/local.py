@@ -1,6 +1,6 @@
 """file:// URLs: the local filesystem (or an NFS mount) behind the same interface.
 
-Keys are absolute paths without their leading slash. Uploads write a temporary
+Keys are absolute paths, as `parse_url` gives them for file:// URLs. Uploads write a temporary
 sibling and rename it, so a reader never sees half a file.
 """
 
@@ -57,7 +57,7 @@ class LocalBackend(Backend):
         for entry in entries:
             if not entry.name.startswith(start):
                 continue
-            key = entry.path.lstrip("/")
+            key = entry.path
             if entry.is_dir(follow_symlinks=True):
                 if delimiter:
                     yield Prefix(key + "/")

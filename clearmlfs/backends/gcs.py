@@ -1,0 +1,321 @@
+"""Google Cloud Storage: one bucket, through google-cloud-storage.
+
+Large files go through the SDK's transfer manager (sliced parallel download, XML multipart upload);
+every request carries an explicit `google.api_core` retry, and `retry` covers what it lets through.
+With STORAGE_EMULATOR_HOST set the client talks to an emulator with anonymous credentials.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import google.auth.exceptions
+import requests
+import urllib3
+from google.api_core import exceptions as api
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from google.cloud.storage import transfer_manager
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+from google.cloud.storage.retry import DEFAULT_RETRY
+
+from ..config import GCSBucket
+from ..errors import (
+    AccessDenied,
+    AlreadyExists,
+    ClearmlfsError,
+    ConfigError,
+    NoSpace,
+    NotFound,
+    StorageError,
+    Transient,
+    Unsupported,
+)
+from ..urls import parse_url
+from .base import Backend, ObjectInfo, Prefix, retry
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 8 * 1024 * 1024  # resumable-upload chunk and transfer-manager slice; a multiple of 256 KiB
+PARALLEL_THRESHOLD = 32 * 1024 * 1024  # below this one stream is as fast and costs fewer requests
+# The SDK's default retry gives up after 120 s; `retry` repeats a failed call up to 5 times, so keep each
+# budget short enough that a stuck read surfaces as EIO within minutes, not a quarter of an hour.
+_RETRY = DEFAULT_RETRY.with_timeout(30.0)
+
+_CAUGHT: tuple[type[BaseException], ...] = (
+    api.GoogleAPIError,
+    google.auth.exceptions.GoogleAuthError,
+    InvalidResponse,
+    DataCorruption,
+    requests.RequestException,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
+# Connection refused/reset, timeouts, short bodies, a checksum mismatch on download.
+_TRANSPORT_FAILURES: tuple[type[BaseException], ...] = (
+    api.RetryError,
+    google.auth.exceptions.TransportError,
+    DataCorruption,
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.HTTPError,
+    http.client.IncompleteRead,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class GCSBackend(Backend):
+    """One GCS bucket."""
+
+    def __init__(
+        self, cfg: GCSBucket, bucket: str, *, max_concurrency: int = 8, page_size: int | None = None
+    ) -> None:
+        self.url_prefix = f"gs://{bucket}"
+        self._concurrency = max(1, max_concurrency)
+        self._page_size = page_size  # None: the service default (1000)
+        self._client = _client(cfg, self._concurrency)
+        self._bucket = self._client.bucket(bucket)
+        self._xml_multipart = True  # cleared once the server refuses XML multipart uploads (emulators)
+
+    # -- Backend ----------------------------------------------------------------------------------
+    @retry()
+    def stat(self, key: str) -> ObjectInfo:
+        return _info(self._existing(key))
+
+    def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
+        # A generator cannot be retried as a whole without repeating entries, so each page is
+        # fetched (and retried) on its own and the listing resumes from the last page token.
+        token: str | None = None
+        seen: set[str] = set()  # a prefix spanning several pages may be reported on each of them
+        while True:
+            entries, token = self._page(prefix, delimiter, token)
+            for entry in entries:
+                if isinstance(entry, Prefix):
+                    if entry.key in seen:
+                        continue
+                    seen.add(entry.key)
+                yield entry
+            if not token:
+                return
+
+    @retry()
+    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        if length == 0:
+            return b""  # end = start - 1 would mean "to the end" to the SDK
+        end = None if length is None else start + length - 1  # the SDK's end is inclusive
+        try:
+            return self._bucket.blob(key).download_as_bytes(start=start, end=end, retry=_RETRY)
+        except api.RequestRangeNotSatisfiable:
+            return b""  # start at or past the end
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+
+    @retry()
+    def download(self, key: str, dest: Path) -> ObjectInfo:
+        blob = self._existing(key)  # pins the generation: every slice reads the same version
+        # Taken before the transfer, which overwrites the metadata from response headers (and an emulator
+        # that omits x-goog-generation would leave generation None).
+        info = _info(blob)
+        try:
+            if (blob.size or 0) >= PARALLEL_THRESHOLD:
+                transfer_manager.download_chunks_concurrently(
+                    blob,
+                    str(dest),
+                    chunk_size=CHUNK_SIZE,
+                    download_kwargs={"retry": _RETRY},
+                    worker_type=transfer_manager.THREAD,
+                    max_workers=self._concurrency,
+                    crc32c_checksum=True,
+                )
+            else:
+                blob.download_to_filename(str(dest), retry=_RETRY)
+        except api.NotFound:
+            # The generation we pinned vanished: the object was overwritten or deleted mid-download.
+            raise Transient(f"{self._url(key)}: changed during download") from None
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+        return info
+
+    @retry()
+    def upload(self, src: Path, key: str) -> ObjectInfo:
+        size = src.stat().st_size  # a missing source is the caller's OSError, not a storage error
+        blob = self._bucket.blob(key, chunk_size=CHUNK_SIZE if size > CHUNK_SIZE else None)
+        try:
+            if size >= PARALLEL_THRESHOLD and self._upload_parallel(src, blob):
+                blob.reload(retry=_RETRY)  # the transfer manager does not fill in the new metadata
+            else:
+                # An explicit retry: by default the SDK retries uploads only with if_generation_match, but
+                # rewriting the whole object under a fixed name is idempotent.
+                blob.upload_from_filename(str(src), retry=_RETRY)
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+        return _info(blob)
+
+    @retry()
+    def delete(self, key: str) -> None:
+        try:
+            self._bucket.blob(key).delete(retry=_RETRY)
+        except api.NotFound:
+            pass  # already gone (or a retried delete that had succeeded)
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+
+    @retry()
+    def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
+        try:
+            copied = self._bucket.copy_blob(self._bucket.blob(src_key), self._bucket, dst_key, retry=_RETRY)
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(src_key)) from None
+        return _info(copied)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _existing(self, key: str) -> storage.Blob:
+        try:
+            blob = self._bucket.get_blob(key, retry=_RETRY)
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+        if blob is None:
+            raise NotFound(f"{self._url(key)}: not found")
+        return blob
+
+    def _upload_parallel(self, src: Path, blob: storage.Blob) -> bool:
+        """XML multipart upload of `src`; False when the server does not offer it (nothing was stored)."""
+        if not self._xml_multipart:
+            return False
+        try:
+            transfer_manager.upload_chunks_concurrently(
+                str(src),
+                blob,
+                chunk_size=CHUNK_SIZE,
+                worker_type=transfer_manager.THREAD,
+                max_workers=self._concurrency,
+                retry=_RETRY,
+            )
+        except InvalidResponse as exc:
+            if _status(exc) != 501:
+                raise
+            # gcp-storage-emulator (and fake-gcs-server) answer the multipart initiate with 501.
+            log.info("%s: server refuses XML multipart uploads; using resumable uploads", self.url_prefix)
+            self._xml_multipart = False
+            return False
+        return True
+
+    @retry()
+    def _page(
+        self, prefix: str, delimiter: str | None, token: str | None
+    ) -> tuple[list[ObjectInfo | Prefix], str | None]:
+        """One page of a listing and the token of the next (None after the last)."""
+        try:
+            iterator = self._client.list_blobs(
+                self._bucket,
+                prefix=prefix or None,
+                delimiter=delimiter,
+                page_size=self._page_size,
+                page_token=token,
+                retry=_RETRY,
+            )
+            page = next(iterator.pages, None)
+            if page is None:
+                return [], None
+            # Common prefixes arrive with each page (page.prefixes), not only once the iterator is drained.
+            entries: list[ObjectInfo | Prefix] = [_info(blob) for blob in page]
+            entries += [Prefix(p) for p in sorted(page.prefixes)]
+            return entries, iterator.next_page_token
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(prefix)) from None
+
+    def _url(self, key: str) -> str:
+        return f"{self.url_prefix}/{key}" if key else self.url_prefix
+
+
+def _client(cfg: GCSBucket, concurrency: int) -> storage.Client:
+    client = _bare_client(cfg)
+    # requests keeps 10 connections per host by default; parallel slices beyond that would reconnect.
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(10, concurrency + 2))
+    for scheme in ("https://", "http://"):
+        client._http.mount(scheme, adapter)
+    return client
+
+
+def _bare_client(cfg: GCSBucket) -> storage.Client:
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        # Emulators accept any request; anonymous credentials avoid looking for real ones.
+        return storage.Client(project=cfg.project or "clearmlfs", credentials=AnonymousCredentials())
+    if cfg.credentials_json:
+        from google.oauth2 import service_account
+
+        path = os.path.expanduser(cfg.credentials_json)
+        try:
+            creds = service_account.Credentials.from_service_account_file(path)
+        except (OSError, ValueError, KeyError):
+            # Never quote the file: its content is a private key.
+            raise ConfigError(f"cannot load Google service-account credentials from {path}") from None
+        return storage.Client(project=cfg.project or creds.project_id, credentials=creds)
+    try:
+        return storage.Client(project=cfg.project or None)
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise ConfigError(
+            "no Google credentials: set credentials_json in clearml.conf, GOOGLE_APPLICATION_CREDENTIALS, "
+            "or run `gcloud auth application-default login`"
+        ) from None
+
+
+def _info(blob: storage.Blob) -> ObjectInfo:
+    mtime = blob.updated.timestamp() if blob.updated else 0.0
+    return ObjectInfo(blob.name, int(blob.size or 0), mtime, str(blob.generation))
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status behind an SDK exception, when there is one."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _translate(exc: BaseException, url: str) -> ClearmlfsError:
+    """Map a google-cloud-storage (or transport) exception to the project's errors."""
+    status = _status(exc)
+    reason = _reason(exc, status)
+    if status == 404:
+        return NotFound(f"{url}: not found ({reason})")
+    if status in (401, 403) or isinstance(exc, google.auth.exceptions.RefreshError):
+        return AccessDenied(f"{parse_url(url).root}: access denied ({reason}); check the credentials")
+    if status == 409:
+        return AlreadyExists(f"{url}: {reason}")
+    if status == 501:
+        return Unsupported(f"{url}: not supported by the server ({reason})")
+    if status in (408, 429) or (status is not None and status >= 500):
+        return Transient(f"{url}: {reason}")
+    if isinstance(exc, _TRANSPORT_FAILURES):
+        return Transient(f"{url}: {reason}")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        if exc.errno == errno.ENOSPC:  # while writing the destination file
+            return NoSpace(f"{url}: no space left on the local disk")
+        return StorageError(f"{url}: {exc.strerror or type(exc).__name__}")
+    return StorageError(f"{url}: {reason}")
+
+
+# Query strings (signed URLs) never belong in a message.
+_SECRETS = re.compile(r"\?[^\s'\"]*")
+
+
+def _reason(exc: BaseException, status: Any) -> str:
+    lines = str(exc).strip().splitlines()
+    first = _SECRETS.sub("", lines[0])[:200] if lines else ""
+    return ", ".join([type(exc).__name__] + [str(p) for p in (status, first) if p])

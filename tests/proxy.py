@@ -1,0 +1,317 @@
+"""A counting, fault-injecting HTTP reverse proxy for tests (stdlib only).
+
+Put it between a client and one upstream server to count what the client really sends (how many GETs, how
+many bytes were downloaded) and to inject failures (503s, connection resets, truncated bodies).
+
+    with Proxy(upstream=seaweedfs.endpoint) as proxy:
+        client = seaweedfs.client(endpoint=proxy.url)
+        ...
+        assert proxy.count("PUT") == 1
+
+The Host header is forwarded exactly as the client sent it: S3 SigV4 signs it, and the client signed the
+proxy's host:port, so rewriting it would break every signature.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import random
+import socket
+import struct
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from urllib.parse import unquote, urlsplit
+
+# Meaningful for one connection only (RFC 9110 7.6.1); Expect is answered by the proxy itself.
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+}
+FAULT_KINDS = ("503", "reset", "truncate")
+COPY_CHUNK = 256 * 1024
+UPSTREAM_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    method: str
+    path: str  # percent-decoded, without the query
+    query: str
+    status: int  # 0 when the connection was reset without a response
+    request_bytes: int  # request body bytes received from the client
+    response_bytes: int  # response body bytes sent to the client
+    fault: str | None = None  # injected: "reset", "truncate", or the status as a string ("503")
+
+
+class Proxy:
+    def __init__(self, upstream: str, seed: int = 0) -> None:
+        parts = urlsplit(upstream)
+        if parts.scheme != "http" or not parts.hostname or not parts.port:
+            raise ValueError(f"upstream must look like http://HOST:PORT, not {upstream!r}")
+        self.upstream_host: str = parts.hostname
+        self.upstream_port: int = parts.port
+        self._lock = threading.Lock()
+        self._records: list[RequestRecord] = []
+        self._rng = random.Random(seed)
+        self._fail_next = 0
+        self._fail_status = 503
+        self._fail_rate = 0.0
+        self._fail_kinds: tuple[str, ...] = FAULT_KINDS
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> Proxy:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        server.daemon_threads = True  # idle keep-alive connections must not block stop()
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name=f"proxy:{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Proxy:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("proxy not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    # -- counting --------------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """A snapshot of the requests seen so far, in completion order."""
+        with self._lock:
+            return list(self._records)
+
+    def reset(self) -> None:
+        """Forget the counted requests and any pending faults."""
+        with self._lock:
+            self._records.clear()
+            self._fail_next = 0
+            self._fail_rate = 0.0
+
+    def count(self, method: str | None = None, path_contains: str | None = None) -> int:
+        return len(self._matching(method, path_contains))
+
+    def bytes_sent(self, path_contains: str | None = None) -> int:
+        """Response body bytes delivered to the client."""
+        return sum(r.response_bytes for r in self._matching(None, path_contains))
+
+    def _matching(self, method: str | None, path_contains: str | None) -> list[RequestRecord]:
+        return [
+            r
+            for r in self.requests
+            if (method is None or r.method == method.upper())
+            and (path_contains is None or path_contains in r.path)
+        ]
+
+    def _record(self, record: RequestRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    # -- faults ----------------------------------------------------------------------------------------
+
+    def fail_next(self, n: int, status: int = 503) -> None:
+        """Answer the next ``n`` requests with ``status`` without forwarding them."""
+        with self._lock:
+            self._fail_next = n
+            self._fail_status = status
+
+    def fail_rate(self, rate: float, kinds: Iterable[str] = FAULT_KINDS, seed: int | None = None) -> None:
+        """Inject a fault of a random kind into a ``rate`` fraction of requests (seeded, so runs repeat)."""
+        kinds = tuple(kinds)
+        unknown = set(kinds) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {unknown}; known: {FAULT_KINDS}")
+        with self._lock:
+            self._fail_rate = rate
+            self._fail_kinds = kinds
+            if seed is not None:
+                self._rng.seed(seed)
+
+    def _next_fault(self) -> tuple[str | None, int]:
+        """What to do with the next request; under the lock so draws happen in a repeatable order."""
+        with self._lock:
+            if self._fail_next > 0:
+                self._fail_next -= 1
+                return "status", self._fail_status
+            if self._fail_rate > 0 and self._rng.random() < self._fail_rate:
+                kind = self._rng.choice(self._fail_kinds)
+                return kind, 503
+            return None, 0
+
+
+def _make_handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(_ProxyHandler):
+        owner = proxy
+
+    return Handler
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    owner: Proxy
+    protocol_version = "HTTP/1.1"  # keep-alive and "Expect: 100-continue" need 1.1
+    timeout = 120  # an idle client connection is dropped after this many seconds
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature from the base class
+        pass  # the records are the log
+
+    def _proxy(self) -> None:
+        parts = urlsplit(self.path)
+        body = self._read_body()
+        fault, status = self.owner._next_fault()
+        record = {
+            "method": self.command,
+            "path": unquote(parts.path),
+            "query": parts.query,
+            "request_bytes": len(body),
+        }
+        if fault in ("status", "503"):
+            sent = self._send_error_status(status)
+            self.owner._record(RequestRecord(**record, status=status, response_bytes=sent, fault=str(status)))
+        elif fault == "reset":
+            self._reset_connection()
+            self.owner._record(RequestRecord(**record, status=0, response_bytes=0, fault="reset"))
+        else:
+            status, sent = self._forward(body, truncate=fault == "truncate")
+            self.owner._record(RequestRecord(**record, status=status, response_bytes=sent, fault=fault))
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _proxy
+
+    # -- request side ----------------------------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        """The whole request body, de-chunked; forwarded with a Content-Length (simplest for any upstream)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self._read_chunked()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _read_chunked(self) -> bytes:
+        chunks = []
+        while True:
+            size = int(self.rfile.readline().split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                break
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline()  # CRLF after each chunk
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass  # trailers, dropped
+        return b"".join(chunks)
+
+    def _forward(self, body: bytes, truncate: bool) -> tuple[int, int]:
+        conn = http.client.HTTPConnection(
+            self.owner.upstream_host, self.owner.upstream_port, timeout=UPSTREAM_TIMEOUT
+        )
+        try:
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+                    conn.putheader(name, value)
+            if body or self.command in ("PUT", "POST", "PATCH"):
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body or None)
+            response = conn.getresponse()
+            return response.status, self._relay(response, truncate)
+        except (OSError, http.client.HTTPException):
+            # Upstream vanished: tell the client the way a load balancer would.
+            return 502, self._send_error_status(502)
+        finally:
+            conn.close()
+
+    # -- response side ---------------------------------------------------------------------------------
+
+    def _relay(self, response: http.client.HTTPResponse, truncate: bool) -> int:
+        self.send_response_only(response.status, response.reason)
+        length = response.getheader("Content-Length")
+        for name, value in response.getheaders():
+            if name.lower() not in HOP_BY_HOP:
+                self.send_header(name, value)
+        no_body = self.command == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200
+        chunked = length is None and not no_body
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if no_body:
+            return 0
+        if truncate:
+            return self._send_truncated(response)
+        return self._copy(response, chunked)
+
+    def _copy(self, response: http.client.HTTPResponse, chunked: bool) -> int:
+        sent = 0
+        while data := response.read(COPY_CHUNK):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            sent += len(data)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        return sent
+
+    def _send_truncated(self, response: http.client.HTTPResponse) -> int:
+        """Headers promise the full body; half of it arrives, then the connection is reset."""
+        data = response.read()
+        half = data[: len(data) // 2]
+        with contextlib.suppress(OSError):
+            self.wfile.write(half)
+        self._reset_connection()
+        return len(half)
+
+    def _send_error_status(self, status: int) -> int:
+        # An S3-style XML error body: boto3, azure and google clients all retry on the status alone.
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
+            b"<Message>injected by the test proxy</Message></Error>"
+        )
+        self.send_response_only(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Retry-After", "0")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+            return len(body)
+        return 0
+
+    def _reset_connection(self) -> None:
+        """Close with SO_LINGER 0 so the client sees a TCP RST, like a crashed server."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # detach(): closing the fd now, not when the buffered reader/writer let go of the socket.
+            socket.close(self.connection.detach())

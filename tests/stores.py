@@ -1,0 +1,78 @@
+"""clearml.conf snippets and root URLs for each real test server, shared by the storage and mount tests.
+
+HOCON is a superset of JSON, so a conf is built as a dict and written with json.dump.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests import servers
+
+
+@dataclass(frozen=True)
+class Store:
+    """One configured bucket/container: its ClearML root URL and the clearml.conf section that reaches it."""
+
+    name: str
+    root: str  # e.g. "s3://127.0.0.1:8333/clearmlfs-test"
+    conf: dict[str, Any]
+
+    def fresh_prefix(self) -> str:
+        """A URL folder no other test uses."""
+        return f"{self.root}/t-{uuid.uuid4().hex[:12]}"
+
+
+def s3_host_store(name: str, host: str, bucket: str, key: str, secret: str, multipart: bool = True) -> Store:
+    entry = {"host": host, "key": key, "secret": secret, "secure": False, "multipart": multipart}
+    return Store(name, f"s3://{host}/{bucket}", {"aws": {"s3": {"credentials": [entry]}}})
+
+
+def seaweed_store(sw: servers.SeaweedFS, multipart: bool = True, host: str | None = None) -> Store:
+    return s3_host_store("seaweedfs", host or sw.host, sw.bucket, *sw.admin, multipart=multipart)
+
+
+def moto_store(moto: servers.MotoS3) -> Store:
+    return s3_host_store("moto", moto.host, moto.bucket, moto.key, moto.secret)
+
+
+def azure_store(az: servers.Azurite) -> Store:
+    entry = {
+        "account_name": az.account_name, "account_key": az.account_key,
+        "container_name": az.container, "endpoint": az.endpoint,
+    }
+    root = f"azure://{az.account_name}.blob.core.windows.net/{az.container}"
+    return Store("azurite", root, {"azure": {"storage": {"containers": [entry]}}})
+
+
+def gcs_store(gcs: servers.GCSEmulator) -> Store:
+    return Store("gcs", f"gs://{gcs.bucket}", {"google": {"storage": {"project": gcs.project}}})
+
+
+def local_store(folder: Path) -> Store:
+    folder.mkdir(parents=True, exist_ok=True)
+    return Store("local", f"file://{folder}", {})
+
+
+def write_conf(path: Path, cache_dir: Path, *stores: Store, extra: dict[str, Any] | None = None) -> Path:
+    """A clearml.conf (with an `api` section, as users have) combining the stores' sections."""
+    sdk: dict[str, Any] = {"storage": {"cache": {"default_base_dir": str(cache_dir)}}}
+    for store in stores:
+        _merge(sdk, store.conf)
+    _merge(sdk, extra or {})
+    path.write_text(json.dumps({"api": {"api_server": "http://127.0.0.1:1"}, "sdk": sdk}, indent=2))
+    return path
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        elif isinstance(value, list) and isinstance(into.get(key), list):
+            into[key] = into[key] + value
+        else:
+            into[key] = value
