@@ -143,6 +143,24 @@ class CacheContext:
                     states.append(state)
         return states
 
+    def forget(self, url: str) -> None:
+        """Drop the cached copy and state of `url` (the object was deleted)."""
+        self._remove(self.path_for(url))
+
+    def move(self, url: str, new_url: str, etag: str) -> None:
+        """Carry a cached copy over to the URL it was renamed to, so the new name needs no download."""
+        old, new = self.path_for(url), self.path_for(new_url)
+        state = self.state(url)
+        try:
+            os.replace(old, new)
+        except FileNotFoundError:
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                self._state_path(old.name).unlink()
+        size = new.stat().st_size
+        self.save_state(EntryState(new_url, etag, size, dirty=bool(state and state.dirty)))
+
     # -- lookup and fetch ---------------------------------------------------------------------------
     def lookup(self, url: str, info: ObjectInfo | None = None) -> Path | None:
         """The cached copy of `url` if present (and, given the server's `info`, still current); touches it."""

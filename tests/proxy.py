@@ -20,7 +20,7 @@ import random
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -78,7 +78,9 @@ class Proxy:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         server.daemon_threads = True  # idle keep-alive connections must not block stop()
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name=f"proxy:{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name=f"proxy:{self.port}", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -195,21 +197,23 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         body = self._read_body()
         fault, status = self.owner._next_fault()
-        record = {
-            "method": self.command,
-            "path": unquote(parts.path),
-            "query": parts.query,
-            "request_bytes": len(body),
-        }
-        if fault in ("status", "503"):
-            sent = self._send_error_status(status)
-            self.owner._record(RequestRecord(**record, status=status, response_bytes=sent, fault=str(status)))
-        elif fault == "reset":
-            self._reset_connection()
-            self.owner._record(RequestRecord(**record, status=0, response_bytes=0, fault="reset"))
-        else:
-            status, sent = self._forward(body, truncate=fault == "truncate")
-            self.owner._record(RequestRecord(**record, status=status, response_bytes=sent, fault=fault))
+
+        # Called before the last byte reaches the client, so a test that got its response sees the record.
+        def done(status: int, sent: int, fault: str | None = fault) -> None:
+            self.owner._record(
+                RequestRecord(self.command, unquote(parts.path), parts.query, status, len(body), sent, fault)
+            )
+
+        try:
+            if fault in ("status", "503"):
+                self._send_error_status(status, lambda sent: done(status, sent, str(status)))
+            elif fault == "reset":
+                done(0, 0)
+                self._reset_connection()
+            else:
+                self._forward(body, fault == "truncate", done)
+        except OSError:
+            self.close_connection = True  # the client went away; nothing left to tell it
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _proxy
 
@@ -234,78 +238,94 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             pass  # trailers, dropped
         return b"".join(chunks)
 
-    def _forward(self, body: bytes, truncate: bool) -> tuple[int, int]:
+    def _forward(self, body: bytes, truncate: bool, done: Callable[[int, int], None]) -> None:
         conn = http.client.HTTPConnection(
             self.owner.upstream_host, self.owner.upstream_port, timeout=UPSTREAM_TIMEOUT
         )
         try:
-            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
-            for name, value in self.headers.items():
-                if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
-                    conn.putheader(name, value)
-            if body or self.command in ("PUT", "POST", "PATCH"):
-                conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders(body or None)
-            response = conn.getresponse()
-            return response.status, self._relay(response, truncate)
-        except (OSError, http.client.HTTPException):
-            # Upstream vanished: tell the client the way a load balancer would.
-            return 502, self._send_error_status(502)
+            try:
+                response = self._send_upstream(conn, body)
+            except (OSError, http.client.HTTPException):
+                # Upstream unreachable: answer the way a load balancer would.
+                self._send_error_status(502, lambda sent: done(502, sent))
+                return
+            if truncate:
+                self._send_truncated(response, done)
+            else:
+                self._relay(response, done)
         finally:
             conn.close()
 
+    def _send_upstream(self, conn: http.client.HTTPConnection, body: bytes) -> http.client.HTTPResponse:
+        conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+        for name, value in self.headers.items():  # Host included, unchanged
+            if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
+                conn.putheader(name, value)
+        if body or self.command in ("PUT", "POST", "PATCH"):
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body or None)
+        return conn.getresponse()
+
     # -- response side ---------------------------------------------------------------------------------
 
-    def _relay(self, response: http.client.HTTPResponse, truncate: bool) -> int:
+    def _send_headers_of(self, response: http.client.HTTPResponse, chunked: bool) -> None:
+        """Status and headers into the send buffer; the caller flushes them with end_headers()."""
         self.send_response_only(response.status, response.reason)
-        length = response.getheader("Content-Length")
         for name, value in response.getheaders():
             if name.lower() not in HOP_BY_HOP:
                 self.send_header(name, value)
-        no_body = self.command == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200
-        chunked = length is None and not no_body
         if chunked:
             self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        if no_body:
-            return 0
-        if truncate:
-            return self._send_truncated(response)
-        return self._copy(response, chunked)
 
-    def _copy(self, response: http.client.HTTPResponse, chunked: bool) -> int:
+    def _relay(self, response: http.client.HTTPResponse, done: Callable[[int, int], None]) -> None:
+        no_body = self.command == "HEAD" or response.status in (204, 304)
+        chunked = response.getheader("Content-Length") is None and not no_body
+        self._send_headers_of(response, chunked)
+        if no_body:
+            done(response.status, 0)
+            self.end_headers()
+            return
+        self.end_headers()
         sent = 0
-        while data := response.read(COPY_CHUNK):
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-            sent += len(data)
+        # One chunk of look-ahead: the record is written before the final chunk goes out.
+        pending = response.read(COPY_CHUNK)
+        while pending:
+            following = response.read(COPY_CHUNK)
+            if not following and not chunked:
+                done(response.status, sent + len(pending))
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(pending), pending) if chunked else pending)
+            sent += len(pending)
+            pending = following
+        if chunked or sent == 0:
+            done(response.status, sent)
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
-        return sent
 
-    def _send_truncated(self, response: http.client.HTTPResponse) -> int:
+    def _send_truncated(self, response: http.client.HTTPResponse, done: Callable[[int, int], None]) -> None:
         """Headers promise the full body; half of it arrives, then the connection is reset."""
-        data = response.read()
+        data = b"" if self.command == "HEAD" else response.read()
         half = data[: len(data) // 2]
-        with contextlib.suppress(OSError):
-            self.wfile.write(half)
+        self._send_headers_of(response, chunked=False)
+        done(response.status, len(half))
+        self.end_headers()
+        self.wfile.write(half)
         self._reset_connection()
-        return len(half)
 
-    def _send_error_status(self, status: int) -> int:
+    def _send_error_status(self, status: int, done: Callable[[int], None]) -> None:
         # An S3-style XML error body: boto3, azure and google clients all retry on the status alone.
         body = (
             b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
             b"<Message>injected by the test proxy</Message></Error>"
         )
+        if self.command == "HEAD":
+            body = b""
         self.send_response_only(status)
         self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(body)) if body else "0")
         self.send_header("Retry-After", "0")
+        done(len(body))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-            return len(body)
-        return 0
+        self.wfile.write(body)
 
     def _reset_connection(self) -> None:
         """Close with SO_LINGER 0 so the client sees a TCP RST, like a crashed server."""
@@ -313,5 +333,5 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):
             self.wfile.flush()
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            # detach(): closing the fd now, not when the buffered reader/writer let go of the socket.
+            # detach(): closes the fd now, not when the buffered reader and writer let go of the socket.
             socket.close(self.connection.detach())

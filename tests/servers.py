@@ -295,7 +295,7 @@ def start_seaweedfs(workdir: Path) -> Running[SeaweedFS]:
         wait_until("seaweedfs", process, log_path, lambda: probe_s3_write(admin, TEST_BUCKET))
     # weed 4.x never finishes its graceful stop ("Gracefully stopping gRPC server" hangs) after SIGTERM or
     # SIGINT; the data is throwaway, so it gets a short grace and then SIGKILL.
-    return Running("seaweedfs", process, log_path, info, stop_grace=2.0)
+    return Running("seaweedfs", process, log_path, info, stop_grace=1.0)
 
 
 def create_s3_buckets(client: Any, buckets: list[str]) -> None:

@@ -69,6 +69,9 @@ _TRANSPORT_FAILURES: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+# One page of a listing (a module-level alias: inside the classes `list` names the method).
+_Page = list[ObjectInfo | Prefix]
+
 
 class AzureBackend(Backend):
     """One Azure Blob container."""
@@ -162,7 +165,10 @@ class AzureBackend(Backend):
         except _CAUGHT as exc:
             raise _translate(exc, self._url(src_key)) from None
         try:
-            return _info(_wait_for_copy(dst, started["copy_status"], started["copy_id"], self._url(dst_key)))
+            props = _wait_for_copy(
+                dst, str(started["copy_status"]), str(started["copy_id"]), self._url(dst_key)
+            )
+            return _info(props)
         except _CAUGHT as exc:
             raise _translate(exc, self._url(dst_key)) from None
 
@@ -171,9 +177,7 @@ class AzureBackend(Backend):
 
     # -- helpers ----------------------------------------------------------------------------------
     @retry()
-    def _page(
-        self, prefix: str, delimiter: str | None, token: str | None
-    ) -> tuple[list[ObjectInfo | Prefix], str | None]:
+    def _page(self, prefix: str, delimiter: str | None, token: str | None) -> tuple[_Page, str | None]:
         """One page of a listing and the token of the next (None after the last)."""
         try:
             if delimiter:
@@ -185,7 +189,7 @@ class AzureBackend(Backend):
                     name_starts_with=prefix or None, results_per_page=self._page_size
                 )
             pages = items.by_page(continuation_token=token)
-            page = next(pages, [])
+            page: Any = next(pages, [])
             entries = [Prefix(e.name) if isinstance(e, BlobPrefix) else _info(e) for e in page]
             return entries, pages.continuation_token
         except _CAUGHT as exc:
@@ -231,7 +235,7 @@ def _wait_for_copy(dst: BlobClient, status: str, copy_id: str, url: str) -> Blob
         time.sleep(delay)
         delay = min(2.0, delay * 2)
         props = dst.get_blob_properties()
-        status = props.copy.status
+        status = props.copy.status or ""
     if status != "success":
         raise StorageError(f"{url}: server-side copy {status}: {props.copy.status_description}")
     return props

@@ -73,6 +73,9 @@ _TRANSPORT_FAILURES: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+# One page of a listing (a module-level alias: inside the classes `list` names the method).
+_Page = list[ObjectInfo | Prefix]
+
 
 class GCSBackend(Backend):
     """One GCS bucket."""
@@ -214,9 +217,7 @@ class GCSBackend(Backend):
         return True
 
     @retry()
-    def _page(
-        self, prefix: str, delimiter: str | None, token: str | None
-    ) -> tuple[list[ObjectInfo | Prefix], str | None]:
+    def _page(self, prefix: str, delimiter: str | None, token: str | None) -> tuple[_Page, str | None]:
         """One page of a listing and the token of the next (None after the last)."""
         try:
             iterator = self._client.list_blobs(
@@ -231,7 +232,7 @@ class GCSBackend(Backend):
             if page is None:
                 return [], None
             # Common prefixes arrive with each page (page.prefixes), not only once the iterator is drained.
-            entries: list[ObjectInfo | Prefix] = [_info(blob) for blob in page]
+            entries: _Page = [_info(blob) for blob in page]
             entries += [Prefix(p) for p in sorted(page.prefixes)]
             return entries, iterator.next_page_token
         except _CAUGHT as exc:

@@ -1,0 +1,112 @@
+"""The inode table: inode ↔ path, kinds of node, cached attributes and their age.
+
+An inode number belongs to one mount path for the life of the mount (rename moves
+the number with the file), so `ls -i` and tools that remember inodes stay right.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from ..errors import NotFound
+
+
+class Kind(enum.Enum):
+    ROOT = "root"  # the mount root: s3, gs, azure, file
+    SCHEME = "scheme"  # s3/, gs/, azure/
+    HOST = "host"  # s3/HOST:PORT/ or azure/ACCOUNT.blob.core.windows.net/
+    BUCKET = "bucket"  # a bucket or container: its root prefix
+    DIR = "dir"  # a key prefix
+    FILE = "file"  # an object
+    LOCAL = "local"  # file/...: a local path, passed straight through
+
+
+@dataclass
+class Node:
+    inode: int
+    parent: int
+    path: str  # relative to the mount root, e.g. "s3/bucket/a"
+    kind: Kind
+    url: str = ""  # ClearML URL for storage nodes; absolute local path for LOCAL nodes
+    size: int = 0
+    mtime: float = field(default_factory=time.time)
+    etag: str = ""
+    checked: float = 0.0  # time.monotonic() when size/mtime/etag came from the server
+    children: dict[str, int] | None = None  # name → inode, from the last listing
+    listed: float = 0.0  # time.monotonic() of that listing
+    lookups: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition("/")[2]
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind is not Kind.FILE
+
+    def child_path(self, name: str) -> str:
+        return f"{self.path}/{name}" if self.path else name
+
+    def child_url(self, name: str) -> str:
+        return f"{self.url.rstrip('/')}/{name}"
+
+
+class InodeTable:
+    def __init__(self) -> None:
+        root = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, "", Kind.ROOT, lookups=1)
+        self._nodes: dict[int, Node] = {root.inode: root}
+        self._by_path: dict[str, int] = {"": root.inode}
+        self._next = pyfuse3.ROOT_INODE + 1
+
+    def __getitem__(self, inode: int) -> Node:
+        try:
+            return self._nodes[inode]
+        except KeyError:
+            raise NotFound(f"stale inode {inode}") from None
+
+    def at(self, path: str) -> Node | None:
+        inode = self._by_path.get(path)
+        return None if inode is None else self._nodes[inode]
+
+    def add(self, parent: Node, name: str, kind: Kind, url: str) -> Node:
+        """The node for `parent/name`, created on first sight; an existing one keeps its inode."""
+        path = parent.child_path(name)
+        node = self.at(path)
+        if node is None:
+            node = Node(self._next, parent.inode, path, kind, url)
+            self._next += 1
+            self._nodes[node.inode] = node
+            self._by_path[path] = node.inode
+        elif node.kind is not kind:
+            node.kind, node.url, node.checked, node.children = kind, url, 0.0, None
+        return node
+
+    def remove(self, node: Node) -> None:
+        """Forget the path (the object is gone); the inode stays valid until the kernel forgets it."""
+        if self._by_path.get(node.path) == node.inode:
+            del self._by_path[node.path]
+        parent = self._nodes.get(node.parent)
+        if parent is not None and parent.children is not None:
+            parent.children.pop(node.name, None)
+
+    def move(self, node: Node, new_parent: Node, new_name: str, new_url: str) -> None:
+        self.remove(node)
+        old = self.at(new_parent.child_path(new_name))
+        if old is not None:
+            self.remove(old)
+        node.parent, node.path, node.url = new_parent.inode, new_parent.child_path(new_name), new_url
+        self._by_path[node.path] = node.inode
+        if new_parent.children is not None:
+            new_parent.children[new_name] = node.inode
+
+    def forget(self, inode: int, count: int) -> None:
+        node = self._nodes.get(inode)
+        if node is None:
+            return
+        node.lookups -= count
+        if node.lookups <= 0 and self._by_path.get(node.path) != inode:
+            del self._nodes[inode]  # removed from the namespace and unknown to the kernel now

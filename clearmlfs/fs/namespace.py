@@ -1,0 +1,279 @@
+"""What exists where: turning mount paths into buckets, prefixes and objects (and local paths).
+
+The levels above a bucket come from clearml.conf (configured buckets, hosts,
+accounts); a bucket that is not configured but reachable resolves on lookup.
+Below a bucket, key prefixes (delimiter ``/``) are directories and keys are files.
+A zero-byte ``prefix/`` marker object is how an empty directory persists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from pathlib import Path
+
+from ..backends import Backend, BackendPool, ObjectInfo, Prefix
+from ..cache import CacheContext
+from ..config import Settings
+from ..errors import AlreadyExists, NotFound, StorageError, Unsupported
+from ..urls import parse_url
+from .inodes import InodeTable, Kind, Node
+from .workers import Workers
+
+AZURE_SUFFIX = ".blob.core.windows.net"
+EMPTY = Path("/dev/null")  # the body of a directory marker
+
+
+class NotEmpty(StorageError):
+    """rmdir of a prefix that still holds objects."""
+
+
+class CrossDevice(StorageError):
+    """A rename the storage cannot do in place (directories, across buckets): callers fall back to copying."""
+
+
+def valid_name(name: str) -> bool:
+    """Names a directory entry can have; other keys (``a//b``, ``../x``) are not shown."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+class Namespace:
+    def __init__(
+        self, settings: Settings, backends: BackendPool, cache: CacheContext, workers: Workers, ttl: float = 1.0
+    ) -> None:
+        self.settings, self.backends, self.cache, self.workers = settings, backends, cache, workers
+        self.table = InodeTable()
+        self.ttl = ttl
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def locate(self, node: Node) -> tuple[Backend, str]:
+        parsed = parse_url(node.url)
+        return self.backends.get(parsed), parsed.key
+
+    def _fresh(self, stamp: float) -> bool:
+        return time.monotonic() - stamp < self.ttl
+
+    def set_object(self, node: Node, info: ObjectInfo) -> None:
+        node.size, node.mtime, node.etag, node.checked = info.size, info.mtime, info.etag, time.monotonic()
+
+    # -- the configured levels ---------------------------------------------------------------------
+    def _configured(self, node: Node) -> list[tuple[str, Kind, str]]:
+        """(name, kind, url) of the entries clearml.conf puts under a ROOT/SCHEME/HOST node."""
+        s = self.settings
+        if node.kind is Kind.ROOT:
+            schemes = [n for n, on in (("s3", _has_s3(s)), ("gs", _has_gs(s)), ("azure", bool(s.azure))) if on]
+            return [(n, Kind.SCHEME, f"{n}://") for n in schemes] + [("file", Kind.LOCAL, "/")]
+        if node.path == "s3":
+            buckets = {c.bucket.split("/")[0] for c in s.s3.credentials if c.bucket and not c.host}
+            hosts = {c.host for c in s.s3.credentials if c.host}
+            return [(b, Kind.BUCKET, f"s3://{b}") for b in sorted(buckets)] + [
+                (h, Kind.HOST, f"s3://{h}") for h in sorted(hosts)
+            ]
+        if node.path == "gs":
+            return [(b, Kind.BUCKET, f"gs://{b}") for b in sorted({c.bucket for c in s.gcs if c.bucket})]
+        if node.path == "azure":
+            accounts = sorted({c.account_name + AZURE_SUFFIX for c in s.azure})
+            return [(a, Kind.HOST, f"azure://{a}") for a in accounts]
+        if node.kind is Kind.HOST and node.url.startswith("s3://"):
+            host = node.name
+            names = {c.bucket.split("/")[0] for c in s.s3.credentials if c.host == host and c.bucket}
+            return [(b, Kind.BUCKET, f"{node.url}/{b}") for b in sorted(names)]
+        if node.kind is Kind.HOST:
+            account = node.name.partition(".")[0]
+            names = {c.container_name for c in s.azure if c.account_name == account and c.container_name}
+            return [(b, Kind.BUCKET, f"{node.url}/{b}") for b in sorted(names)]
+        return []
+
+    async def _resolve_unlisted(self, parent: Node, name: str) -> Node:
+        """A bucket/host not in clearml.conf: a host is taken on trust, a bucket must answer a listing."""
+        if parent.kind is Kind.SCHEME and parent.path in ("s3", "azure"):
+            is_host = name.endswith(AZURE_SUFFIX) if parent.path == "azure" else ":" in name
+            if is_host:
+                return self.table.add(parent, name, Kind.HOST, f"{parent.url}{name}")
+        if parent.kind is Kind.ROOT:
+            raise NotFound(name)
+        url = f"{parent.url}{name}" if parent.kind is Kind.SCHEME else f"{parent.url}/{name}"
+        node = self.table.add(parent, name, Kind.BUCKET, url)
+        backend, _ = self.locate(node)
+        try:
+            await self.workers.metadata(_first_entry, backend)
+        except StorageError:
+            self.table.remove(node)
+            raise
+        return node
+
+    # -- lookup and listing ------------------------------------------------------------------------
+    async def lookup(self, parent: Node, name: str) -> Node:
+        if not valid_name(name):
+            raise NotFound(name)
+        if parent.kind is Kind.LOCAL:
+            return await self._lookup_local(parent, name)
+        if parent.kind in (Kind.ROOT, Kind.SCHEME, Kind.HOST):
+            for entry_name, kind, url in self._configured(parent):
+                if entry_name == name:
+                    return self.table.add(parent, name, kind, url)
+            return await self._resolve_unlisted(parent, name)
+        if parent.children is not None and self._fresh(parent.listed):
+            inode = parent.children.get(name)
+            if inode is None:
+                raise NotFound(parent.child_url(name))
+            return self.table[inode]
+        return await self._lookup_object(parent, name)
+
+    async def _lookup_object(self, parent: Node, name: str) -> Node:
+        url = parent.child_url(name)
+        backend, key = self.backends.get(parse_url(url)), parse_url(url).key
+        # A prefix wins over an object of the same name (`a` and `a/b`): the directory stays reachable.
+        if await self.workers.metadata(_first_entry, backend, key + "/") is not None:
+            return self.table.add(parent, name, Kind.DIR, url)
+        info = await self.workers.metadata(backend.stat, key)
+        node = self.table.add(parent, name, Kind.FILE, url)
+        self.set_object(node, info)
+        return node
+
+    async def listdir(self, node: Node) -> list[Node]:
+        if node.kind is Kind.LOCAL:
+            return await self._list_local(node)
+        if node.kind in (Kind.ROOT, Kind.SCHEME, Kind.HOST):
+            return [self.table.add(node, n, k, u) for n, k, u in self._configured(node)]
+        if node.children is None or not self._fresh(node.listed):
+            await self._list_objects(node)
+        assert node.children is not None
+        return [self.table[i] for i in node.children.values()]
+
+    async def _list_objects(self, node: Node) -> None:
+        backend, key = self.locate(node)
+        prefix = f"{key}/" if key else ""
+        entries = await self.workers.metadata(lambda: list(backend.list(prefix, "/")))
+        children: dict[str, int] = {}
+        for entry in entries:
+            name = entry.key[len(prefix) :].rstrip("/") if isinstance(entry, Prefix) else entry.key[len(prefix) :]
+            if not valid_name(name) or (isinstance(entry, ObjectInfo) and name in children):
+                continue  # the marker itself, unshowable keys, or an object shadowed by a prefix
+            kind = Kind.DIR if isinstance(entry, Prefix) else Kind.FILE
+            child = self.table.add(node, name, kind, node.child_url(name))
+            if isinstance(entry, ObjectInfo):
+                self.set_object(child, entry)
+            children[name] = child.inode
+        node.children, node.listed = children, time.monotonic()
+
+    async def refresh(self, node: Node) -> Node:
+        """Up-to-date size/ETag of an object (at most `ttl` old): close-to-open consistency."""
+        if node.kind is Kind.FILE and not self._fresh(node.checked):
+            backend, key = self.locate(node)
+            self.set_object(node, await self.workers.metadata(backend.stat, key))
+        return node
+
+    # -- local (direct access) ---------------------------------------------------------------------
+    async def _lookup_local(self, parent: Node, name: str) -> Node:
+        path = os.path.join(parent.url, name)
+        st = await self.workers.metadata(os.stat, path)
+        return self._local_node(parent, name, st)
+
+    def _local_node(self, parent: Node, name: str, st: os.stat_result) -> Node:
+        kind = Kind.LOCAL if stat.S_ISDIR(st.st_mode) else Kind.FILE
+        node = self.table.add(parent, name, kind, os.path.join(parent.url, name))
+        node.size, node.mtime, node.checked = st.st_size, st.st_mtime, time.monotonic()
+        return node
+
+    async def _list_local(self, node: Node) -> list[Node]:
+        def scan() -> list[tuple[str, os.stat_result]]:
+            found = []
+            for entry in sorted(os.scandir(node.url), key=lambda e: e.name):
+                with contextlib.suppress(OSError):  # a dangling link or a racing delete
+                    found.append((entry.name, entry.stat()))
+            return found
+
+        return [self._local_node(node, n, st) for n, st in await self.workers.metadata(scan)]
+
+    def is_local(self, node: Node) -> bool:
+        return node.kind is Kind.LOCAL or (node.kind is Kind.FILE and node.path.startswith("file/"))
+
+    # -- changes -----------------------------------------------------------------------------------
+    def _storage_parent(self, parent: Node) -> None:
+        if parent.kind not in (Kind.BUCKET, Kind.DIR):
+            raise Unsupported(f"{parent.path or '/'} holds buckets, not objects")
+
+    async def mkdir(self, parent: Node, name: str) -> Node:
+        if self.is_local(parent):
+            await self.workers.metadata(os.mkdir, os.path.join(parent.url, name))
+            return await self._lookup_local(parent, name)
+        self._storage_parent(parent)
+        url = parent.child_url(name)
+        backend, key = self.backends.get(parse_url(url)), parse_url(url).key
+        await self.workers.metadata(backend.upload, EMPTY, key + "/")
+        node = self.table.add(parent, name, Kind.DIR, url)
+        if parent.children is not None:
+            parent.children[name] = node.inode
+        return node
+
+    async def rmdir(self, parent: Node, name: str) -> None:
+        node = await self.lookup(parent, name)
+        if self.is_local(node):
+            await self.workers.metadata(os.rmdir, node.url)
+        else:
+            if node.kind is not Kind.DIR:
+                raise Unsupported(f"{node.path} is not a directory") if node.kind is not Kind.FILE else NotADirectoryError(
+                    20, "Not a directory"
+                )
+            backend, key = self.locate(node)
+            entries = await self.workers.metadata(lambda: [e for _, e in zip(range(2), backend.list(key + "/", None))])
+            if any(e.key != key + "/" for e in entries):
+                raise NotEmpty(f"{node.url} is not empty")
+            await self.workers.metadata(backend.delete, key + "/")
+        self.table.remove(node)
+
+    async def unlink(self, parent: Node, name: str) -> Node:
+        node = await self.lookup(parent, name)
+        if node.is_dir:
+            raise IsADirectoryError(21, "Is a directory")
+        if self.is_local(node):
+            await self.workers.metadata(os.unlink, node.url)
+        else:
+            backend, key = self.locate(node)
+            await self.workers.metadata(backend.delete, key)
+            await self.workers.metadata(self.cache.forget, node.url)
+        self.table.remove(node)
+        return node
+
+    async def rename(self, parent: Node, name: str, new_parent: Node, new_name: str, replace: bool) -> None:
+        node = await self.lookup(parent, name)
+        if self.is_local(node) and self.is_local(new_parent):
+            target = os.path.join(new_parent.url, new_name)
+            if not replace and await self.workers.metadata(os.path.lexists, target):
+                raise AlreadyExists(target)
+            await self.workers.metadata(os.rename, node.url, target)
+            self.table.move(node, new_parent, new_name, target)
+            return
+        self._storage_parent(new_parent)
+        new_url = new_parent.child_url(new_name)
+        if node.kind is not Kind.FILE or parse_url(new_url).root != parse_url(node.url).root:
+            raise CrossDevice(f"{node.path}: only files rename in place, within one bucket")
+        backend, key = self.locate(node)
+        new_key = parse_url(new_url).key
+        if not replace:
+            with contextlib.suppress(NotFound):
+                await self.workers.metadata(backend.stat, new_key)
+                raise AlreadyExists(new_url)
+        info = await self.workers.transfer(backend.copy, key, new_key)
+        await self.workers.metadata(backend.delete, key)
+        await self.workers.metadata(self.cache.move, node.url, new_url, info.etag)
+        self.table.move(node, new_parent, new_name, new_url)
+        self.set_object(node, info)
+
+
+def _first_entry(backend: Backend, prefix: str = "") -> ObjectInfo | Prefix | None:
+    """One entry under `prefix` (None when empty): proves a bucket or a prefix exists."""
+    for entry in backend.list(prefix, "/"):
+        return entry
+    return None
+
+
+def _has_s3(s: Settings) -> bool:
+    return bool(s.s3.credentials or s.s3.default.key or s.s3.default.use_credentials_chain)
+
+
+def _has_gs(s: Settings) -> bool:
+    return bool(s.gcs or s.gcs_default.project or s.gcs_default.credentials_json or os.environ.get("STORAGE_EMULATOR_HOST"))

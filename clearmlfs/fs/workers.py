@@ -1,0 +1,27 @@
+"""The one place the trio loop hands blocking work (SDK calls, disk copies) to worker threads.
+
+Metadata calls and transfers get separate limiters so a big upload never starves `ls`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+class Workers:
+    def __init__(self, metadata_threads: int = 32, transfer_threads: int = 8) -> None:
+        self._metadata = trio.CapacityLimiter(metadata_threads)
+        self._transfers = trio.CapacityLimiter(transfer_threads)
+
+    async def metadata(self, fn: Callable[..., T], *args: object) -> T:
+        """A short request: HEAD, LIST, DELETE, small PUT."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._metadata)
+
+    async def transfer(self, fn: Callable[..., T], *args: object) -> T:
+        """A download or upload of object data."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._transfers)
