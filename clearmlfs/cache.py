@@ -105,7 +105,7 @@ class CacheContext:
         self.file_limit = file_limit
         self.byte_limit = byte_limit
         for folder in (self.folder, self.state_folder):
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private_dirs(folder)
         self._name_max = os.statvfs(self.folder).f_namemax
 
     # -- naming -------------------------------------------------------------------------------------
@@ -313,6 +313,17 @@ class CacheContext:
         """(entries, bytes) currently in this context."""
         entries = self._entries()
         return len(entries), sum(_size(p) for p in entries)
+
+
+def _private_dirs(folder: Path) -> None:
+    """Create `folder` and any missing parents 0700 (mkdir's mode applies only to the last one)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
 
 
 def _glob_escape(name: str) -> str:

@@ -49,6 +49,18 @@ class Unsupported(StorageError):
     """The operation is not supported by this storage or by clearmlfs."""
 
 
+class NotEmpty(StorageError):
+    """rmdir of a prefix that still holds objects."""
+
+
+class CrossDevice(StorageError):
+    """A rename the storage cannot do in place (a directory, across buckets): callers fall back to copying."""
+
+
+class ReadOnly(StorageError):
+    """The mount is read-only."""
+
+
 # Order matters: the first matching class wins, so subclasses come first.
 _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (NotFound, errno.ENOENT),
@@ -56,6 +68,9 @@ _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (AlreadyExists, errno.EEXIST),
     (NoSpace, errno.ENOSPC),
     (Unsupported, errno.ENOTSUP),
+    (NotEmpty, errno.ENOTEMPTY),
+    (CrossDevice, errno.EXDEV),
+    (ReadOnly, errno.EROFS),
     (InvalidURL, errno.EINVAL),
     (ConfigError, errno.EACCES),
     (Transient, errno.EIO),

@@ -94,6 +94,17 @@ def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
     )
 
 
+def list_buckets(creds: S3Credentials, settings: S3Settings) -> list[str]:
+    """Bucket names the credentials can see on their host (for a host-wide clearml.conf entry)."""
+    client = make_client(creds, settings)
+    try:
+        return sorted(b["Name"] for b in client.list_buckets().get("Buckets", ()))
+    except Exception as exc:
+        raise _translate(exc, f"s3://{creds.host}") from None
+    finally:
+        client.close()
+
+
 class S3Backend(Backend):
     def __init__(self, creds: S3Credentials, settings: S3Settings, bucket: str, client: Any = None) -> None:
         self.bucket = bucket

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..backends import Backend, BackendPool, ObjectInfo, Prefix
 from ..cache import CacheContext
 from ..config import Settings
-from ..errors import AlreadyExists, NotFound, StorageError, Unsupported
+from ..errors import AlreadyExists, CrossDevice, InvalidURL, NotEmpty, NotFound, StorageError, Unsupported
 from ..urls import parse_url
 from .inodes import InodeTable, Kind, Node
 from .workers import Workers
@@ -26,17 +26,18 @@ AZURE_SUFFIX = ".blob.core.windows.net"
 EMPTY = Path("/dev/null")  # the body of a directory marker
 
 
-class NotEmpty(StorageError):
-    """rmdir of a prefix that still holds objects."""
-
-
-class CrossDevice(StorageError):
-    """A rename the storage cannot do in place (directories, across buckets): callers fall back to copying."""
-
-
 def valid_name(name: str) -> bool:
     """Names a directory entry can have; other keys (``a//b``, ``../x``) are not shown."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+def valid_key_name(name: str) -> bool:
+    """A name that can be part of an object key: object keys are UTF-8 text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return valid_name(name)
 
 
 class Namespace:
@@ -86,6 +87,21 @@ class Namespace:
             return [(b, Kind.BUCKET, f"{node.url}/{b}") for b in sorted(names)]
         return []
 
+    async def _host_buckets(self, node: Node) -> list[tuple[str, Kind, str]]:
+        """Buckets of an S3 host that clearml.conf configures host-wide (an entry without a bucket)."""
+        if node.kind is not Kind.HOST or not node.url.startswith("s3://"):
+            return []
+        creds = self.settings.s3_for(parse_url(f"{node.url}/any"))
+        if creds.bucket:
+            return []
+        from ..backends.s3 import list_buckets
+
+        try:
+            names = await self.workers.metadata(list_buckets, creds, self.settings.s3)
+        except StorageError:
+            return []  # the host may not allow ListBuckets; configured buckets still show
+        return [(b, Kind.BUCKET, f"{node.url}/{b}") for b in names]
+
     async def _resolve_unlisted(self, parent: Node, name: str) -> Node:
         """A bucket/host not in clearml.conf: a host is taken on trust, a bucket must answer a listing."""
         if parent.kind is Kind.SCHEME and parent.path in ("s3", "azure"):
@@ -106,10 +122,10 @@ class Namespace:
 
     # -- lookup and listing ------------------------------------------------------------------------
     async def lookup(self, parent: Node, name: str) -> Node:
-        if not valid_name(name):
-            raise NotFound(name)
         if parent.kind is Kind.LOCAL:
             return await self._lookup_local(parent, name)
+        if not valid_key_name(name):
+            raise NotFound(name)
         if parent.kind in (Kind.ROOT, Kind.SCHEME, Kind.HOST):
             for entry_name, kind, url in self._configured(parent):
                 if entry_name == name:
@@ -137,7 +153,9 @@ class Namespace:
         if node.kind is Kind.LOCAL:
             return await self._list_local(node)
         if node.kind in (Kind.ROOT, Kind.SCHEME, Kind.HOST):
-            return [self.table.add(node, n, k, u) for n, k, u in self._configured(node)]
+            entries = self._configured(node) + await self._host_buckets(node)
+            unique = {name: (name, kind, url) for name, kind, url in entries}
+            return [self.table.add(node, n, k, u) for n, k, u in unique.values()]
         if node.children is None or not self._fresh(node.listed):
             await self._list_objects(node)
         assert node.children is not None
@@ -192,15 +210,18 @@ class Namespace:
         return node.kind is Kind.LOCAL or (node.kind is Kind.FILE and node.path.startswith("file/"))
 
     # -- changes -----------------------------------------------------------------------------------
-    def _storage_parent(self, parent: Node) -> None:
+    def check_new_object(self, parent: Node, name: str) -> None:
+        """Raise unless `parent/name` can be created as an object."""
         if parent.kind not in (Kind.BUCKET, Kind.DIR):
             raise Unsupported(f"{parent.path or '/'} holds buckets, not objects")
+        if not valid_key_name(name):
+            raise InvalidURL(f"{name!r} cannot be part of an object key")
 
     async def mkdir(self, parent: Node, name: str) -> Node:
         if self.is_local(parent):
             await self.workers.metadata(os.mkdir, os.path.join(parent.url, name))
             return await self._lookup_local(parent, name)
-        self._storage_parent(parent)
+        self.check_new_object(parent, name)
         url = parent.child_url(name)
         backend, key = self.backends.get(parse_url(url)), parse_url(url).key
         await self.workers.metadata(backend.upload, EMPTY, key + "/")
@@ -214,10 +235,10 @@ class Namespace:
         if self.is_local(node):
             await self.workers.metadata(os.rmdir, node.url)
         else:
+            if node.kind is Kind.FILE:
+                raise NotADirectoryError(20, "Not a directory")
             if node.kind is not Kind.DIR:
-                raise Unsupported(f"{node.path} is not a directory") if node.kind is not Kind.FILE else NotADirectoryError(
-                    20, "Not a directory"
-                )
+                raise Unsupported(f"{node.path}: buckets are not removed through the mount")
             backend, key = self.locate(node)
             entries = await self.workers.metadata(lambda: [e for _, e in zip(range(2), backend.list(key + "/", None))])
             if any(e.key != key + "/" for e in entries):
@@ -247,7 +268,7 @@ class Namespace:
             await self.workers.metadata(os.rename, node.url, target)
             self.table.move(node, new_parent, new_name, target)
             return
-        self._storage_parent(new_parent)
+        self.check_new_object(new_parent, new_name)
         new_url = new_parent.child_url(new_name)
         if node.kind is not Kind.FILE or parse_url(new_url).root != parse_url(node.url).root:
             raise CrossDevice(f"{node.path}: only files rename in place, within one bucket")

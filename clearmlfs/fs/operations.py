@@ -1,0 +1,238 @@
+"""pyfuse3 Operations: one method per request, translating to the namespace and open files.
+
+Every handler goes through `_errors`: clearmlfs errors and OSErrors become their
+errno (one table, in errors.py); anything unexpected is logged and becomes EIO,
+because any other exception escaping a handler would end the whole mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from ..errors import ClearmlfsError, Unsupported, to_errno
+from .files import OpenFiles
+from .inodes import Kind, Node
+from .namespace import Namespace
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+BLOCK_SIZE = 1024 * 1024  # st_blksize: tools like cp size their buffers by it
+
+
+def _errors(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except (ClearmlfsError, OSError) as exc:
+            code = to_errno(exc)
+            level = logging.DEBUG if code in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY) else logging.WARNING
+            log.log(level, "%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _name(raw: bytes) -> str:
+    # surrogateescape keeps non-UTF-8 local names intact; the namespace refuses them as object keys.
+    return os.fsdecode(raw)
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, ns: Namespace, files: OpenFiles, ttl: float = 1.0) -> None:
+        super().__init__()
+        self.ns, self.files, self.ttl = ns, files, ttl
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self._dirs: dict[int, list[Node]] = {}
+        self._dir_fh = itertools.count(1)
+
+    # -- attributes --------------------------------------------------------------------------------
+    async def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino, a.generation = node.inode, 0
+        a.entry_timeout = a.attr_timeout = self.ttl
+        a.st_uid, a.st_gid, a.st_blksize = self.uid, self.gid, BLOCK_SIZE
+        if self.ns.is_local(node):
+            st = await self.ns.workers.metadata(os.stat, node.url)
+            a.st_mode, a.st_nlink, a.st_size = st.st_mode, st.st_nlink, st.st_size
+            a.st_uid, a.st_gid = st.st_uid, st.st_gid
+            a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+            a.st_blocks = st.st_blocks
+            return a
+        if node.kind is Kind.FILE:
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o644, 1, node.size
+        else:
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFDIR | 0o755, 2, 0
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(node.mtime * 1e9)
+        return a
+
+    async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        node.lookups += 1
+        return await self._attributes(node)
+
+    @_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._entry(await self.ns.lookup(self.ns.table[parent_inode], _name(name)))
+
+    @_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return await self._attributes(self.ns.table[inode])
+
+    @_errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self.ns.table[inode]
+        if self.ns.is_local(node):
+            await self.ns.workers.metadata(_apply_local, node.url, attr, fields)
+        elif fields.update_size:
+            await self._truncate(node, attr.st_size, fh)
+        # mode, owner and times of objects are not stored: accepted and ignored, as rclone and s3fs do
+        return await self._attributes(node)
+
+    async def _truncate(self, node: Node, size: int, fh: int | None) -> None:
+        if fh is not None:
+            await self.files.truncate(fh, size)
+            return
+        handle = await self.files.open(node, os.O_RDWR | (os.O_TRUNC if size == 0 else 0))
+        try:
+            await self.files.truncate(handle.fh, size)
+            await self.files.flush(handle.fh)
+        finally:
+            await self.files.release(handle.fh)
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.ns.table.forget(inode, count)
+
+    # -- directories -------------------------------------------------------------------------------
+    @_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.ns.table[inode]
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = next(self._dir_fh)
+        self._dirs[fh] = await self.ns.listdir(node)  # a snapshot: offsets stay valid while it is read
+        return fh
+
+    @_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs[fh]
+        for index in range(start_id, len(entries)):
+            node = entries[index]
+            if not pyfuse3.readdir_reply(token, os.fsencode(node.name), await self._attributes(node), index + 1):
+                return
+            node.lookups += 1  # readdirplus: the kernel now holds a reference
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._writable()
+        return await self._entry(await self.ns.mkdir(self.ns.table[parent_inode], _name(name)))
+
+    @_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        await self.ns.rmdir(self.ns.table[parent_inode], _name(name))
+
+    @_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._writable()
+        await self.ns.unlink(self.ns.table[parent_inode], _name(name))
+
+    @_errors
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._writable()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise Unsupported("RENAME_EXCHANGE")
+        await self.ns.rename(
+            self.ns.table[parent_inode_old], _name(name_old), self.ns.table[parent_inode_new], _name(name_new),
+            replace=not flags & pyfuse3.RENAME_NOREPLACE,
+        )
+
+    # -- files -------------------------------------------------------------------------------------
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        handle = await self.files.open(self.ns.table[inode], flags)
+        return pyfuse3.FileInfo(fh=handle.fh)
+
+    @_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        handle = await self.files.create(self.ns.table[parent_inode], _name(name), flags, mode)
+        return pyfuse3.FileInfo(fh=handle.fh), await self._entry(handle.node)
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.files.read(fh, off, size)
+
+    @_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.files.write(fh, off, buf)
+
+    @_errors
+    async def flush(self, fh: int) -> None:
+        await self.files.flush(fh)
+
+    @_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.files.fsync(fh)
+
+    @_errors
+    async def release(self, fh: int) -> None:
+        await self.files.release(fh)
+
+    @_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = await self.ns.workers.metadata(os.statvfs, self.ns.cache.folder)
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(data, field, getattr(st, field))
+        data.f_namemax = 255
+        return data
+
+    def _writable(self) -> None:
+        if self.files.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+
+def _apply_local(path: str, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:
+    if fields.update_size:
+        os.truncate(path, attr.st_size)
+    if fields.update_mode:
+        os.chmod(path, stat.S_IMODE(attr.st_mode))
+    if fields.update_uid or fields.update_gid:
+        os.chown(path, attr.st_uid if fields.update_uid else -1, attr.st_gid if fields.update_gid else -1)
+    if fields.update_atime or fields.update_mtime:
+        st = os.stat(path)
+        atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+        mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+        os.utime(path, ns=(atime, mtime))

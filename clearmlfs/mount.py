@@ -1,0 +1,155 @@
+"""Start-up of a mount: options, wiring, the trio loop, signals, readiness. Nothing else.
+
+`clearmlfs mount -f` runs `serve()` in the foreground; without -f the CLI starts
+the same command as a detached child and returns once the mount answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .backends import BackendPool
+from .cache import CacheContext
+from .config import Settings
+from .errors import ConfigError
+from .fs.files import OpenFiles
+from .fs.namespace import Namespace
+from .fs.operations import Operations
+from .fs.workers import Workers
+from .fs.writeback import WriteBack
+
+log = logging.getLogger(__name__)
+
+# mount(8)/fstab options that concern mount(8) or systemd, not us.
+_IGNORED = {
+    "rw", "defaults", "auto", "noauto", "user", "users", "nouser", "nofail", "_netdev", "dev", "nodev",
+    "suid", "nosuid", "exec", "noexec", "async", "atime", "noatime", "relatime", "default_permissions",
+}
+
+
+@dataclass
+class MountOptions:
+    allow_other: bool = False
+    read_only: bool = False
+    config: str | None = None
+    cache_dir: Path | None = None
+    cache_max_bytes: int | None = None
+    cache_files: int | None = None
+    ttl: float = 1.0
+    extra: list[str] = field(default_factory=list)
+
+
+def parse_options(values: list[str]) -> MountOptions:
+    """`-o a,b=c` values (repeatable) → MountOptions; an unknown option is a ConfigError."""
+    opts = MountOptions()
+    for item in (p.strip() for v in values for p in v.split(",")):
+        name, _, value = item.partition("=")
+        if not item or name in _IGNORED or name.startswith(("x-systemd.", "comment=")):
+            continue
+        try:
+            _apply(opts, name, value)
+        except ValueError:
+            raise ConfigError(f"mount option {item!r}: bad value") from None
+    return opts
+
+
+def _apply(opts: MountOptions, name: str, value: str) -> None:
+    if name == "allow_other":
+        opts.allow_other = True
+    elif name == "ro":
+        opts.read_only = True
+    elif name == "config":
+        opts.config = value
+    elif name == "cache_dir":
+        opts.cache_dir = Path(value).expanduser()
+    elif name == "cache_max_bytes":
+        opts.cache_max_bytes = _size(value)
+    elif name == "cache_files":
+        opts.cache_files = int(value)
+    elif name == "ttl":
+        opts.ttl = float(value)
+    else:
+        raise ConfigError(
+            f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
+            "cache_files=, ttl=)"
+        )
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    text = text.strip().lower().rstrip("b").rstrip("i")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise ConfigError(f"mount point {mountpoint} does not exist or is not a directory")
+    if os.path.ismount(mountpoint):
+        raise ConfigError(f"{mountpoint} is already a mount point (unmount it first: clearmlfs umount {mountpoint})")
+
+
+def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
+    """Mount, serve until unmounted or signalled, upload what is still dirty, unmount."""
+    check_mountpoint(mountpoint)
+    cache_dir = opts.cache_dir or settings.cache_dir
+    cache = CacheContext(cache_dir, "global", opts.cache_files or settings.cache_file_limit, opts.cache_max_bytes)
+    backends = BackendPool(settings)
+    workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency))
+    writeback = WriteBack(backends, cache, workers)
+    ns = Namespace(settings, backends, cache, workers, ttl=opts.ttl)
+    ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, opts.read_only), ttl=opts.ttl)
+    fuse_options = set(pyfuse3.default_options) | {"fsname=clearmlfs", "subtype=clearmlfs"}
+    fuse_options |= {"allow_other"} if opts.allow_other else set()
+    fuse_options |= {"ro"} if opts.read_only else set()
+    pyfuse3.init(ops, str(mountpoint), fuse_options)
+    try:
+        trio.run(_main, writeback)
+    finally:
+        pyfuse3.close(unmount=True)
+        backends.close()
+    log.info("unmounted %s", mountpoint)
+
+
+async def _main(writeback: WriteBack) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writeback.run)
+        nursery.start_soon(_on_signals)
+        _notify_systemd(b"READY=1")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    _notify_systemd(b"STOPPING=1")
+    left = await writeback.upload_pending()
+    if left:
+        log.error("%d file(s) could not be uploaded; they stay in the cache and are retried on the next mount", left)
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting after uploads", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _notify_systemd(message: bytes) -> None:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET (abstract if it starts with @)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message, address)
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)
