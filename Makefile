@@ -9,4 +9,4 @@ test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
-	.venv/bin/ruff check tests scripts
+	.venv/bin/ruff check clearmlfs tests scripts

@@ -195,8 +195,11 @@ class StorageManager:
             for info in _objects(backend, parsed.key)
             if not match_wildcard or fnmatch.fnmatch(parsed.child(info.key).url, match_wildcard)
         ]
+        def one(url: str) -> str | None:
+            return cls.download_file(url, folder, overwrite, skip_zero_size_check, silence_errors)
+
         with ThreadPoolExecutor(max_workers=max_workers or 8) as pool:
-            list(pool.map(lambda u: cls.download_file(u, folder, overwrite, skip_zero_size_check, silence_errors), urls))
+            list(pool.map(one, urls))
         if not urls and not silence_errors:
             log.warning("download_folder: nothing found under %s", remote_url)
         return folder

@@ -92,7 +92,8 @@ def test_s3_host_entry_carries_endpoint_options(settings) -> None:
 
 def test_unmatched_s3_url_gets_the_defaults_with_its_own_bucket(settings) -> None:
     creds = settings.s3_for(parse_url("s3://elsewhere/k"))
-    assert (creds.bucket, creds.key, creds.secret, creds.region) == ("elsewhere", "default-key", "default-secret", "eu-west-1")
+    expected = ("elsewhere", "default-key", "default-secret", "eu-west-1")
+    assert (creds.bucket, creds.key, creds.secret, creds.region) == expected
 
 
 def test_credentials_chain_entry_is_valid_without_keys(settings) -> None:

@@ -9,6 +9,7 @@ A zero-byte ``prefix/`` marker object is how an empty directory persists.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import stat
 import time
@@ -240,7 +241,7 @@ class Namespace:
             if node.kind is not Kind.DIR:
                 raise Unsupported(f"{node.path}: buckets are not removed through the mount")
             backend, key = self.locate(node)
-            entries = await self.workers.metadata(lambda: [e for _, e in zip(range(2), backend.list(key + "/", None))])
+            entries = await self.workers.metadata(lambda: list(itertools.islice(backend.list(key + "/", None), 2)))
             if any(e.key != key + "/" for e in entries):
                 raise NotEmpty(f"{node.url} is not empty")
             await self.workers.metadata(backend.delete, key + "/")
@@ -297,4 +298,5 @@ def _has_s3(s: Settings) -> bool:
 
 
 def _has_gs(s: Settings) -> bool:
-    return bool(s.gcs or s.gcs_default.project or s.gcs_default.credentials_json or os.environ.get("STORAGE_EMULATOR_HOST"))
+    default = s.gcs_default
+    return bool(s.gcs or default.project or default.credentials_json or os.environ.get("STORAGE_EMULATOR_HOST"))
