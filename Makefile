@@ -1,4 +1,4 @@
-.PHONY: setup test lint
+.PHONY: setup test demo lint bench
 
 PYTEST_ARGS ?=
 
@@ -8,5 +8,11 @@ setup:
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 
+demo:
+	bash scripts/demo.sh
+
 lint: setup
 	.venv/bin/ruff check clearmlfs tests scripts
+
+bench: setup
+	.venv/bin/python scripts/bench.py
