@@ -41,6 +41,10 @@ class Transient(StorageError):
     """A failure worth retrying: throttling, 5xx, reset or timed-out connection, short body."""
 
 
+class Changed(StorageError):
+    """The object changed on the server while a version of it was being read."""
+
+
 class NoSpace(StorageError):
     """The local cache disk is full."""
 
@@ -67,6 +71,7 @@ _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (AccessDenied, errno.EACCES),
     (AlreadyExists, errno.EEXIST),
     (NoSpace, errno.ENOSPC),
+    (Changed, errno.ESTALE),
     (Unsupported, errno.ENOTSUP),
     (NotEmpty, errno.ENOTEMPTY),
     (CrossDevice, errno.EXDEV),

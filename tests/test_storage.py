@@ -16,7 +16,7 @@ import pytest
 from clearmlfs import StorageManager
 from clearmlfs.backends import BackendPool, ObjectInfo, Prefix
 from clearmlfs.config import load_settings
-from clearmlfs.errors import AccessDenied, NotFound
+from clearmlfs.errors import AccessDenied, Changed, NotFound
 from clearmlfs.urls import parse_url
 from tests import stores
 from tests.stores import Store
@@ -324,3 +324,21 @@ def _hold_pin(entry: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen([sys.executable, "-c", _PIN, entry], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "pinned"
     return proc
+
+
+def test_read_pinned_to_an_etag_never_mixes_versions(store: Store, conf: Path, tmp_path: Path) -> None:
+    url = f"{store.fresh_prefix()}/pinned.bin"
+    StorageManager.upload_file(str(_file(tmp_path / "v1", 4096, seed=1)), url)
+    backend, key = _backend(conf, url)
+    old = backend.stat(key)
+    assert backend.read(key, 0, 100, etag=old.etag) == (tmp_path / "v1").read_bytes()[:100]
+    StorageManager.upload_file(str(_file(tmp_path / "v2", 4096, seed=2)), url)
+    if store.name == "local":
+        return  # a plain file has no versions to pin
+    if store.name == "gcs":
+        # gcp-storage-emulator ignores `generation` and `ifGenerationMatch` on media downloads (real GCS
+        # honours both); what can be checked here is that the pinned read still returns the object.
+        assert len(backend.read(key, 0, 100, etag=old.etag)) == 100
+        return
+    with pytest.raises((Changed, NotFound)):
+        backend.read(key, 0, 100, etag=old.etag)

@@ -17,6 +17,7 @@ from typing import Any
 
 import requests
 import urllib3
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
@@ -33,6 +34,7 @@ from ..config import AzureContainer
 from ..errors import (
     AccessDenied,
     AlreadyExists,
+    Changed,
     ClearmlfsError,
     ConfigError,
     NoSpace,
@@ -110,14 +112,17 @@ class AzureBackend(Backend):
                 return
 
     @retry()
-    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+    def read(self, key: str, start: int = 0, length: int | None = None, etag: str | None = None) -> bytes:
         if length == 0:
             return b""  # the SDK would turn length 0 into an open-ended range
+        pinned: dict[str, Any] = {"etag": f'"{etag}"', "match_condition": MatchConditions.IfNotModified} if etag else {}
         try:
-            return self._blob(key).download_blob(offset=start, length=length).readall()
+            return self._blob(key).download_blob(offset=start, length=length, **pinned).readall()
         except HttpResponseError as exc:
             if exc.status_code == 416:  # start at or past the end: nothing to read
                 return b""
+            if exc.status_code == 412 and etag:
+                raise Changed(f"{self._url(key)}: changed on the server while being read") from None
             raise _translate(exc, self._url(key)) from None
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import time
 from abc import ABC, abstractmethod
@@ -58,8 +59,22 @@ class Backend(ABC):
         """Every object (and, with a delimiter, every common prefix) under `prefix`, paginating as needed."""
 
     @abstractmethod
-    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
-        """Bytes [start, start+length) of an object (to its end when length is None)."""
+    def read(self, key: str, start: int = 0, length: int | None = None, etag: str | None = None) -> bytes:
+        """Bytes [start, start+length) of an object (to its end when length is None).
+
+        With `etag`, only from that version of the object: a changed object raises Transient (S3, Azure)
+        or NotFound (GCS, whose old generation is gone), never a mix of two versions.
+        """
+
+    def read_to(self, fd: int, key: str, start: int, length: int, etag: str | None = None) -> None:
+        """Write bytes [start, start+length) of the object at the same offset of the file `fd`.
+
+        Backends that can stream the body override this so a large range never sits in memory.
+        """
+        data = self.read(key, start, length, etag)
+        if len(data) != length:
+            raise Transient(f"{self.url_prefix}/{key}: short read ({len(data)} of {length} bytes at {start})")
+        os.pwrite(fd, data, start)
 
     @abstractmethod
     def download(self, key: str, dest: Path) -> ObjectInfo:

@@ -30,6 +30,7 @@ from ..config import GCSBucket
 from ..errors import (
     AccessDenied,
     AlreadyExists,
+    Changed,
     ClearmlfsError,
     ConfigError,
     NoSpace,
@@ -112,14 +113,19 @@ class GCSBackend(Backend):
                 return
 
     @retry()
-    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+    def read(self, key: str, start: int = 0, length: int | None = None, etag: str | None = None) -> bytes:
         if length == 0:
             return b""  # end = start - 1 would mean "to the end" to the SDK
         end = None if length is None else start + length - 1  # the SDK's end is inclusive
+        # Our ETag is the generation: reading that generation can never mix two versions.
+        generation = int(etag) if etag and etag.isdigit() else None
         try:
-            return self._bucket.blob(key).download_as_bytes(start=start, end=end, retry=_RETRY)
+            blob = self._bucket.blob(key, generation=generation)
+            return blob.download_as_bytes(start=start, end=end, if_generation_match=generation, retry=_RETRY)
         except api.RequestRangeNotSatisfiable:
             return b""  # start at or past the end
+        except api.PreconditionFailed:
+            raise Changed(f"{self._url(key)}: changed on the server while being read") from None
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
 

@@ -66,7 +66,7 @@ class LocalBackend(Backend):
             elif entry.is_file():
                 yield _info(key, entry.stat())
 
-    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+    def read(self, key: str, start: int = 0, length: int | None = None, etag: str | None = None) -> bytes:
         path = self._path(key)
         try:
             with open(path, "rb") as f:

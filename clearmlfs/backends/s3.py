@@ -8,6 +8,7 @@ botocore's errors become clearmlfs errors.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
 from ..config import S3Credentials, S3Settings
-from ..errors import AccessDenied, ClearmlfsError, NotFound, StorageError, Transient
+from ..errors import AccessDenied, Changed, ClearmlfsError, NotFound, StorageError, Transient
 from .base import Backend, ObjectInfo, Prefix, retry
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
     if cause is not None:
         code = str(cause.response.get("Error", {}).get("Code", ""))
         status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code == "PreconditionFailed" or status == 412:
+            return Changed(f"{url}: changed on the server while being read")
         if code in _NOT_FOUND or status == 404:
             return NotFound(f"{url}: not found")
         if code in _DENIED or status == 403:
@@ -57,6 +60,11 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
     if isinstance(exc, _TRANSIENT_EXC) or isinstance(exc, (ConnectionError, TimeoutError)):
         return Transient(f"{url}: {type(exc).__name__}: {exc}")
     return StorageError(f"{url}: {type(exc).__name__}: {exc}")
+
+
+def _code(exc: BaseException) -> str:
+    cause = _client_error_in(exc)
+    return "" if cause is None else str(cause.response.get("Error", {}).get("Code", ""))
 
 
 def _client_error_in(exc: BaseException) -> botocore.exceptions.ClientError | None:
@@ -143,23 +151,40 @@ class S3Backend(Backend):
         except Exception as exc:
             raise _translate(exc, self._url(prefix)) from None
 
+    def _get(self, key: str, start: int, length: int | None, etag: str | None) -> Any:
+        end = "" if length is None else str(start + length - 1)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{end}"}
+        if etag:
+            args["IfMatch"] = f'"{etag}"'
+        return self._client.get_object(**args)
+
     @retry()
-    def read(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+    def read(self, key: str, start: int = 0, length: int | None = None, etag: str | None = None) -> bytes:
         if length == 0:
             return b""
-        end = "" if length is None else str(start + length - 1)
         try:
-            resp = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")
+            resp = self._get(key, start, length, etag)
             data: bytes = resp["Body"].read()
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                return b""  # start is at or past the end of the object
-            raise _translate(exc, self._url(key)) from None
         except Exception as exc:
+            if _code(exc) == "InvalidRange":
+                return b""  # start is at or past the end of the object
             raise _translate(exc, self._url(key)) from None
         if len(data) != resp["ContentLength"]:
             raise Transient(f"{self._url(key)}: short read ({len(data)} of {resp['ContentLength']} bytes)")
         return data
+
+    @retry()
+    def read_to(self, fd: int, key: str, start: int, length: int, etag: str | None = None) -> None:
+        # Streams the body to the file in 1 MiB pieces: many parallel ranges, little memory.
+        offset = start
+        try:
+            body = self._get(key, start, length, etag)["Body"]
+            for piece in body.iter_chunks(1024 * 1024):
+                offset += os.pwrite(fd, piece, offset)
+        except Exception as exc:
+            raise _translate(exc, self._url(key)) from None
+        if offset != start + length:
+            raise Transient(f"{self._url(key)}: short read ({offset - start} of {length} bytes at {start})")
 
     @retry()
     def download(self, key: str, dest: Path) -> ObjectInfo:
