@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -123,15 +124,16 @@ class CacheContext:
         except (OSError, ValueError, TypeError):
             return None
 
-    def save_state(self, state: EntryState) -> None:
-        """Durably record `state` (write, fsync, rename): a dirty flag must survive a crash."""
+    def save_state(self, state: EntryState, durable: bool = True) -> None:
+        """Record `state` (write, rename; fsync when `durable`: a dirty flag must survive a crash)."""
         path = self._state_path(self.path_for(state.url).name)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(asdict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable or state.dirty:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def dirty_entries(self) -> list[EntryState]:
@@ -181,7 +183,7 @@ class CacheContext:
             return state.etag == info.etag
         # Fetched by the ClearML SDK, which records nothing: trust a copy of the right size.
         if path.stat().st_size == info.size:
-            self.save_state(EntryState(url, info.etag, info.size))
+            self.save_state(EntryState(url, info.etag, info.size), durable=False)
             return True
         return False
 
@@ -202,13 +204,25 @@ class CacheContext:
 
     @contextlib.contextmanager
     def _fetch_lock(self, url: str) -> Iterator[None]:
-        lock_path = self.state_folder / f"{self.path_for(url).name}.fetch"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._fetch_lock_path(url), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
+
+    def try_fetch_lock(self, url: str) -> int | None:
+        """Take `url`'s download lock without waiting: the locked fd (close it to release), or None."""
+        fd = os.open(self._fetch_lock_path(url), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _fetch_lock_path(self, url: str) -> Path:
+        return self.state_folder / f"{self.path_for(url).name}.fetch"
 
     def _download(self, url: str, backend: Backend, key: str) -> Path:
         final = self.path_for(url)
@@ -221,7 +235,7 @@ class CacheContext:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 partial.unlink()
-        self.save_state(EntryState(url, info.etag, info.size))
+        self.save_state(EntryState(url, info.etag, info.size), durable=False)
         log.debug("fetched %s (%d bytes)", url, info.size)
         return final
 

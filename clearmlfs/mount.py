@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .fs.files import OpenFiles
 from .fs.namespace import Namespace
 from .fs.operations import Operations
+from .fs.stream import Downloads, StreamSettings
 from .fs.workers import Workers
 from .fs.writeback import WriteBack
 
@@ -44,6 +45,9 @@ class MountOptions:
     cache_max_bytes: int | None = None
     cache_files: int | None = None
     ttl: float = 1.0
+    read_part_size: int = 8 * 1024 * 1024
+    read_concurrency: int = 8
+    read_ahead_kb: int = 4096  # the mount's bdi read-ahead: large sequential FUSE reads
     extra: list[str] = field(default_factory=list)
 
 
@@ -76,10 +80,16 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         opts.cache_files = int(value)
     elif name == "ttl":
         opts.ttl = float(value)
+    elif name == "read_part_size":
+        opts.read_part_size = _size(value)
+    elif name == "read_concurrency":
+        opts.read_concurrency = max(1, int(value))
+    elif name == "read_ahead_kb":
+        opts.read_ahead_kb = int(value)
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
-            "cache_files=, ttl=)"
+            "cache_files=, ttl=, read_part_size=, read_concurrency=, read_ahead_kb=)"
         )
 
 
@@ -107,24 +117,47 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency))
     writeback = WriteBack(backends, cache, workers)
     ns = Namespace(settings, backends, cache, workers, ttl=opts.ttl)
-    ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, opts.read_only), ttl=opts.ttl)
+    stream = StreamSettings(opts.read_part_size, opts.read_concurrency, opts.read_concurrency)
+    downloads = Downloads(cache, workers, stream)
+    ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, downloads, opts.read_only), ttl=opts.ttl)
     fuse_options = set(pyfuse3.default_options) | {"fsname=clearmlfs", "subtype=clearmlfs"}
     fuse_options |= {"allow_other"} if opts.allow_other else set()
     fuse_options |= {"ro"} if opts.read_only else set()
     pyfuse3.init(ops, str(mountpoint), fuse_options)
     try:
-        trio.run(_main, writeback)
+        trio.run(_main, writeback, downloads, mountpoint, opts.read_ahead_kb)
     finally:
         pyfuse3.close(unmount=True)
         backends.close()
     log.info("unmounted %s", mountpoint)
 
 
-async def _main(writeback: WriteBack) -> None:
+async def _when_answering(mountpoint: Path, read_ahead_kb: int) -> None:
+    # stat() of the mount point is served by this very loop: from a thread, once pyfuse3.main runs.
+    await trio.to_thread.run_sync(_raise_read_ahead, mountpoint, read_ahead_kb)
+    _notify_systemd(b"READY=1")
+    log.info("mounted %s", mountpoint)
+
+
+def _raise_read_ahead(mountpoint: Path, kb: int) -> None:
+    """Let the kernel read ahead `kb` KiB: FUSE's default (128 KiB) keeps sequential reads small.
+
+    The kernel caps what a FUSE server may ask for at mount time, so it is set on the mount's bdi.
+    """
+    dev = os.stat(mountpoint).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        path.write_text(str(kb))
+    except OSError as exc:
+        log.info("cannot raise read-ahead (%s): reads stay at the kernel's default size", exc.strerror)
+
+
+async def _main(writeback: WriteBack, downloads: Downloads, mountpoint: Path, read_ahead_kb: int) -> None:
     async with trio.open_nursery() as nursery:
+        await nursery.start(downloads.run)
         nursery.start_soon(writeback.run)
         nursery.start_soon(_on_signals)
-        _notify_systemd(b"READY=1")
+        nursery.start_soon(_when_answering, mountpoint, read_ahead_kb)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     _notify_systemd(b"STOPPING=1")

@@ -12,11 +12,14 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..backends import ObjectInfo
 from ..cache import CacheContext, Pin
 from ..errors import ReadOnly, StorageError
 from .inodes import Kind, Node
 from .namespace import Namespace
+from .stream import Download, Downloads
 from .workers import Workers
 from .writeback import WriteBack, fd_path
 
@@ -34,13 +37,17 @@ class OpenFile:
     pin: Pin | None
     writable: bool
     dirty: bool = False
+    download: Download | None = None  # set while the object is still streaming in
+    keep_cache: bool = False  # the kernel's page cache for this inode still holds this content
 
 
 class OpenFiles:
     def __init__(
-        self, ns: Namespace, cache: CacheContext, workers: Workers, writeback: WriteBack, read_only: bool = False
+        self, ns: Namespace, cache: CacheContext, workers: Workers, writeback: WriteBack, downloads: Downloads,
+        read_only: bool = False,
     ) -> None:
         self.ns, self.cache, self.workers, self.writeback = ns, cache, workers, writeback
+        self.downloads = downloads
         self.read_only = read_only
         self._handles: dict[int, OpenFile] = {}
         self._fh = itertools.count(1)
@@ -66,31 +73,50 @@ class OpenFiles:
             return self._register(node, fd, "", None, flags)
         if node.kind is not Kind.FILE:
             raise IsADirectoryError(errno.EISDIR, "Is a directory")
-        truncate = bool(flags & os.O_TRUNC) and bool(flags & WRITE_FLAGS)
-        path = await self._local_copy(node, truncate)
+        writable = bool(flags & WRITE_FLAGS)
+        if writable and flags & os.O_TRUNC:
+            return await self._open_truncated(node, flags)
+        await self.ns.refresh(node)
+        backend, key = self.ns.locate(node)
+        info = ObjectInfo(key, node.size, node.mtime, node.etag)
+        keep_cache = bool(node.etag) and node.kernel_etag == node.etag
+        node.kernel_etag = node.etag
+        path = await self.workers.metadata(self.cache.lookup, node.url, info)
+        if path is None and not writable:
+            download = await self.downloads.attach(node.url, backend, info)
+            if download is not None:
+                return self._streaming(node, download, flags, keep_cache)
+        if path is None:  # to write into it, or while another process downloads it: the whole file first
+            path = await self.workers.transfer(self.cache.fetch, node.url, backend, key, info)
+        handle = self._open_cached(node, path, flags)
+        handle.keep_cache = keep_cache
+        return handle
+
+    def _open_cached(self, node: Node, path: Path, flags: int) -> OpenFile:
         pin = self.cache.pin(path)
         try:
             fd = os.open(path, os.O_RDWR if flags & WRITE_FLAGS else os.O_RDONLY)
         except OSError:
             pin.release()
             raise
-        handle = self._register(node, fd, node.url, pin, flags)
-        if truncate:
-            await self._make_dirty(handle)
-            os.ftruncate(fd, 0)
-            node.size = 0
+        return self._register(node, fd, node.url, pin, flags)
+
+    def _streaming(self, node: Node, download: Download, flags: int, keep_cache: bool) -> OpenFile:
+        # Pinned under the entry's final name: it is renamed into place once complete.
+        pin = self.cache.pin(self.cache.path_for(node.url))
+        handle = self._register(node, os.dup(download.fd), node.url, pin, flags)
+        handle.download, handle.keep_cache = download, keep_cache
         return handle
 
-    async def _local_copy(self, node: Node, truncate: bool):  # -> Path
-        if truncate:  # the old content is about to be dropped: do not download it
-            path = self.cache.path_for(node.url)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-            os.close(fd)
-            return path
-        await self.ns.refresh(node)
-        backend, key = self.ns.locate(node)
-        info = _info_of(node, key)
-        return await self.workers.transfer(self.cache.fetch, node.url, backend, key, info)
+    async def _open_truncated(self, node: Node, flags: int) -> OpenFile:
+        # The old content is about to be dropped: do not download it.
+        path = self.cache.path_for(node.url)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        handle = self._open_cached(node, path, flags)
+        await self._make_dirty(handle)
+        os.ftruncate(handle.fd, 0)
+        node.size = 0
+        return handle
 
     async def create(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
         self._check_writable(flags | os.O_CREAT)
@@ -117,6 +143,8 @@ class OpenFiles:
         handle = self._handles[fh]
         if not handle.url:  # direct access: may be NFS, keep it off the event loop
             return await self.workers.transfer(os.pread, handle.fd, size, offset)
+        if handle.download is not None and not handle.download.done.is_set():
+            await self.downloads.read(handle.download, offset, size)
         return os.pread(handle.fd, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -155,6 +183,7 @@ class OpenFiles:
             log.error("upload of %s failed: %s (kept in the cache, will retry)", handle.url, exc)
             raise OSError(errno.EIO, str(exc)) from None
         handle.dirty = False
+        handle.node.kernel_etag = info.etag  # the page cache holds exactly what was uploaded
         if not any(h.dirty and h.url == handle.url for h in self._handles.values()):
             self.writeback.busy.discard(handle.url)
         self.ns.set_object(handle.node, info)
@@ -169,6 +198,8 @@ class OpenFiles:
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         os.close(handle.fd)
+        if handle.download is not None:
+            await self.downloads.detach(handle.download)
         if handle.pin is not None:
             handle.pin.release()
         if handle.dirty and not any(h.dirty and h.url == handle.url for h in self._handles.values()):
@@ -177,9 +208,3 @@ class OpenFiles:
 
     def open_handles(self) -> list[OpenFile]:
         return list(self._handles.values())
-
-
-def _info_of(node: Node, key: str):  # -> ObjectInfo
-    from ..backends import ObjectInfo
-
-    return ObjectInfo(key, node.size, node.mtime, node.etag)

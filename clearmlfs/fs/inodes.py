@@ -35,6 +35,7 @@ class Node:
     size: int = 0
     mtime: float = field(default_factory=time.time)
     etag: str = ""
+    kernel_etag: str = ""  # version of the content the kernel may hold in its page cache
     checked: float = 0.0  # time.monotonic() when size/mtime/etag came from the server
     children: dict[str, int] | None = None  # name → inode, from the last listing
     listed: float = 0.0  # time.monotonic() of that listing

@@ -181,7 +181,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         handle = await self.files.open(self.ns.table[inode], flags)
-        return pyfuse3.FileInfo(fh=handle.fh)
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=handle.keep_cache)
 
     @_errors
     async def create(
