@@ -1,0 +1,100 @@
+"""Streaming reads through a real mount: what the server is asked for, counted by a proxy in front of it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clearmlfs.urls import url_to_mount_path
+from tests import servers, stores
+from tests.mounting import mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
+from tests.proxy import Proxy
+
+MIB, GIB = 1024 * 1024, 1024 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def big_object(seaweedfs: servers.SeaweedFS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A 1 GiB object in SeaweedFS (key, local copy)."""
+    local = tmp_path_factory.mktemp("big") / "big.bin"
+    rng = np.random.default_rng(1)
+    with open(local, "wb") as f:
+        for _ in range(GIB // (64 * MIB)):
+            f.write(rng.bytes(64 * MIB))
+    key = "streaming/big.bin"
+    seaweedfs.client().upload_file(str(local), seaweedfs.bucket, key)
+    yield key, local
+    local.unlink()
+
+
+@pytest.fixture()
+def proxied_mount(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> Iterator[tuple[Proxy, Path]]:
+    with Proxy(upstream=seaweedfs.endpoint) as proxy:
+        store = stores.seaweed_store(seaweedfs, host=proxy.host)
+        conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
+        with mounted(conf, tmp_path / "mnt") as mnt:
+            yield proxy, mnt / url_to_mount_path(store.root)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_reading_the_tail_of_a_huge_object_fetches_only_a_small_part(big_object, proxied_mount) -> None:
+    key, local = big_object
+    proxy, bucket = proxied_mount
+    with open(local, "rb") as f:
+        f.seek(-1024, os.SEEK_END)
+        expected = f.read()
+    proxy.reset()
+    with open(bucket / key, "rb") as f:
+        f.seek(-1024, os.SEEK_END)
+        assert f.read() == expected
+        sent = proxy.bytes_sent(path_contains=key)
+    assert sent < 32 * MIB, f"{sent / MIB:.1f} MiB fetched to read 1 KiB at the end of a 1 GiB object"
+
+
+def test_first_bytes_are_readable_before_the_object_is_down(big_object, proxied_mount) -> None:
+    key, local = big_object
+    proxy, bucket = proxied_mount
+    proxy.reset()
+    with open(bucket / key, "rb") as f:
+        head = f.read(MIB)
+        sent = proxy.bytes_sent(path_contains=key)
+    with open(local, "rb") as f:
+        assert head == f.read(MIB)
+    assert sent < GIB // 4, f"{sent / MIB:.0f} MiB fetched before the first MiB was returned"
+
+
+def test_concurrent_readers_share_one_download_and_the_result_is_cached(big_object, proxied_mount) -> None:
+    key, local = big_object
+    proxy, bucket = proxied_mount
+    expected = _sha(local.read_bytes())
+    proxy.reset()
+    results: list[str] = []
+
+    def read_all() -> None:
+        digest = hashlib.sha256()
+        with open(bucket / key, "rb") as f:
+            while chunk := f.read(4 * MIB):
+                digest.update(chunk)
+        results.append(digest.hexdigest())
+
+    readers = [threading.Thread(target=read_all) for _ in range(8)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert results == [expected] * 8
+    sent = proxy.bytes_sent(path_contains=key)
+    assert sent <= 1.05 * GIB, f"8 readers caused {sent / GIB:.2f} GiB of downloads"
+    proxy.reset()
+    with open(bucket / key, "rb") as f:  # complete in the cache now: served without a download
+        assert _sha(f.read()) == expected
+    assert proxy.bytes_sent(path_contains=key) == 0
