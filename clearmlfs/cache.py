@@ -173,6 +173,11 @@ class CacheContext:
             os.utime(path)  # reuse refreshes LRU order, as the SDK does
         return path
 
+    def has_current(self, url: str, info: ObjectInfo | None) -> bool:
+        """Whether a complete, current copy of `url` is cached (without touching it)."""
+        path = self.path_for(url)
+        return path.is_file() and self._is_current(url, path, info)
+
     def _is_current(self, url: str, path: Path, info: ObjectInfo | None) -> bool:
         if info is None:
             return True

@@ -127,6 +127,7 @@ class OpenFiles:
             return self._register(node, fd, "", None, flags)
         self.ns.check_new_object(parent, name)
         url = parent.child_url(name)
+        self.ns.created(url)
         node = self.ns.table.add(parent, name, Kind.FILE, url)
         node.size, node.etag = 0, ""
         path = self.cache.path_for(url)

@@ -27,9 +27,15 @@ AZURE_SUFFIX = ".blob.core.windows.net"
 EMPTY = Path("/dev/null")  # the body of a directory marker
 
 
+NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
+
+
 def valid_name(name: str) -> bool:
-    """Names a directory entry can have; other keys (``a//b``, ``../x``) are not shown."""
-    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+    """Names a directory entry can have; other keys (``a//b``, ``../x``, over 255 bytes) are not shown."""
+    return (
+        bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+        and len(os.fsencode(name)) <= NAME_MAX
+    )
 
 
 def valid_key_name(name: str) -> bool:
@@ -48,6 +54,7 @@ class Namespace:
         self.settings, self.backends, self.cache, self.workers = settings, backends, cache, workers
         self.table = InodeTable()
         self.ttl = ttl
+        self._absent: dict[str, float] = {}  # url → time.monotonic() it was found missing
 
     # -- helpers -----------------------------------------------------------------------------------
     def locate(self, node: Node) -> tuple[Backend, str]:
@@ -141,6 +148,21 @@ class Namespace:
 
     async def _lookup_object(self, parent: Node, name: str) -> Node:
         url = parent.child_url(name)
+        if self._fresh(self._absent.get(url, -self.ttl)):
+            raise NotFound(url)  # asked again right away (shells and editors do): answer from memory
+        try:
+            return await self._fetch_entry(parent, name, url)
+        except NotFound:
+            self._absent[url] = time.monotonic()
+            if len(self._absent) > 10_000:
+                self._absent.clear()
+            raise
+
+    def created(self, url: str) -> None:
+        """Our own write made `url` exist: forget that it was missing."""
+        self._absent.pop(url, None)
+
+    async def _fetch_entry(self, parent: Node, name: str, url: str) -> Node:
         backend, key = self.backends.get(parse_url(url)), parse_url(url).key
         # A prefix wins over an object of the same name (`a` and `a/b`): the directory stays reachable.
         if await self.workers.metadata(_first_entry, backend, key + "/") is not None:
@@ -226,6 +248,7 @@ class Namespace:
         url = parent.child_url(name)
         backend, key = self.backends.get(parse_url(url)), parse_url(url).key
         await self.workers.metadata(backend.upload, EMPTY, key + "/")
+        self.created(url)
         node = self.table.add(parent, name, Kind.DIR, url)
         if parent.children is not None:
             parent.children[name] = node.inode
@@ -282,6 +305,7 @@ class Namespace:
         info = await self.workers.transfer(backend.copy, key, new_key)
         await self.workers.metadata(backend.delete, key)
         await self.workers.metadata(self.cache.move, node.url, new_url, info.etag)
+        self.created(new_url)
         self.table.move(node, new_parent, new_name, new_url)
         self.set_object(node, info)
 

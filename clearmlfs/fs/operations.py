@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from ..backends import ObjectInfo
 from ..errors import ClearmlfsError, Unsupported, to_errno
 from .files import OpenFiles
 from .inodes import Kind, Node
@@ -26,7 +27,9 @@ from .namespace import Namespace
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-BLOCK_SIZE = 1024 * 1024  # st_blksize: tools like cp size their buffers by it
+BLOCK_SIZE = 1024 * 1024
+XATTR_URL, XATTR_ETAG, XATTR_CACHED = b"user.clearml.url", b"user.clearml.etag", b"user.clearml.cached"
+XATTRS = (XATTR_URL, XATTR_ETAG, XATTR_CACHED)  # st_blksize: tools like cp size their buffers by it
 
 
 def _errors(fn: F) -> F:
@@ -218,6 +221,26 @@ class Operations(pyfuse3.Operations):
             setattr(data, field, getattr(st, field))
         data.f_namemax = 255
         return data
+
+    # -- extended attributes: where an object comes from, and whether it is cached ----------------------
+    @_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self.ns.table[inode]
+        return [] if self.ns.is_local(node) or node.kind is not Kind.FILE else list(XATTRS)
+
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.ns.table[inode]
+        if self.ns.is_local(node) or node.kind is not Kind.FILE or name not in XATTRS:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if name == XATTR_URL:
+            return node.url.encode()
+        await self.ns.refresh(node)
+        if name == XATTR_ETAG:
+            return node.etag.encode()
+        info = ObjectInfo(node.url, node.size, node.mtime, node.etag)
+        cached = await self.ns.workers.metadata(self.ns.cache.has_current, node.url, info)
+        return b"true" if cached else b"false"
 
     def _writable(self) -> None:
         if self.files.read_only:
