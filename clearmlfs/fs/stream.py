@@ -52,6 +52,7 @@ class Download:
         self._slots = trio.Semaphore(settings.concurrency)
         self._inflight = 0  # fetches whose worker thread may still write to `fd`
         self._abandoned = False
+        self._finishing = False
         self._next_expected = 0  # where a sequential reader will read next
         self.readers = 0
         self.done = trio.Event()
@@ -117,8 +118,10 @@ class Download:
     # -- ending ------------------------------------------------------------------------------------
     async def finish(self, cache: CacheContext, workers: Workers) -> None:
         """Move the complete file into the managed cache (once) and record its ETag."""
-        if self.done.is_set():
+        if self._finishing:  # another reader is publishing it: wait for that
+            await self.done.wait()
             return
+        self._finishing = True
         final = cache.path_for(self.url)
 
         def publish() -> None:
