@@ -97,13 +97,15 @@ def mounted(
     *,
     foreground: bool = False,
     extra_args: Sequence[str] = (),
-    log_level: str = "info",
+    log_level: str | None = None,
     check_unmount: bool = True,
 ) -> Iterator[Path]:
     """Mount ``conf`` at ``mountpoint`` for the block; always unmounted after it.
 
     ``check_unmount``: raise if the clean ``clearmlfs umount`` failed (the mount is gone either way).
     """
+    # CLEARMLFS_TEST_LOG_LEVEL=debug when chasing a failure: the log is quoted in the failure message.
+    log_level = log_level or os.environ.get("CLEARMLFS_TEST_LOG_LEVEL", "info")
     mountpoint.mkdir(parents=True, exist_ok=True)
     log = mountpoint.parent / f"{mountpoint.name}.mount.log"
     out = mountpoint.parent / f"{mountpoint.name}.mount.out"

@@ -322,5 +322,4 @@ def _has_s3(s: Settings) -> bool:
 
 
 def _has_gs(s: Settings) -> bool:
-    default = s.gcs_default
-    return bool(s.gcs or default.project or default.credentials_json or os.environ.get("STORAGE_EMULATOR_HOST"))
+    return bool(s.gcs or s.gcs_default.project or s.gcs_default.credentials_json)
