@@ -328,6 +328,16 @@ class CacheContext:
         with contextlib.suppress(OSError):
             self._state_path(path.name).unlink()
 
+    def clear(self, include_dirty: bool = False) -> list[Path]:
+        """Remove every entry nobody has pinned (and, unless `include_dirty`, that is uploaded)."""
+        removed = []
+        for path in self._entries():
+            if self.is_pinned(path.name) or (not include_dirty and not self._evictable(path.name)):
+                continue
+            self._remove(path)
+            removed.append(path)
+        return removed
+
     def stats(self) -> tuple[int, int]:
         """(entries, bytes) currently in this context."""
         entries = self._entries()

@@ -7,17 +7,20 @@ Errors are one line on stderr, never a traceback (``--log-level debug`` shows mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
 from .config import Settings, load_settings
 from .errors import ClearmlfsError, ConfigError, InvalidURL
 from .storage_manager import StorageManager
+from .urls import mount_path_to_url, url_to_mount_path
 
 log = logging.getLogger("clearmlfs")
 
@@ -27,6 +30,7 @@ EXIT_CONFIG = 2
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
+    _warn_if_readable(settings)
     StorageManager.configure(settings=settings)
     return settings
 
@@ -48,26 +52,135 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    """Fetch URL into the managed cache (progress bar on a terminal); print the local path."""
     _settings(args)
-    local = StorageManager.get_local_copy(args.url, extract_archive=not args.no_extract)
+    with _download_progress(args.url):
+        local = StorageManager.get_local_copy(args.url, extract_archive=not args.no_extract)
     if local is None:
         print(f"clearmlfs: cannot fetch {args.url} (see the warning above)", file=sys.stderr)
         return EXIT_FAILED
     if args.dest:
-        dest = Path(args.dest)
-        if Path(local).is_dir():
-            shutil.copytree(local, dest, dirs_exist_ok=True)
-        else:
-            shutil.copyfile(local, dest / Path(local).name.split(".", 1)[-1] if dest.is_dir() else dest)
-        local = str(dest)
+        local = _copy_out(Path(local), Path(args.dest), args.url)
     print(local)
     return 0
+
+
+def _copy_out(local: Path, dest: Path, url: str) -> str:
+    if local.is_dir():
+        shutil.copytree(local, dest, dirs_exist_ok=True)
+        return str(dest)
+    target = dest / url.rstrip("/").rsplit("/", 1)[-1] if dest.is_dir() else dest
+    shutil.copyfile(local, target)
+    return str(target)
+
+
+@contextlib.contextmanager
+def _download_progress(url: str) -> Iterator[None]:
+    """A tqdm bar fed by the growing download files, when stderr is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty() or url.startswith("file://"):
+        yield
+        return
+    from tqdm import tqdm
+
+    from .cache import DEFAULT_CONTEXT, CacheContext
+
+    total = StorageManager.get_file_size_bytes(url, silence_errors=True)
+    settings = StorageManager.settings()
+    entry = CacheContext(settings.cache_dir, DEFAULT_CONTEXT).path_for(url)
+    done = threading.Event()
+    # A fresh pty may report a 0×0 terminal, where tqdm would draw nothing.
+    size = shutil.get_terminal_size((80, 24))
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=entry.name.split(".", 1)[-1],
+               file=sys.stderr, ncols=size.columns or 80, nrows=size.lines or 24)
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            bar.update(_partial_bytes(entry) - bar.n)
+        if total:
+            bar.update(total - bar.n)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        bar.close()
+
+
+def _partial_bytes(entry: Path) -> int:
+    total = 0
+    for path in entry.parent.glob(f"{entry.name}_*"):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
 
 
 def cmd_put(args: argparse.Namespace) -> int:
     _settings(args)
     print(StorageManager.upload_file(args.file, args.url))
     return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """stats / prune / clear of the managed cache (the `global` context the mount uses)."""
+    from .cache import DEFAULT_CONTEXT, CacheContext
+
+    settings = _settings(args)
+    cache = CacheContext(settings.cache_dir, DEFAULT_CONTEXT, settings.cache_file_limit)
+    if args.action == "stats":
+        files, size = cache.stats()
+        dirty = cache.dirty_entries()
+        print(f"folder: {cache.folder}\nfiles: {files}\nbytes: {size}\nfile limit: {cache.file_limit}")
+        print(f"dirty (not yet uploaded): {len(dirty)}")
+        for state in dirty:
+            print(f"  {state.url}")
+        return 0
+    if args.action == "prune":
+        cache.byte_limit = args.max_bytes
+        print(f"evicted {len(cache.clean())} entries")
+        return 0
+    dirty = cache.dirty_entries()
+    if dirty and not args.force:
+        print(f"clearmlfs: {len(dirty)} cached file(s) are not uploaded yet; --force drops them too", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"removed {len(cache.clear(include_dirty=args.force))} entries")
+    return 0
+
+
+def cmd_path(args: argparse.Namespace) -> int:
+    """The path of URL inside a clearmlfs mount."""
+    mountpoint = Path(args.mountpoint) if args.mountpoint else _only_mount()
+    print(mountpoint / url_to_mount_path(args.url))
+    return 0
+
+
+def cmd_url(args: argparse.Namespace) -> int:
+    """The URL of a path inside a clearmlfs mount."""
+    path = Path(args.path).absolute()
+    for mountpoint in _clearmlfs_mounts():
+        if path == mountpoint or mountpoint in path.parents:
+            print(mount_path_to_url(str(path.relative_to(mountpoint))))
+            return 0
+    raise InvalidURL(f"{path} is not inside a clearmlfs mount")
+
+
+def _clearmlfs_mounts() -> list[Path]:
+    found = []
+    with open("/proc/self/mounts") as table:
+        for line in table:
+            source, target, fstype = line.split()[:3]
+            if fstype == "fuse.clearmlfs" or (fstype.startswith("fuse") and source == "clearmlfs"):
+                found.append(Path(target.replace("\\040", " ")))
+    return found
+
+
+def _only_mount() -> Path:
+    mounts = _clearmlfs_mounts()
+    if len(mounts) != 1:
+        raise InvalidURL(f"{len(mounts)} clearmlfs mounts found; name one with --mountpoint")
+    return mounts[0]
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -87,7 +200,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     opts = mount.parse_options(args.options)
     mountpoint = Path(args.mountpoint).absolute()
     settings = load_settings(args.config or opts.config)
-    _warn_if_readable(settings)
+    _warn_if_readable(settings)  # (the background child warns again into the log)
     mount.check_mountpoint(mountpoint)
     if args.foreground:
         mount.serve(settings, mountpoint, opts)
@@ -155,6 +268,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _byte_size(text: str) -> int:
+    from .mount import parse_size
+
+    return parse_size(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clearmlfs", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"clearmlfs {__version__}")
@@ -178,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p = add("ls", cmd_ls, "list the objects under URL")
     p.add_argument("url")
+    p = add("cache", cmd_cache, "show, prune or clear the managed cache")
+    p.add_argument("action", choices=["stats", "prune", "clear"])
+    p.add_argument("--max-bytes", type=_byte_size, default=None, help="prune: evict until the cache is this small")
+    p.add_argument("--force", action="store_true", help="clear: also drop files not uploaded yet")
+    p = add("path", cmd_path, "print the path of URL inside a clearmlfs mount")
+    p.add_argument("url")
+    p.add_argument("--mountpoint", help="the mount to use (default: the only clearmlfs mount)")
+    p = add("url", cmd_url, "print the URL of PATH inside a clearmlfs mount")
+    p.add_argument("path")
     p = add("mount", cmd_mount, "mount every configured bucket at MOUNTPOINT")
     p.add_argument("mountpoint")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (systemd, debugging)")
@@ -198,8 +326,16 @@ def _setup_logging(level: str, log_file: str | None) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def _from_mount_helper(argv: list[str]) -> list[str]:
+    """mount(8) → mount.fuse3 runs `clearmlfs SOURCE MOUNTPOINT -o OPTS`: that is `clearmlfs mount`."""
+    parser_commands = {"config", "get", "put", "ls", "cache", "path", "url", "mount", "umount"}
+    if len(argv) >= 2 and argv[0] not in parser_commands and not argv[0].startswith("-"):
+        return ["mount", *argv[1:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_from_mount_helper(list(sys.argv[1:] if argv is None else argv)))
     _setup_logging(args.log_level, getattr(args, "log_file", None))
     try:
         return int(args.func(args))

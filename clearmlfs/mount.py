@@ -75,13 +75,13 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
     elif name == "cache_dir":
         opts.cache_dir = Path(value).expanduser()
     elif name == "cache_max_bytes":
-        opts.cache_max_bytes = _size(value)
+        opts.cache_max_bytes = parse_size(value)
     elif name == "cache_files":
         opts.cache_files = int(value)
     elif name == "ttl":
         opts.ttl = float(value)
     elif name == "read_part_size":
-        opts.read_part_size = _size(value)
+        opts.read_part_size = parse_size(value)
     elif name == "read_concurrency":
         opts.read_concurrency = max(1, int(value))
     elif name == "read_ahead_kb":
@@ -93,7 +93,8 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         )
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
+    """`20G`, `512MiB`, `1048576` → bytes."""
     units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
     text = text.strip().lower().rstrip("b").rstrip("i")
     if text and text[-1] in units:

@@ -81,6 +81,11 @@ class StorageManager:
         if old is not None:
             old.close()
 
+    @classmethod
+    def settings(cls) -> Settings:
+        """The settings in use (clearml.conf as found, or as given to `configure`)."""
+        return _rt().settings
+
     # -- uploads ------------------------------------------------------------------------------------
     @classmethod
     def upload_file(
