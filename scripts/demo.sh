@@ -7,11 +7,12 @@
 # Usage: scripts/demo.sh [--check] [--skip-setup] [MOUNTPOINT]
 #   --check       stop right after the cp/cat round trip (for tests and CI); also DEMO_CHECK=1
 #   --skip-setup  do not run scripts/setup.sh (already set up);          also DEMO_SKIP_SETUP=1
+#   DEMO_DIR      where the server data, conf, cache and logs go (default .demo/, git-ignored)
 # Safe to run again after a killed run: a stale mount or server of an earlier run is cleaned up first.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEMO="$ROOT/.demo"
+DEMO="$(realpath -m "${DEMO_DIR:-$ROOT/.demo}")"  # DEMO_DIR: tests keep theirs apart from yours
 VENV="$ROOT/.venv"
 CHECK="${DEMO_CHECK:-0}"
 SKIP_SETUP="${DEMO_SKIP_SETUP:-0}"
@@ -20,7 +21,7 @@ for arg in "$@"; do
     case "$arg" in
         --check) CHECK=1 ;;
         --skip-setup) SKIP_SETUP=1 ;;
-        -h | --help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "demo: unknown option $arg" >&2; exit 2 ;;
         *) MNT="$arg" ;;
     esac
@@ -41,7 +42,7 @@ if [ "$SKIP_SETUP" != 1 ]; then
 fi
 [ -x "$VENV/bin/weed" ] && [ -x "$VENV/bin/clearmlfs" ] || die "$VENV is incomplete: run scripts/setup.sh"
 PY="$VENV/bin/python"
-mkdir -p "$DEMO/weed-data" "$DEMO/cache" "$MNT"
+mkdir -p "$DEMO/weed-data" "$DEMO/cache"
 
 # --- 2. leftovers of an earlier run that did not get to clean up -----------------------------------
 # Only our own processes: the pid files name them, the command line confirms it is still them.
@@ -59,6 +60,7 @@ stop_recorded() {  # PID_FILE PATTERN
 fusermount3 -uz "$MNT" 2>/dev/null || true
 stop_recorded "$MOUNT_PID_FILE" clearmlfs
 stop_recorded "$WEED_PID_FILE" weed
+mkdir -p "$MNT"  # only now: on a dead mount even mkdir -p fails
 
 # --- 3. clean up on any exit, Ctrl-C included --------------------------------------------------------
 MOUNT_PID=""
