@@ -43,7 +43,7 @@ from ..errors import (
     Transient,
 )
 from ..urls import parse_url
-from .base import Backend, ObjectInfo, Prefix, retry
+from .base import Backend, ObjectInfo, Prefix, paged, retry
 
 BLOCK_SIZE = 8 * 1024 * 1024  # block and ranged-GET size: fast, yet cheap to retry
 COPY_TIMEOUT = 30 * 60.0  # a server-side copy inside one account is fast; give large blobs room anyway
@@ -96,20 +96,7 @@ class AzureBackend(Backend):
             raise _translate(exc, self._url(key)) from None
 
     def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
-        # A generator cannot be retried as a whole without repeating entries, so each page is
-        # fetched (and retried) on its own and the listing resumes from the last continuation token.
-        token: str | None = None
-        seen: set[str] = set()  # a prefix spanning several pages may be reported on each of them
-        while True:
-            entries, token = self._page(prefix, delimiter, token)
-            for entry in entries:
-                if isinstance(entry, Prefix):
-                    if entry.key in seen:
-                        continue
-                    seen.add(entry.key)
-                yield entry
-            if not token:
-                return
+        return paged(lambda token: self._page(prefix, delimiter, token))
 
     @retry()
     def read(self, key: str, start: int = 0, length: int | None = None, etag: str | None = None) -> bytes:

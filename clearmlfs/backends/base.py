@@ -96,6 +96,29 @@ class Backend(ABC):
         """Release pooled connections."""
 
 
+Page = tuple[list[ObjectInfo | Prefix], str | None]
+
+
+def paged(fetch_page: Callable[[str | None], Page]) -> Iterator[ObjectInfo | Prefix]:
+    """Entries of a listing fetched page by page (each page retried on its own by `fetch_page`).
+
+    A generator cannot be retried as a whole without repeating entries, so the listing resumes
+    from the last continuation token; a prefix spanning several pages is reported once.
+    """
+    token: str | None = None
+    seen: set[str] = set()
+    while True:
+        entries, token = fetch_page(token)
+        for entry in entries:
+            if isinstance(entry, Prefix):
+                if entry.key in seen:
+                    continue
+                seen.add(entry.key)
+            yield entry
+        if not token:
+            return
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 

@@ -40,7 +40,7 @@ from ..errors import (
     Unsupported,
 )
 from ..urls import parse_url
-from .base import Backend, ObjectInfo, Prefix, retry
+from .base import Backend, ObjectInfo, Prefix, paged, retry
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,7 @@ class GCSBackend(Backend):
         return _info(self._existing(key))
 
     def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
-        # A generator cannot be retried as a whole without repeating entries, so each page is
-        # fetched (and retried) on its own and the listing resumes from the last page token.
-        token: str | None = None
-        seen: set[str] = set()  # a prefix spanning several pages may be reported on each of them
-        while True:
-            entries, token = self._page(prefix, delimiter, token)
-            for entry in entries:
-                if isinstance(entry, Prefix):
-                    if entry.key in seen:
-                        continue
-                    seen.add(entry.key)
-                yield entry
-            if not token:
-                return
+        return paged(lambda token: self._page(prefix, delimiter, token))
 
     @retry()
     def read(self, key: str, start: int = 0, length: int | None = None, etag: str | None = None) -> bytes:
