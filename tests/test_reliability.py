@@ -120,6 +120,18 @@ def tree(root: Path, skip: tuple[Path, ...] = ()) -> set[str]:
     return found
 
 
+def daemon_running(mountpoint: Path) -> bool:
+    """Whether a `clearmlfs mount` process for `mountpoint` is alive (it uploads what is dirty after unmount)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"clearmlfs.cli" in argv and b"mount" in argv and os.fsencode(str(mountpoint)) in argv:
+            return True
+    return False
+
+
 def run_cli(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(clearmlfs(*args), capture_output=True, text=True, timeout=timeout)
 
@@ -178,26 +190,23 @@ def differing_bytes(got: bytes, want: bytes) -> int:
 
 
 def _write(path: Path, mode: str, data: bytes, offset: int | None = None) -> str:
-    """open/write/close; returns where it failed ('open', 'write', 'close') or '' when acknowledged."""
-    stage = "open"
+    """open/write/close; returns where it failed ('open: ENOENT', 'close: EIO', ...) or '' when acknowledged."""
     try:
         f = open(path, mode)  # noqa: SIM115 - each stage's failure is told apart
-    except OSError:
-        return stage
+    except OSError as exc:
+        return f"open: {errno.errorcode.get(exc.errno or 0, exc)}"
     try:
-        stage = "write"
         if offset is not None:
             f.seek(offset)
         f.write(data)
         f.flush()
-        stage = "close"
-    except OSError:
+    except OSError as exc:
         errno_of(f.close)
-        return stage
+        return f"write: {errno.errorcode.get(exc.errno or 0, exc)}"
     try:
         f.close()
-    except OSError:
-        return "close"
+    except OSError as exc:
+        return f"close: {errno.errorcode.get(exc.errno or 0, exc)}"
     return ""
 
 
@@ -242,9 +251,9 @@ def _one_op(mnt: Path, model: FileModel, rng: random.Random, tally: Tally) -> No
         tally.note(f"{kind} {model.url}: failed at {failed}")
     if failed == "":
         model.current, model.exists, model.acked = new, True, True
-    elif failed == "close":
+    elif failed.startswith("close"):
         model.current, model.exists, model.acked = new, True, False  # kept in the cache, dirty
-    elif failed == "write":
+    elif failed.startswith("write"):
         model.current = None  # partly written: unknown until the next whole-file write
 
 
@@ -289,9 +298,10 @@ def test_faults_never_give_wrong_bytes_nor_lose_acknowledged_writes(
         requests = len(seaweedfs_proxy.requests)
         seaweedfs_proxy.reset()  # faults off: the unmount uploads whatever is still dirty
     run_seconds = time.monotonic() - started
+    assert poll(lambda: not daemon_running(tmp_path / "mnt"), 120, 0.2), "the daemon did not exit after unmount"
 
     lost, pending_mismatch, checked = [], [], 0
-    fresh_conf, _ = conf_for(tmp_path, "verify", stores.seaweed_store(seaweedfs))
+    fresh_conf, _ = conf_for(tmp_path, "verify", store)  # an empty cache; the proxy injects nothing now
     with mounted(fresh_conf, tmp_path / "verify-mnt") as mnt:
         for model in (m for own in models for m in own):
             if not model.exists or model.current is None:
@@ -393,6 +403,49 @@ def test_upload_interrupted_by_kill_9_is_completed_by_the_next_mount(
         assert digest.hexdigest() == expected, "the object uploaded after the crash differs from what was written"
 
 
+def test_a_write_during_the_start_up_retry_of_a_dirty_file_is_not_undone(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    """A new mount retries a dirty file's upload at start; a user who rewrites that file meanwhile, and whose
+    close() succeeds, must find the new bytes on the server (not the old upload finishing last)."""
+    store = stores.seaweed_store(seaweedfs, host=seaweedfs_proxy.host)
+    url = f"{store.fresh_prefix()}/retried.bin"
+    key = key_of(store, url)
+    conf, cache = conf_for(tmp_path, "c", store)
+    old = tmp_path / "old.bin"
+    with old.open("wb") as f:
+        for i in range(16):
+            f.write(random_bytes(8 * MIB, 4000 + i))
+    with mounted(conf, tmp_path / "mnt") as mnt:
+        target = at(mnt, url)
+        target.parent.mkdir(parents=True)
+        with target.open("wb") as f:
+            shutil.copyfileobj(old.open("rb"), f, 8 * MIB)
+            f.flush()
+            seaweedfs_proxy.fail_next(10**9, status=403)  # refused now, and again by the unmount's retry
+            assert errno_of(f.close) == errno.EIO
+    assert poll(lambda: not daemon_running(tmp_path / "mnt"), 120, 0.2)
+    assert (state_of(cache, url) or {}).get("dirty"), "the refused file is not recorded as dirty"
+    seaweedfs_proxy.reset()
+    new = b"the user's newer content"
+    with mounted(conf, tmp_path / "mnt") as mnt:
+        assert poll(lambda: seaweedfs_proxy.count("POST", key) > 0, 30, 0.01), "the start-up retry never began"
+        with at(mnt, url).open("wb") as f:  # while the retry of the 128 MiB version is still in flight
+            f.write(new)
+        retry_done = poll(lambda: any(
+            r.method == "POST" and "uploadId" in r.query and key in r.path for r in seaweedfs_proxy.requests), 60)
+        server = server_bytes(seaweedfs.client(), seaweedfs.bucket, key)
+        try:
+            seen = f"{len(at(mnt, url).read_bytes())} bytes"
+        except OSError as exc:
+            seen = f"errno {errno.errorcode.get(exc.errno or 0)}"
+    assert retry_done, "the retry's multipart upload never completed"
+    assert server == new, (
+        f"acknowledged write lost: the server holds {len(server or b'')} bytes (the old dirty version, uploaded by "
+        f"the start-up retry after the user's close succeeded); reading it through the mount gives {seen}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Sixteen concurrent readers
 # ---------------------------------------------------------------------------------------------------------
@@ -480,15 +533,22 @@ def test_eviction_under_a_tiny_cache_spares_open_and_dirty_files(
                 kept.seek(0)
                 assert kept.read() == objects[kept_url], "the open file no longer reads correctly"
                 assert at(mnt, kept_url).read_bytes() == objects[kept_url]
-                # Besides the two protected entries, at most the limit's worth (plus the one just fetched).
-                assert len(entries) <= 2 + 2 + 1, f"cache_files=2 not enforced: {len(entries)} entries: {entries}"
                 # Reads are allowed again (the object was never uploaded: a HEAD now says 404), uploads have not
                 # been retried yet (every 30 s): the dirty bytes are the file's content.
                 refusing.reset()
                 time.sleep(1.5)  # not a readiness wait: lets the 1 s metadata TTL expire, so the mount asks again
-                assert errno_of(lambda: dirty.read_bytes()) is None, (
-                    "a dirty file (close failed, bytes kept in the cache) cannot be opened once its TTL expired")
-                assert dirty.read_bytes() == dirty_body, "the dirty file no longer reads back its bytes"
+                problems = []
+                dirty_errno = errno_of(dirty.read_bytes)
+                if dirty_errno is not None:
+                    problems.append(f"the dirty file (close failed, bytes kept in the cache) cannot be read once "
+                                    f"its metadata TTL expired: {errno.errorcode[dirty_errno]}")
+                elif dirty.read_bytes() != dirty_body:
+                    problems.append("the dirty file no longer reads back its bytes")
+                # Besides the two protected entries, at most the limit's worth (plus the one just fetched).
+                if len(entries) > 2 + 2 + 1:
+                    problems.append(f"cache_files=2 not enforced: {len(entries)} complete entries after reading "
+                                    f"5 files: {entries}")
+                assert problems == [], "\n".join(problems)
             finally:
                 kept.close()
                 refusing.reset()  # the unmount may now upload the dirty file
