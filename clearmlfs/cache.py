@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -71,6 +72,7 @@ class EntryState:
     size: int = 0
     dirty: bool = False  # written locally, not yet uploaded
     extracted: str = ""  # ETag of the archive content last extracted next to it
+    version: int = 0  # bumped each time the entry is dirtied: an upload clears only the version it read
 
 
 class Pin:
@@ -106,7 +108,7 @@ class CacheContext:
         self.file_limit = file_limit
         self.byte_limit = byte_limit
         for folder in (self.folder, self.state_folder):
-            _private_dirs(folder)
+            private_dirs(folder)
         self._name_max = os.statvfs(self.folder).f_namemax
 
     # -- naming -------------------------------------------------------------------------------------
@@ -186,8 +188,8 @@ class CacheContext:
             return True  # local changes not uploaded yet are the newest content
         if state is not None and state.etag:
             return state.etag == info.etag
-        # Fetched by the ClearML SDK, which records nothing: trust a copy of the right size.
-        if path.stat().st_size == info.size:
+        # Fetched by the ClearML SDK, which records nothing: check the copy against what the server says.
+        if _sdk_copy_matches(path, info):
             self.save_state(EntryState(url, info.etag, info.size), durable=False)
             return True
         return False
@@ -344,7 +346,25 @@ class CacheContext:
         return len(entries), sum(_size(p) for p in entries)
 
 
-def _private_dirs(folder: Path) -> None:
+def _sdk_copy_matches(path: Path, info: ObjectInfo) -> bool:
+    """Whether a cache file we have no record of holds the object's current content.
+
+    A single-part S3 ETag is the MD5 of the content: compare it. Otherwise (multipart ETags, GCS
+    generations, Azure ETags) the copy must have the right size and be newer than the object.
+    """
+    st = path.stat()
+    if st.st_size != info.size:
+        return False
+    if re.fullmatch(r"[0-9a-f]{32}", info.etag):
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as f:
+            while chunk := f.read(1024 * 1024):
+                digest.update(chunk)
+        return digest.hexdigest() == info.etag
+    return st.st_mtime >= info.mtime
+
+
+def private_dirs(folder: Path) -> None:
     """Create `folder` and any missing parents 0700 (mkdir's mode applies only to the last one)."""
     missing = []
     while not folder.exists():

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
@@ -172,8 +173,13 @@ def _clearmlfs_mounts() -> list[Path]:
         for line in table:
             source, target, fstype = line.split()[:3]
             if fstype == "fuse.clearmlfs" or (fstype.startswith("fuse") and source == "clearmlfs"):
-                found.append(Path(target.replace("\\040", " ")))
+                found.append(Path(_unescape_mount(target)))
     return found
+
+
+def _unescape_mount(field: str) -> str:
+    # /proc/mounts writes space, tab, newline and backslash as octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _only_mount() -> Path:
@@ -222,7 +228,7 @@ def _mount_in_background(args: argparse.Namespace, settings: Settings, mountpoin
            "--log-file", str(log_file), str(mountpoint)]
     cmd += ["--config", str(settings.source)] if settings.source else []
     cmd += [f"-o{o}" for o in args.options]
-    with open(log_file, "ab") as out:
+    with open(_private_log(log_file), "ab") as out:
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -238,9 +244,18 @@ def _mount_in_background(args: argparse.Namespace, settings: Settings, mountpoin
 
 
 def _default_log(settings: Settings, mountpoint: Path) -> Path:
+    from .cache import private_dirs
+
     folder = settings.cache_dir / "clearmlfs" / "logs"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dirs(folder)
     return folder / f"{str(mountpoint).strip('/').replace('/', '-') or 'root'}.log"
+
+
+def _private_log(path: str | Path) -> Path:
+    """Create (or tighten) a log file readable by its owner only: logs name buckets and objects."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)
+    return Path(path)
 
 
 def _last_line(path: Path) -> str:
@@ -252,20 +267,47 @@ def _last_line(path: Path) -> str:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    """Unmount; the daemon uploads anything still dirty before it exits."""
+    """Unmount, then wait for the daemon to finish uploading what is dirty and exit."""
     import subprocess
+    import time
 
     mountpoint = Path(args.mountpoint).absolute()
     if not os.path.ismount(mountpoint):
         print(f"clearmlfs: {mountpoint} is not mounted", file=sys.stderr)
         return EXIT_FAILED
+    daemons = _daemons_of(mountpoint)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"clearmlfs: cannot unmount {mountpoint}: {proc.stderr.strip()}", file=sys.stderr)
         return EXIT_FAILED
+    deadline, told = time.monotonic() + 15 * 60, False
+    while (alive := [pid for pid in daemons if Path(f"/proc/{pid}").exists()]) and time.monotonic() < deadline:
+        if not told and time.monotonic() > deadline - 15 * 60 + 2:
+            print("clearmlfs: waiting for pending uploads to finish...", file=sys.stderr)
+            told = True
+        time.sleep(0.1)
+    if alive:
+        print(f"clearmlfs: the daemon (pid {alive[0]}) is still uploading; its log says more", file=sys.stderr)
+        return EXIT_FAILED
     return 0
+
+
+def _daemons_of(mountpoint: Path) -> list[int]:
+    """PIDs of `clearmlfs mount -f ... MOUNTPOINT` processes serving this mount point."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [os.fsdecode(a) for a in argv if a]
+        if "mount" in words and "-f" in words and str(mountpoint) in words and any("clearmlfs" in w for w in words):
+            found.append(int(entry.name))
+    return found
 
 
 def _byte_size(text: str) -> int:
@@ -318,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str, log_file: str | None) -> None:
-    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler: logging.Handler = logging.FileHandler(_private_log(log_file)) if log_file else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     # The SDKs log request headers (signatures, key ids, SAS tokens) at debug level: never let them through.

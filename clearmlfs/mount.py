@@ -117,7 +117,7 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     backends = BackendPool(settings)
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency))
     writeback = WriteBack(backends, cache, workers)
-    ns = Namespace(settings, backends, cache, workers, ttl=opts.ttl)
+    ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl)
     stream = StreamSettings(opts.read_part_size, opts.read_concurrency, opts.read_concurrency)
     downloads = Downloads(cache, workers, stream)
     ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, downloads, opts.read_only), ttl=opts.ttl)
@@ -154,6 +154,7 @@ def _raise_read_ahead(mountpoint: Path, kb: int) -> None:
 
 
 async def _main(writeback: WriteBack, downloads: Downloads, mountpoint: Path, read_ahead_kb: int) -> None:
+    await writeback.load()  # before the first request: files left dirty must show as they are locally
     async with trio.open_nursery() as nursery:
         await nursery.start(downloads.run)
         nursery.start_soon(writeback.run)

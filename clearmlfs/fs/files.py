@@ -11,6 +11,7 @@ import errno
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,7 @@ class OpenFiles:
         url = parent.child_url(name)
         self.ns.created(url)
         node = self.ns.table.add(parent, name, Kind.FILE, url)
-        node.size, node.etag = 0, ""
+        node.size, node.etag, node.checked = 0, "", time.monotonic()
         path = self.cache.path_for(url)
         handle = self._register(node, -1, url, None, flags | os.O_RDWR)
         await self._make_dirty(handle)  # recorded before the file exists: a crash cannot lose it

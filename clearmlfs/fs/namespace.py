@@ -9,6 +9,7 @@ A zero-byte ``prefix/`` marker object is how an empty directory persists.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import stat
@@ -22,6 +23,7 @@ from ..errors import AlreadyExists, CrossDevice, InvalidURL, NotEmpty, NotFound,
 from ..urls import parse_url
 from .inodes import InodeTable, Kind, Node
 from .workers import Workers
+from .writeback import WriteBack
 
 AZURE_SUFFIX = ".blob.core.windows.net"
 EMPTY = Path("/dev/null")  # the body of a directory marker
@@ -49,9 +51,13 @@ def valid_key_name(name: str) -> bool:
 
 class Namespace:
     def __init__(
-        self, settings: Settings, backends: BackendPool, cache: CacheContext, workers: Workers, ttl: float = 1.0
+        self, settings: Settings, backends: BackendPool, cache: CacheContext, workers: Workers, writeback: WriteBack,
+        ttl: float = 1.0,
     ) -> None:
         self.settings, self.backends, self.cache, self.workers = settings, backends, cache, workers
+        self.writeback = writeback
+        # URLs written here and not on the server yet: the cache file is the truth for them.
+        self.pending = writeback.pending
         self.table = InodeTable()
         self.ttl = ttl
         self._absent: dict[str, float] = {}  # url → time.monotonic() it was found missing
@@ -163,6 +169,8 @@ class Namespace:
         self._absent.pop(url, None)
 
     async def _fetch_entry(self, parent: Node, name: str, url: str) -> Node:
+        if url in self.pending:
+            return await self._pending_node(parent, name, url)
         backend, key = self.backends.get(parse_url(url)), parse_url(url).key
         # A prefix wins over an object of the same name (`a` and `a/b`): the directory stays reachable.
         if await self.workers.metadata(_first_entry, backend, key + "/") is not None:
@@ -198,11 +206,41 @@ class Namespace:
             if isinstance(entry, ObjectInfo):
                 self.set_object(child, entry)
             children[name] = child.inode
+        for name, kind in self._pending_children(node).items():
+            if name not in children and valid_key_name(name):
+                child = self.table.add(node, name, kind, node.child_url(name))
+                if kind is Kind.FILE:
+                    await self._local_size(child)
+                children[name] = child.inode
         node.children, node.listed = children, time.monotonic()
+
+    async def _pending_node(self, parent: Node, name: str, url: str) -> Node:
+        node = self.table.add(parent, name, Kind.FILE, url)
+        await self._local_size(node)
+        return node
+
+    async def _local_size(self, node: Node) -> None:
+        try:
+            st = await self.workers.metadata(os.stat, self.cache.path_for(node.url))
+        except FileNotFoundError:
+            return
+        node.size, node.mtime, node.checked = st.st_size, st.st_mtime, time.monotonic()
+
+    def _pending_children(self, node: Node) -> dict[str, Kind]:
+        """Names under `node` that exist only as local writes (files, or folders holding them)."""
+        base = node.url.rstrip("/") + "/"
+        found: dict[str, Kind] = {}
+        for url in self.pending:
+            if url.startswith(base):
+                name, sep, _ = url[len(base) :].partition("/")
+                found[name] = Kind.DIR if sep else found.get(name, Kind.FILE)
+        return found
 
     async def refresh(self, node: Node) -> Node:
         """Up-to-date size/ETag of an object (at most `ttl` old): close-to-open consistency."""
-        if node.kind is Kind.FILE and not self._fresh(node.checked):
+        if node.kind is Kind.FILE and node.url in self.pending:
+            await self._local_size(node)  # not on the server yet: the cache file is the content
+        elif node.kind is Kind.FILE and not self._fresh(node.checked):
             backend, key = self.locate(node)
             self.set_object(node, await self.workers.metadata(backend.stat, key))
         return node
@@ -277,8 +315,11 @@ class Namespace:
         if self.is_local(node):
             await self.workers.metadata(os.unlink, node.url)
         else:
+            if node.url in self.writeback.busy:
+                raise OSError(errno.EBUSY, "open for writing; close it first")
             backend, key = self.locate(node)
             await self.workers.metadata(backend.delete, key)
+            self.pending.discard(node.url)
             await self.workers.metadata(self.cache.forget, node.url)
         self.table.remove(node)
         return node
@@ -302,12 +343,24 @@ class Namespace:
             with contextlib.suppress(NotFound):
                 await self.workers.metadata(backend.stat, new_key)
                 raise AlreadyExists(new_url)
-        info = await self.workers.transfer(backend.copy, key, new_key)
+        if node.url in self.pending:
+            info = await self._rename_local_write(node, new_url)
+        else:
+            info = await self.workers.transfer(backend.copy, key, new_key)
+            await self.workers.metadata(self.cache.move, node.url, new_url, info.etag)
         await self.workers.metadata(backend.delete, key)
-        await self.workers.metadata(self.cache.move, node.url, new_url, info.etag)
         self.created(new_url)
         self.table.move(node, new_parent, new_name, new_url)
         self.set_object(node, info)
+
+    async def _rename_local_write(self, node: Node, new_url: str) -> ObjectInfo:
+        """A file not uploaded yet moves in the cache and is uploaded under its new name."""
+        if node.url in self.writeback.busy:
+            raise OSError(errno.EBUSY, "open for writing; close it first")
+        await self.workers.metadata(self.cache.move, node.url, new_url, "")
+        self.pending.discard(node.url)
+        self.pending.add(new_url)
+        return await self.writeback.upload(new_url, self.cache.path_for(new_url))
 
 
 def _first_entry(backend: Backend, prefix: str = "") -> ObjectInfo | Prefix | None:

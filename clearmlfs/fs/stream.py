@@ -127,6 +127,7 @@ class Download:
         def publish() -> None:
             os.replace(self.partial, final)
             cache.save_state(EntryState(self.url, self.info.etag, self.info.size), durable=False)
+            cache.clean()  # a new entry may put the cache over its limits
 
         await workers.metadata(publish)
         self.path = final

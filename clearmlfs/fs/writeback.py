@@ -28,39 +28,71 @@ class WriteBack:
     def __init__(self, backends: BackendPool, cache: CacheContext, workers: Workers) -> None:
         self.backends, self.cache, self.workers = backends, cache, workers
         self.busy: set[str] = set()  # URLs with an open dirty handle: their flush uploads them
+        self.pending: set[str] = set()  # URLs whose local content is not on the server yet
+        self._locks: dict[str, trio.Lock] = {}  # one upload of a URL at a time
+
+    async def load(self) -> None:
+        """Learn what earlier mounts left dirty (called once at start)."""
+        self.pending |= {s.url for s in await self.workers.metadata(self.cache.dirty_entries)}
 
     async def mark_dirty(self, url: str) -> None:
-        state = self.cache.state(url) or EntryState(url)
-        if not state.dirty:
-            state.dirty = True
-            await self.workers.metadata(self.cache.save_state, state)
+        self.pending.add(url)
+
+        def bump() -> None:
+            state = self.cache.state(url) or EntryState(url)
+            state.dirty, state.version = True, state.version + 1
+            self.cache.save_state(state)
+
+        await self.workers.metadata(bump)
+
+    def _lock(self, url: str) -> trio.Lock:
+        return self._locks.setdefault(url, trio.Lock())
 
     async def upload(self, url: str, source: Path) -> ObjectInfo:
-        """Upload `source` (the cache file, or /proc/self/fd/N of an open one) as `url`; clears dirty."""
+        """Upload `source` (the cache file, or /proc/self/fd/N of an open one) as `url`."""
+        async with self._lock(url):
+            return await self._upload_locked(url, source)
+
+    async def _upload_locked(self, url: str, source: Path) -> ObjectInfo:
         parsed = parse_url(url)
         backend = self.backends.get(parsed)
+        before = await self.workers.metadata(self.cache.state, url)
         info = await self.workers.transfer(backend.upload, source, parsed.key)
-        await self.workers.metadata(self.cache.save_state, EntryState(url, info.etag, info.size))
+        after = await self.workers.metadata(self.cache.state, url)
+        # Dirtied again while uploading (another writer): stays dirty for that writer's upload.
+        if (after.version if after else 0) == (before.version if before else 0):
+            clean = EntryState(url, info.etag, info.size, version=after.version if after else 0)
+            await self.workers.metadata(self.cache.save_state, clean)
+            self.pending.discard(url)
         return info
 
     async def upload_pending(self) -> int:
         """Upload every dirty entry nobody has open; returns how many are still dirty."""
         remaining = 0
         for state in await self.workers.metadata(self.cache.dirty_entries):
-            if state.url in self.busy:
-                continue
-            path = self.cache.path_for(state.url)
-            if not path.exists():
-                log.error("dirty entry for %s has no cache file; nothing to upload", state.url)
-                await self.workers.metadata(self.cache.forget, state.url)
-                continue
-            try:
-                await self.upload(state.url, path)
-                log.info("uploaded pending changes to %s", state.url)
-            except StorageError as exc:
-                remaining += 1
-                log.warning("upload of %s failed again (%s); will retry", state.url, exc)
+            async with self._lock(state.url):
+                if state.url in self.busy:
+                    continue  # an open writer's flush uploads it
+                try:
+                    await self._retry_one(state.url)
+                except StorageError as exc:
+                    remaining += 1
+                    log.warning("upload of %s failed again (%s); will retry", state.url, exc)
         return remaining
+
+    async def _retry_one(self, url: str) -> None:
+        state = await self.workers.metadata(self.cache.state, url)
+        if state is None or not state.dirty:  # uploaded meanwhile by a writer's flush
+            self.pending.discard(url)
+            return
+        path = self.cache.path_for(url)
+        if not path.exists():
+            log.error("dirty entry for %s has no cache file; nothing to upload", url)
+            self.pending.discard(url)
+            await self.workers.metadata(self.cache.forget, url)
+            return
+        await self._upload_locked(url, path)
+        log.info("uploaded pending changes to %s", url)
 
     async def run(self, interval: float = RETRY_INTERVAL) -> None:
         """Retry dirty entries forever (started in the mount's nursery)."""

@@ -1,0 +1,537 @@
+"""clearmlfs against rclone (--vfs-cache-mode full) and s3fs-fuse over the same local SeaweedFS bucket.
+
+    .venv/bin/python scripts/bench.py [--quick] [--runs N] [--json OUT] [--only read,ttfb,...]
+                                      [--tools clearmlfs,rclone,s3fs] [--workdir DIR] [--fresh-data]
+
+Workloads (each measured on every tool and, where one makes sense, a boto3/local baseline; the tools take
+turns within a round, the order rotating between rounds):
+
+  read    cold sequential read of the big object with 1 MiB reads (dd), then a hot re-read right after
+  ttfb    cold: open() to the first 1 MiB read returning
+  write   copy a local file (in page cache) into the mount: until close() returns, and until the object is
+          complete on the server (HEAD polled) -- rclone uploads after close, so the latter is the fair one
+  ls      `ls -lR` of a prefix with many small objects, cold metadata
+  small   read many 64 KiB objects one after the other, cold
+  rss     peak daemon VmRSS (sampled every 50 ms) while reading the stream object cold
+
+"Cold" = the tool unmounted, its cache folder emptied, mounted again, then `sync; echo 3 > drop_caches`.
+MB = 10^6 bytes. Needs root (FUSE mounts, drop_caches, apt-get) and 20 GiB free disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_lib as lib  # noqa: E402 - the script's own folder is not on sys.path when run by path
+
+MB = 1_000_000
+DISK_NEEDED = 20 * lib.GiB
+SUBJECTS = ("clearmlfs", "rclone", "s3fs", "baseline")
+GROUPS = ("read", "ttfb", "write", "ls", "small", "rss")
+ALIASES = {"cold-read": "read", "hot-read": "read", "cold_read": "read", "hot_read": "read", "ls-lR": "ls"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    big: int
+    ls_count: int
+    small_count: int
+    small_size: int
+    stream: int
+
+    @staticmethod
+    def pick(quick: bool) -> Sizes:
+        if quick:
+            return Sizes(big=256 * lib.MiB, ls_count=1_000, small_count=200, small_size=64 * 1024, stream=lib.GiB)
+        return Sizes(big=lib.GiB, ls_count=10_000, small_count=2_000, small_size=64 * 1024, stream=4 * lib.GiB)
+
+
+def human(size: int) -> str:
+    return f"{size // lib.GiB} GiB" if size % lib.GiB == 0 else f"{size // lib.MiB} MiB"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    group: str
+    label: str
+    unit: str
+    higher_is_better: bool
+
+
+def metrics(sizes: Sizes) -> list[Metric]:
+    big, stream = human(sizes.big), human(sizes.stream)
+    return [
+        Metric("cold_read", "read", f"cold sequential read {big}", "MB/s", True),
+        Metric("ttfb", "ttfb", f"time to first 1 MiB of {big}, cold", "ms", False),
+        Metric("hot_read", "read", f"hot re-read {big}", "MB/s", True),
+        Metric("write_server", "write", f"write {big} until on server", "MB/s", True),
+        Metric("write_close", "write", f"write {big} until close()", "MB/s", True),
+        Metric("ls", "ls", f"ls -lR {sizes.ls_count:,} objects, cold", "s", False),
+        Metric("small", "small", f"read {sizes.small_count:,} x 64 KiB, cold", "s", False),
+        Metric("rss_peak", "rss", f"peak daemon RSS streaming {stream}", "MB", False),
+        Metric("stream_read", "rss", f"cold sequential read {stream} (the RSS run)", "MB/s", True),
+    ]
+
+
+@dataclass
+class Results:
+    runs: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    errors: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def add(self, metric: str, subject: str, value: float) -> None:
+        self.runs.setdefault(metric, {}).setdefault(subject, []).append(value)
+
+    def error(self, metric: str, subject: str, message: str) -> None:
+        self.errors.setdefault(metric, {}).setdefault(subject, []).append(message)
+
+    def median(self, metric: str, subject: str) -> float | None:
+        values = self.runs.get(metric, {}).get(subject)
+        return statistics.median(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------------------
+
+# Run in a child process so the timed code is the same for every tool and nothing is cached in the bench.
+TTFB_CHILD = """
+import os, sys, time
+t0 = time.perf_counter()
+fd = os.open(sys.argv[1], os.O_RDONLY)
+data = os.read(fd, 1 << 20)
+t1 = time.perf_counter()
+os.close(fd)
+print((t1 - t0) * 1000, len(data))
+"""
+
+SMALL_CHILD = """
+import os, sys, time
+folder, count = sys.argv[1], int(sys.argv[2])
+total = 0
+t0 = time.perf_counter()
+for i in range(count):
+    with open(os.path.join(folder, f"{i:05d}.bin"), "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+print(time.perf_counter() - t0, total)
+"""
+
+
+class BenchError(RuntimeError):
+    """One measurement went wrong (short read, wrong listing, ...); recorded, the bench goes on."""
+
+
+def timed(cmd: list[str], timeout: float = 3600.0) -> tuple[float, str, str]:
+    t0 = time.perf_counter()
+    done = lib.run(cmd, timeout=timeout)
+    elapsed = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise BenchError(f"{cmd[0]} exited {done.returncode}: {done.stderr.strip()[-400:]}")
+    return elapsed, done.stdout, done.stderr
+
+
+def dd_read(path: Path, size: int) -> float:
+    """Seconds to read ``path`` with 1 MiB reads; checks the byte count dd reports."""
+    elapsed, _, err = timed(["dd", f"if={path}", "of=/dev/null", "bs=1M"])
+    copied = [line for line in err.splitlines() if "bytes" in line]
+    if not copied or int(copied[-1].split()[0]) != size:
+        raise BenchError(f"dd read {copied[-1] if copied else err.strip()!r}, expected {size} bytes")
+    return elapsed
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, info: Any, tools: dict[str, lib.Tool], sizes: Sizes) -> None:
+        self.args = args
+        self.info = info
+        self.tools = tools
+        self.sizes = sizes
+        self.client = lib.bench_client(info)
+        self.bucket = info.bucket
+        self.results = Results()
+        self.local_src = args.workdir / "local" / f"src-{sizes.big}.bin"
+        self.keys = {
+            "big": f"bench/big-{sizes.big}.bin",
+            "stream": f"bench/stream-{sizes.stream}.bin",
+            "ls": f"bench/ls-{sizes.ls_count}/",
+            "small": f"bench/small-{sizes.small_count}x{sizes.small_size}/",
+        }
+
+    # --- data -----------------------------------------------------------------------------------------
+
+    def prepare_data(self, groups: list[str]) -> None:
+        s, c, b = self.sizes, self.client, self.bucket
+        steps: list[tuple[str, Callable[[], bool]]] = []
+        if {"read", "ttfb"} & set(groups):
+            steps.append((f"{human(s.big)} object", lambda: lib.ensure_object(c, b, self.keys["big"], s.big)))
+        if {"read", "write"} & set(groups):
+            steps.append((f"local {human(s.big)} file", lambda: lib.ensure_local_file(self.local_src, s.big) or True))
+        if "rss" in groups:
+            steps.append((f"{human(s.stream)} object",
+                          lambda: lib.ensure_object(c, b, self.keys["stream"], s.stream)))
+        if "ls" in groups:
+            many = [f"{i:05d}.bin" for i in range(s.ls_count)]
+            steps.append((f"{s.ls_count:,} small objects",
+                          lambda: lib.ensure_many(c, b, self.keys["ls"], many, 256)))
+        if "small" in groups:
+            small = [f"{i:05d}.bin" for i in range(s.small_count)]
+            steps.append((f"{s.small_count:,} x 64 KiB objects",
+                          lambda: lib.ensure_many(c, b, self.keys["small"], small, s.small_size)))
+        for label, step in steps:
+            t0 = time.perf_counter()
+            made = step()
+            note = f"created in {time.perf_counter() - t0:.1f}s" if made else "already there"
+            log(f"data: {label}: {note}")
+
+    # --- one measurement per (group, subject) -------------------------------------------------------
+
+    def measure(self, group: str, subject: str) -> dict[str, float]:
+        if subject == "baseline":
+            return getattr(self, f"baseline_{group}")()
+        tool = self.tools[subject]
+        return getattr(self, f"tool_{group}")(tool)
+
+    def tool_read(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        path = tool.path(self.keys["big"])
+        cold = dd_read(path, self.sizes.big)
+        hot = dd_read(path, self.sizes.big)
+        return {"cold_read": self.sizes.big / MB / cold, "hot_read": self.sizes.big / MB / hot}
+
+    def tool_ttfb(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        _, out, _ = timed([sys.executable, "-c", TTFB_CHILD, str(tool.path(self.keys["big"]))])
+        ms, got = out.split()
+        if int(got) <= 0:
+            raise BenchError("first read returned no data")
+        return {"ttfb": float(ms)}
+
+    def tool_write(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        lib.warm_page_cache(self.local_src)
+        key = f"bench-write-{tool.name}-{uuid.uuid4().hex[:8]}.bin"
+        size = self.sizes.big
+        try:
+            t0 = time.perf_counter()
+            timed(["dd", f"if={self.local_src}", f"of={tool.path(key)}", "bs=1M"])
+            closed = time.perf_counter() - t0
+            if not lib.poll(lambda: lib.object_size(self.client, self.bucket, key) == size, 1800.0):
+                raise BenchError(f"{key} not complete on the server 30 min after close")
+            on_server = time.perf_counter() - t0
+        finally:
+            with contextlib.suppress(Exception):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        return {"write_close": size / MB / closed, "write_server": size / MB / on_server}
+
+    def tool_ls(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        elapsed, out, _ = timed(["ls", "-lR", str(tool.path(self.keys["ls"].rstrip("/")))])
+        files = sum(1 for line in out.splitlines() if line.startswith("-"))
+        if files != self.sizes.ls_count:
+            raise BenchError(f"ls -lR showed {files} files, expected {self.sizes.ls_count}")
+        return {"ls": elapsed}
+
+    def tool_small(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        folder = tool.path(self.keys["small"].rstrip("/"))
+        _, out, _ = timed([sys.executable, "-c", SMALL_CHILD, str(folder), str(self.sizes.small_count)])
+        seconds, total = out.split()
+        if int(total) != self.sizes.small_count * self.sizes.small_size:
+            raise BenchError(f"read {total} bytes, expected {self.sizes.small_count * self.sizes.small_size}")
+        return {"small": float(seconds)}
+
+    def tool_rss(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        if tool.pid is None:
+            raise BenchError("daemon process not found in /proc")
+        with lib.RssSampler(tool.pid) as sampler:
+            elapsed = dd_read(tool.path(self.keys["stream"]), self.sizes.stream)
+        if sampler.samples == 0:
+            raise BenchError(f"no RSS sample of pid {tool.pid}")
+        return {"rss_peak": sampler.peak / MB, "stream_read": self.sizes.stream / MB / elapsed}
+
+    # Baselines: boto3 with clearml.conf's implied TransferConfig, and the local page cache.
+
+    def baseline_read(self) -> dict[str, float]:
+        target = self.args.workdir / "local" / "download.bin"
+        target.unlink(missing_ok=True)
+        lib.drop_caches()
+        try:
+            t0 = time.perf_counter()
+            self.client.download_file(self.bucket, self.keys["big"], str(target), Config=lib.transfer_config())
+            cold = time.perf_counter() - t0
+        finally:
+            target.unlink(missing_ok=True)
+        lib.warm_page_cache(self.local_src)
+        hot = dd_read(self.local_src, self.sizes.big)
+        return {"cold_read": self.sizes.big / MB / cold, "hot_read": self.sizes.big / MB / hot}
+
+    def baseline_ttfb(self) -> dict[str, float]:
+        client = lib.bench_client(self.info)  # a new connection, as a fresh open() has
+        lib.drop_caches()
+        t0 = time.perf_counter()
+        body = client.get_object(Bucket=self.bucket, Key=self.keys["big"])["Body"]
+        data = body.read(lib.MiB)
+        elapsed = time.perf_counter() - t0
+        body.close()
+        if not data:
+            raise BenchError("first read returned no data")
+        return {"ttfb": elapsed * 1000}
+
+    def baseline_write(self) -> dict[str, float]:
+        lib.drop_caches()
+        lib.warm_page_cache(self.local_src)
+        key = f"bench-write-boto3-{uuid.uuid4().hex[:8]}.bin"
+        try:
+            t0 = time.perf_counter()
+            self.client.upload_file(str(self.local_src), self.bucket, key, Config=lib.transfer_config())
+            elapsed = time.perf_counter() - t0
+        finally:
+            with contextlib.suppress(Exception):
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        return {"write_server": self.sizes.big / MB / elapsed}
+
+    def baseline_ls(self) -> dict[str, float]:
+        lib.drop_caches()
+        t0 = time.perf_counter()
+        count = lib.count_keys(self.client, self.bucket, self.keys["ls"])
+        elapsed = time.perf_counter() - t0
+        if count != self.sizes.ls_count:
+            raise BenchError(f"listed {count} keys, expected {self.sizes.ls_count}")
+        return {"ls": elapsed}
+
+    def baseline_small(self) -> dict[str, float]:
+        lib.drop_caches()
+        prefix, total = self.keys["small"], 0
+        t0 = time.perf_counter()
+        for i in range(self.sizes.small_count):
+            total += len(self.client.get_object(Bucket=self.bucket, Key=f"{prefix}{i:05d}.bin")["Body"].read())
+        elapsed = time.perf_counter() - t0
+        if total != self.sizes.small_count * self.sizes.small_size:
+            raise BenchError(f"read {total} bytes")
+        return {"small": elapsed}
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def run(self, groups: list[str]) -> None:
+        all_metrics = metrics(self.sizes)
+        for group in groups:
+            subjects = [t for t in self.tools] + (["baseline"] if hasattr(self, f"baseline_{group}") else [])
+            group_metrics = [m.key for m in all_metrics if m.group == group]
+            for run in range(self.args.runs):
+                shift = run % len(subjects)
+                for subject in subjects[shift:] + subjects[:shift]:
+                    self.measure_once(group, subject, run, group_metrics)
+
+    def measure_once(self, group: str, subject: str, run: int, group_metrics: list[str]) -> None:
+        if subject in self.results.unavailable:
+            return
+        tag = f"[{group} {run + 1}/{self.args.runs}] {subject}"
+        try:
+            values = self.measure(group, subject)
+        except lib.Unavailable as exc:
+            self.results.unavailable[subject] = f"mount failed: {exc}"
+            log(f"{tag}: n/a ({exc})")
+            return
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            for key in group_metrics:
+                self.results.error(key, subject, str(exc))
+            log(f"{tag}: error: {exc}")
+            return
+        finally:
+            if subject in self.tools:
+                problem = self.tools[subject].unmount()
+                if problem:
+                    log(f"{tag}: unmount: {problem}")
+        for key, value in values.items():
+            self.results.add(key, subject, value)
+        log(f"{tag}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def table(results: Results, sizes: Sizes, groups: list[str], tools: list[str]) -> tuple[str, dict[str, Any]]:
+    header = ["workload", "unit", *SUBJECTS, "cmfs/best peer", "cmfs/baseline"]
+    rows, medians = [], {}
+    for m in metrics(sizes):
+        if m.group not in groups:
+            continue
+        med = {s: results.median(m.key, s) for s in SUBJECTS}
+        medians[m.key] = med
+        peers = [v for s, v in med.items() if s in ("rclone", "s3fs") and v is not None]
+        best = (max(peers) if m.higher_is_better else min(peers)) if peers else None
+        cells = [fmt(med[s]) if s in tools or s == "baseline" else "-" for s in SUBJECTS]
+        arrow = "higher better" if m.higher_is_better else "lower better"
+        rows.append([m.label, f"{m.unit} ({arrow})", *cells, ratio(med["clearmlfs"], best),
+                     ratio(med["clearmlfs"], med["baseline"])])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines), medians
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 run, 256 MiB / 1,000 / 200 objects, 1 GiB stream")
+    parser.add_argument("--runs", type=int, help="runs per workload and tool (default 3; 1 with --quick)")
+    parser.add_argument("--json", type=Path, help="raw values + medians (default WORKDIR/results.json)")
+    parser.add_argument("--only", help=f"comma-separated workloads out of {','.join(GROUPS)}")
+    parser.add_argument("--tools", default="clearmlfs,rclone,s3fs", help="comma-separated subset")
+    parser.add_argument("--workdir", type=Path, default=lib.REPO / ".bench",
+                        help="server data, caches, mounts, logs (default .bench/)")
+    parser.add_argument("--fresh-data", action="store_true", help="wipe the server data kept from earlier runs")
+    args = parser.parse_args(argv)
+    args.workdir = args.workdir.absolute()
+    args.runs = args.runs or (1 if args.quick else 3)
+    args.json = args.json or args.workdir / "results.json"
+    groups = [ALIASES.get(g.strip(), g.strip()) for g in (args.only or ",".join(GROUPS)).split(",") if g.strip()]
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    for name, given, known in (("workload", groups, GROUPS), ("tool", tools, tuple(lib.TOOLS))):
+        bad = [g for g in given if g not in known]
+        if bad:
+            parser.error(f"unknown {name} {bad} (known: {', '.join(known)})")
+    args.groups = [g for g in GROUPS if g in groups]
+    args.tool_names = [t for t in lib.TOOLS if t in tools]
+    return args
+
+
+def preflight(args: argparse.Namespace) -> None:
+    if os.geteuid() != 0:
+        sys.exit("bench.py needs root: FUSE mounts for three tools, drop_caches, apt-get")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.workdir).free
+    if free < DISK_NEEDED:
+        sys.exit(f"bench.py needs {DISK_NEEDED // lib.GiB} GiB free under {args.workdir}; "
+                 f"{free / lib.GiB:.1f} GiB are")
+    try:
+        lib.drop_caches()
+    except OSError as exc:
+        sys.exit(f"cannot drop the page cache ({exc}); cold numbers would be meaningless")
+    if not Path("/dev/fuse").exists():
+        sys.exit("/dev/fuse is missing")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    preflight(args)
+    scrubbed = lib.scrub_environment()
+    sizes = Sizes.pick(args.quick)
+    if args.fresh_data:
+        shutil.rmtree(args.workdir / "seaweed", ignore_errors=True)
+    versions: dict[str, str] = {}
+    settings: dict[str, dict[str, str]] = {}
+    started = time.time()
+    bench: Bench | None = None
+    server = None
+    tools: dict[str, lib.Tool] = {}
+    with contextlib.ExitStack() as cleanup, lib.sigterm_as_interrupt():
+        try:
+            log(f"starting SeaweedFS under {args.workdir / 'seaweed'}")
+            server = lib.start_seaweedfs(args.workdir / "seaweed")
+            cleanup.callback(server.stop)
+            versions["weed"] = lib.weed_version()
+            unavailable = {}
+            for name in args.tool_names:
+                tool = lib.TOOLS[name](name, args.workdir, server.info)
+                try:
+                    versions[name] = tool.prepare()
+                except lib.Unavailable as exc:
+                    unavailable[name] = str(exc)
+                    log(f"{name}: n/a ({exc})")
+                    continue
+                settings[name] = tool.settings
+                tools[name] = tool
+                cleanup.callback(tool.unmount)  # unmounts and waits for the daemon, whatever happens
+                tool.unmount()  # a mount left by an interrupted earlier run
+            for name, version in versions.items():
+                log(f"version: {name}: {version}")
+            bench = Bench(args, server.info, tools, sizes)
+            bench.results.unavailable.update(unavailable)
+            bench.prepare_data(args.groups)
+            bench.run(args.groups)
+        except KeyboardInterrupt:
+            log("interrupted: unmounting and stopping the server")
+            args.interrupted = True
+            if bench is None:
+                return 130
+        finally:
+            for tool in tools.values():
+                with contextlib.suppress(Exception):
+                    tool.unmount()
+                    tool.clear_cache()  # GiBs of cached copies; the server data is kept for the next run
+    assert bench is not None
+    results = bench.results
+    text, medians = table(results, sizes, args.groups, args.tool_names)
+    print()
+    partial = " -- INTERRUPTED, partial results" if getattr(args, "interrupted", False) else ""
+    print(f"clearmlfs bench: {args.runs} run(s) each, medians; {'--quick' if args.quick else 'full'} sizes; "
+          f"{time.time() - started:.0f}s{partial}")
+    print(text)
+    print("\nratios: clearmlfs / faster peer (or / baseline), in the row's unit: for 'higher better' rows > 1 means "
+          "clearmlfs wins, for 'lower better' rows < 1 does.")
+    print("baseline: read = boto3 download_file to a local file (cold) / dd of a local file in page cache (hot); "
+          f"ttfb = boto3 get_object + read 1 MiB; write = boto3 upload_file; ls = list_objects_v2 pages; "
+          f"small = get_object loop; boto3 TransferConfig max_concurrency {lib.CONCURRENCY}, "
+          f"{lib.PART_MIB} MiB parts (clearml.conf defaults)")
+    for name, version in versions.items():
+        print(f"version  {name}: {version}")
+    for name, conf in settings.items():
+        for key, value in conf.items():
+            print(f"setting  {name} {key}: {value}")
+    for name, reason in results.unavailable.items():
+        print(f"n/a      {name}: {reason}")
+    for metric, by_subject in results.errors.items():
+        for subject, messages in by_subject.items():
+            print(f"error    {metric} {subject} ({len(messages)}x): {messages[-1][:300]}")
+    if scrubbed:
+        print(f"ignored from the environment: {', '.join(sorted(scrubbed))}")
+    report = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "sizes": dataclasses.asdict(sizes),
+        "units": {m.key: m.unit for m in metrics(sizes)},
+        "versions": versions, "settings": settings,
+        "runs": results.runs, "medians": medians, "errors": results.errors, "unavailable": results.unavailable,
+        "started": started, "seconds": time.time() - started,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"raw values: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
