@@ -461,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as cleanup, lib.sigterm_as_interrupt():
         try:
             log(f"starting SeaweedFS under {args.workdir / 'seaweed'}")
-            server = lib.start_seaweedfs(args.workdir / "seaweed")
+            server, master = lib.start_seaweedfs(args.workdir / "seaweed")
             cleanup.callback(server.stop)
+            cleanup.callback(lib.vacuum, master)  # runs before the server stops
+            log(lib.vacuum(master) or "vacuumed deleted objects left by earlier runs")
             versions["weed"] = lib.weed_version()
             unavailable = {}
             for name in args.tool_names:

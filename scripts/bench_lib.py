@@ -157,10 +157,11 @@ class RssSampler:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def start_seaweedfs(workdir: Path) -> servers.Running[servers.SeaweedFS]:
+def start_seaweedfs(workdir: Path) -> tuple[servers.Running[servers.SeaweedFS], str]:
     """tests.servers.start_seaweedfs, with two differences the bench needs: the log stays in the bench dir
     (not tests/.logs, which a concurrent test run owns), and volumes are large enough for GiB objects
-    (the tests' 64 MB x 100 volumes hold 6.4 GB at most, less than the bench writes)."""
+    (the tests' 64 MB x 100 volumes hold 6.4 GB at most, less than the bench writes). Also returns the
+    master's URL, for ``vacuum``."""
     servers.LOG_DIR = workdir / "logs"
     weed = servers.require_binary(servers.VENV_BIN / "weed")
     data = workdir / "data"
@@ -188,7 +189,21 @@ def start_seaweedfs(workdir: Path) -> servers.Running[servers.SeaweedFS]:
             "seaweedfs", process, log_path, lambda: servers.create_s3_buckets(admin, [servers.TEST_BUCKET])
         )
         servers.wait_until("seaweedfs", process, log_path, lambda: servers.probe_s3_write(admin, info.bucket))
-    return servers.Running("seaweedfs", process, log_path, info, stop_grace=1.0)
+    running = servers.Running("seaweedfs", process, log_path, info, stop_grace=1.0)
+    return running, f"http://127.0.0.1:{ports[2]}"
+
+
+def vacuum(master: str) -> str:
+    """Reclaim the space of deleted objects now: SeaweedFS only marks them, and every write run deletes a
+    GiB-sized object (without this the data folder grows by ~12 GiB per full run). '' or what failed."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{master}/vol/vacuum?garbageThreshold=0.01", timeout=600) as reply:
+            reply.read()
+    except OSError as exc:
+        return f"vacuum failed: {exc}"
+    return ""
 
 
 def weed_version() -> str:

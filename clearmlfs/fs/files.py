@@ -36,7 +36,6 @@ class OpenFile:
     fd: int
     url: str  # '' for a direct-access file
     pin: Pin | None
-    writable: bool
     dirty: bool = False
     download: Download | None = None  # set while the object is still streaming in
     keep_cache: bool = False  # the kernel's page cache for this inode still holds this content
@@ -53,11 +52,8 @@ class OpenFiles:
         self._handles: dict[int, OpenFile] = {}
         self._fh = itertools.count(1)
 
-    def __getitem__(self, fh: int) -> OpenFile:
-        return self._handles[fh]
-
-    def _register(self, node: Node, fd: int, url: str, pin: Pin | None, flags: int) -> OpenFile:
-        handle = OpenFile(next(self._fh), node, fd, url, pin, bool(flags & WRITE_FLAGS))
+    def _register(self, node: Node, fd: int, url: str, pin: Pin | None) -> OpenFile:
+        handle = OpenFile(next(self._fh), node, fd, url, pin)
         self._handles[handle.fh] = handle
         return handle
 
@@ -71,7 +67,7 @@ class OpenFiles:
         mode_flags = flags & (os.O_ACCMODE | os.O_TRUNC | os.O_APPEND)
         if self.ns.is_local(node):
             fd = await self.workers.metadata(os.open, node.url, mode_flags)
-            return self._register(node, fd, "", None, flags)
+            return self._register(node, fd, "", None)
         if node.kind is not Kind.FILE:
             raise IsADirectoryError(errno.EISDIR, "Is a directory")
         writable = bool(flags & WRITE_FLAGS)
@@ -86,7 +82,7 @@ class OpenFiles:
         if path is None and not writable:
             download = await self.downloads.attach(node.url, backend, info)
             if download is not None:
-                return self._streaming(node, download, flags, keep_cache)
+                return self._streaming(node, download, keep_cache)
         if path is None:  # to write into it, or while another process downloads it: the whole file first
             path = await self.workers.transfer(self.cache.fetch, node.url, backend, key, info)
         handle = self._open_cached(node, path, flags)
@@ -100,12 +96,12 @@ class OpenFiles:
         except OSError:
             pin.release()
             raise
-        return self._register(node, fd, node.url, pin, flags)
+        return self._register(node, fd, node.url, pin)
 
-    def _streaming(self, node: Node, download: Download, flags: int, keep_cache: bool) -> OpenFile:
+    def _streaming(self, node: Node, download: Download, keep_cache: bool) -> OpenFile:
         # Pinned under the entry's final name: it is renamed into place once complete.
         pin = self.cache.pin(self.cache.path_for(node.url))
-        handle = self._register(node, os.dup(download.fd), node.url, pin, flags)
+        handle = self._register(node, os.dup(download.fd), node.url, pin)
         handle.download, handle.keep_cache = download, keep_cache
         return handle
 
@@ -125,14 +121,14 @@ class OpenFiles:
             path = os.path.join(parent.url, name)
             fd = await self.workers.metadata(os.open, path, (flags & ~os.O_CREAT) | os.O_CREAT, mode & 0o7777)
             node = await self.ns.lookup(parent, name)
-            return self._register(node, fd, "", None, flags)
+            return self._register(node, fd, "", None)
         self.ns.check_new_object(parent, name)
         url = parent.child_url(name)
         self.ns.created(url)
         node = self.ns.table.add(parent, name, Kind.FILE, url)
         node.size, node.etag, node.checked = 0, "", time.monotonic()
         path = self.cache.path_for(url)
-        handle = self._register(node, -1, url, None, flags | os.O_RDWR)
+        handle = self._register(node, -1, url, None)
         await self._make_dirty(handle)  # recorded before the file exists: a crash cannot lose it
         handle.pin = self.cache.pin(path)
         handle.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -207,6 +203,3 @@ class OpenFiles:
         if handle.dirty and not any(h.dirty and h.url == handle.url for h in self._handles.values()):
             # flush failed; the writeback loop keeps retrying from the cache file
             self.writeback.busy.discard(handle.url)
-
-    def open_handles(self) -> list[OpenFile]:
-        return list(self._handles.values())

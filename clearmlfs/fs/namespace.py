@@ -124,13 +124,20 @@ class Namespace:
                 return self.table.add(parent, name, Kind.HOST, f"{parent.url}{name}")
         if parent.kind is Kind.ROOT:
             raise NotFound(name)
+        known = self.table.at(parent.child_path(name))
+        if known is not None and known.kind is Kind.BUCKET:
+            return known  # verified once; buckets do not come and go under a mount
         url = f"{parent.url}{name}" if parent.kind is Kind.SCHEME else f"{parent.url}/{name}"
+        if self._fresh(self._absent.get(url, -self.ttl)):
+            raise NotFound(url)
         node = self.table.add(parent, name, Kind.BUCKET, url)
         backend, _ = self.locate(node)
         try:
             await self.workers.metadata(_first_entry, backend)
-        except StorageError:
+        except StorageError as exc:
             self.table.remove(node)
+            if isinstance(exc, NotFound):
+                self._absent[url] = time.monotonic()
             raise
         return node
 
