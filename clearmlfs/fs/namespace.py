@@ -14,7 +14,10 @@ import itertools
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import trio
 
 from ..backends import Backend, BackendPool, ObjectInfo, Prefix
 from ..cache import CacheContext
@@ -179,10 +182,27 @@ class Namespace:
         if url in self.pending:
             return await self._pending_node(parent, name, url)
         backend, key = self.backends.get(parse_url(url)), parse_url(url).key
+        found: dict[str, object] = {}
+
+        async def ask(what: str, fn: Callable[..., object], *args: object) -> None:
+            try:
+                found[what] = await self.workers.metadata(fn, *args)
+            except StorageError as exc:
+                found[what] = exc
+
+        # Both questions at once (one round trip of latency), as mountpoint-s3 does.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "prefix", _first_entry, backend, key + "/")
+            nursery.start_soon(ask, "object", backend.stat, key)
+        if isinstance(found["prefix"], StorageError) and not isinstance(found["prefix"], NotFound):
+            raise found["prefix"]
         # A prefix wins over an object of the same name (`a` and `a/b`): the directory stays reachable.
-        if await self.workers.metadata(_first_entry, backend, key + "/") is not None:
+        if found["prefix"] is not None and not isinstance(found["prefix"], NotFound):
             return self.table.add(parent, name, Kind.DIR, url)
-        info = await self.workers.metadata(backend.stat, key)
+        info = found["object"]
+        if isinstance(info, StorageError):
+            raise info
+        assert isinstance(info, ObjectInfo)
         node = self.table.add(parent, name, Kind.FILE, url)
         self.set_object(node, info)
         return node

@@ -47,6 +47,7 @@ class Download:
         self.settings = settings
         count = -(-info.size // settings.part_size)
         self.parts = bytearray(count)  # MISSING / FETCHING / PRESENT per part
+        self._present = 0
         self._events: dict[int, trio.Event] = {}
         self._errors: dict[int, BaseException] = {}
         self._slots = trio.Semaphore(settings.concurrency)
@@ -105,6 +106,7 @@ class Download:
             log.warning("%s: part %d failed: %s", self.url, index, exc)
         else:
             self.parts[index] = PRESENT
+            self._present += 1
         finally:
             self._events[index].set()
             self._inflight -= 1
@@ -113,7 +115,7 @@ class Download:
 
     @property
     def complete(self) -> bool:
-        return all(p == PRESENT for p in self.parts)
+        return self._present == len(self.parts)
 
     # -- ending ------------------------------------------------------------------------------------
     async def finish(self, cache: CacheContext, workers: Workers) -> None:
