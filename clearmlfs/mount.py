@@ -45,6 +45,7 @@ class MountOptions:
     cache_max_bytes: int | None = None
     cache_files: int | None = None
     ttl: float = 1.0
+    list_ttl: float = 10.0
     read_part_size: int = 8 * 1024 * 1024
     read_concurrency: int = 8
     read_ahead_kb: int = 4096  # the mount's bdi read-ahead: large sequential FUSE reads
@@ -80,6 +81,8 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         opts.cache_files = int(value)
     elif name == "ttl":
         opts.ttl = float(value)
+    elif name == "list_ttl":
+        opts.list_ttl = float(value)
     elif name == "read_part_size":
         opts.read_part_size = parse_size(value)
     elif name == "read_concurrency":
@@ -89,7 +92,7 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
-            "cache_files=, ttl=, read_part_size=, read_concurrency=, read_ahead_kb=)"
+            "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=)"
         )
 
 
@@ -117,7 +120,7 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     backends = BackendPool(settings)
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency))
     writeback = WriteBack(backends, cache, workers)
-    ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl)
+    ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl)
     stream = StreamSettings(opts.read_part_size, opts.read_concurrency, opts.read_concurrency)
     downloads = Downloads(cache, workers, stream)
     ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, downloads, opts.read_only), ttl=opts.ttl)

@@ -39,6 +39,7 @@ class Node:
     checked: float = 0.0  # time.monotonic() when size/mtime/etag came from the server
     children: dict[str, int] | None = None  # name → inode, from the last listing
     listed: float = 0.0  # time.monotonic() of that listing
+    big: bool = False  # too many entries to list for a lookup
     lookups: int = 0
 
     @property

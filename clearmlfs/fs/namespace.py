@@ -30,6 +30,7 @@ from .writeback import WriteBack
 
 AZURE_SUFFIX = ".blob.core.windows.net"
 EMPTY = Path("/dev/null")  # the body of a directory marker
+LOOKUP_LIST_CAP = 5000  # a lookup lists its parent when the parent holds no more than this
 
 
 NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
@@ -55,14 +56,15 @@ def valid_key_name(name: str) -> bool:
 class Namespace:
     def __init__(
         self, settings: Settings, backends: BackendPool, cache: CacheContext, workers: Workers, writeback: WriteBack,
-        ttl: float = 1.0,
+        ttl: float = 1.0, list_ttl: float = 10.0,
     ) -> None:
         self.settings, self.backends, self.cache, self.workers = settings, backends, cache, workers
         self.writeback = writeback
         # URLs written here and not on the server yet: the cache file is the truth for them.
         self.pending = writeback.pending
         self.table = InodeTable()
-        self.ttl = ttl
+        self.ttl = ttl  # object attributes (and so the ETag checked on open) are at most this old
+        self.list_ttl = max(ttl, list_ttl)  # a listing answers readdir and positive lookups this long
         self._absent: dict[str, float] = {}  # url → time.monotonic() it was found missing
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -155,12 +157,30 @@ class Namespace:
                 if entry_name == name:
                     return self.table.add(parent, name, kind, url)
             return await self._resolve_unlisted(parent, name)
-        if parent.children is not None and self._fresh(parent.listed):
-            inode = parent.children.get(name)
-            if inode is None:
+        children = await self._listing_for_lookup(parent)
+        if children is not None:
+            inode = children.get(name)
+            if inode is not None:
+                return self.table[inode]
+            if self._fresh(parent.listed):  # a complete listing this recent: trust the miss
                 raise NotFound(parent.child_url(name))
-            return self.table[inode]
         return await self._lookup_object(parent, name)
+
+    async def _listing_for_lookup(self, parent: Node) -> dict[str, int] | None:
+        """The parent's children, listing it first (up to LOOKUP_LIST_CAP entries) when that is cheap.
+
+        One listing answers the lookups of every sibling (`cat dir/*`, a data loader opening
+        thousands of files) where per-name requests would cost two each. A prefix too big to list
+        that way is looked up name by name.
+        """
+        if parent.children is not None and time.monotonic() - parent.listed < self.list_ttl:
+            return parent.children
+        if parent.big:
+            return None
+        if not await self._list_objects(parent, cap=LOOKUP_LIST_CAP):
+            parent.big = True
+            return None
+        return parent.children
 
     async def _lookup_object(self, parent: Node, name: str) -> Node:
         url = parent.child_url(name)
@@ -214,15 +234,19 @@ class Namespace:
             entries = self._configured(node) + await self._host_buckets(node)
             unique = {name: (name, kind, url) for name, kind, url in entries}
             return [self.table.add(node, n, k, u) for n, k, u in unique.values()]
-        if node.children is None or not self._fresh(node.listed):
+        if node.children is None or time.monotonic() - node.listed >= self.list_ttl:
             await self._list_objects(node)
         assert node.children is not None
         return [self.table[i] for i in node.children.values()]
 
-    async def _list_objects(self, node: Node) -> None:
+    async def _list_objects(self, node: Node, cap: int | None = None) -> bool:
+        """List `node`'s prefix into its children; False (and nothing kept) if it has more than `cap` entries."""
         backend, key = self.locate(node)
         prefix = f"{key}/" if key else ""
-        entries = await self.workers.metadata(lambda: list(backend.list(prefix, "/")))
+        limit = None if cap is None else cap + 1
+        entries = await self.workers.metadata(lambda: list(itertools.islice(backend.list(prefix, "/"), limit)))
+        if cap is not None and len(entries) > cap:
+            return False
         children: dict[str, int] = {}
         for entry in entries:
             name = entry.key[len(prefix) :].rstrip("/") if isinstance(entry, Prefix) else entry.key[len(prefix) :]
@@ -240,6 +264,7 @@ class Namespace:
                     await self._local_size(child)
                 children[name] = child.inode
         node.children, node.listed = children, time.monotonic()
+        return True
 
     async def _pending_node(self, parent: Node, name: str, url: str) -> Node:
         node = self.table.add(parent, name, Kind.FILE, url)

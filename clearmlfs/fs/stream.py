@@ -40,9 +40,10 @@ class StreamSettings:
 class Download:
     def __init__(
         self, url: str, backend: Backend, info: ObjectInfo, partial: Path, fd: int, lock_fd: int,
-        settings: StreamSettings, workers: Workers,
+        settings: StreamSettings, workers: Workers, cleaner: Cleaner,
     ) -> None:
         self.url, self.backend, self.info, self.workers = url, backend, info, workers
+        self._cleaner = cleaner
         self.partial, self.fd, self._lock_fd = partial, fd, lock_fd
         self.settings = settings
         count = -(-info.size // settings.part_size)
@@ -129,9 +130,9 @@ class Download:
         def publish() -> None:
             os.replace(self.partial, final)
             cache.save_state(EntryState(self.url, self.info.etag, self.info.size), durable=False)
-            cache.clean()  # a new entry may put the cache over its limits
 
         await workers.metadata(publish)
+        await self._cleaner.added(self.info.size)
         self.path = final
         self._release_lock()
         self.done.set()
@@ -154,11 +155,30 @@ class Download:
             self._lock_fd = -1
 
 
+class Cleaner:
+    """Keeps the cache within its limits as downloads add entries, without a full scan per small file.
+
+    A scan runs once a tenth of the limits has been added, so the cache overshoots by at most that.
+    """
+
+    def __init__(self, cache: CacheContext, workers: Workers) -> None:
+        self.cache, self.workers = cache, workers
+        self._files = self._bytes = 0
+
+    async def added(self, size: int) -> None:
+        self._files, self._bytes = self._files + 1, self._bytes + size
+        byte_step = self.cache.byte_limit // 10 if self.cache.byte_limit else 1 << 62
+        if self._files >= max(1, min(16, self.cache.file_limit // 10)) or self._bytes >= byte_step:
+            self._files = self._bytes = 0
+            await self.workers.metadata(self.cache.clean)
+
+
 class Downloads:
     """The downloads in progress in this mount, one per URL."""
 
     def __init__(self, cache: CacheContext, workers: Workers, settings: StreamSettings) -> None:
         self.cache, self.workers, self.settings = cache, workers, settings
+        self._cleaner = Cleaner(cache, workers)
         self._active: dict[str, Download] = {}
         self.nursery: trio.Nursery | None = None
 
@@ -179,7 +199,7 @@ class Downloads:
         if started is None:
             return None
         partial, fd, lock_fd = started
-        download = Download(url, backend, info, partial, fd, lock_fd, self.settings, self.workers)
+        download = Download(url, backend, info, partial, fd, lock_fd, self.settings, self.workers, self._cleaner)
         download.readers = 1
         self._active[url] = download
         if info.size == 0:
