@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -47,7 +48,7 @@ class MountOptions:
     ttl: float = 1.0
     list_ttl: float = 10.0
     read_part_size: int = 8 * 1024 * 1024
-    read_concurrency: int = 8
+    read_concurrency: int = 4
     read_ahead_kb: int = 4096  # the mount's bdi read-ahead: large sequential FUSE reads
     extra: list[str] = field(default_factory=list)
 
@@ -121,7 +122,7 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency))
     writeback = WriteBack(backends, cache, workers)
     ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl)
-    stream = StreamSettings(opts.read_part_size, opts.read_concurrency, opts.read_concurrency)
+    stream = StreamSettings(opts.read_part_size, opts.read_concurrency)
     downloads = Downloads(cache, workers, stream)
     ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, downloads, opts.read_only), ttl=opts.ttl)
     fuse_options = set(pyfuse3.default_options) | {"fsname=clearmlfs", "subtype=clearmlfs"}
@@ -129,7 +130,7 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     fuse_options |= {"ro"} if opts.read_only else set()
     pyfuse3.init(ops, str(mountpoint), fuse_options)
     try:
-        trio.run(_main, writeback, downloads, mountpoint, opts.read_ahead_kb)
+        trio.run(_main, writeback, downloads, mountpoint, opts.read_ahead_kb, backends)
     finally:
         pyfuse3.close(unmount=True)
         backends.close()
@@ -156,9 +157,12 @@ def _raise_read_ahead(mountpoint: Path, kb: int) -> None:
         log.info("cannot raise read-ahead (%s): reads stay at the kernel's default size", exc.strerror)
 
 
-async def _main(writeback: WriteBack, downloads: Downloads, mountpoint: Path, read_ahead_kb: int) -> None:
+async def _main(
+    writeback: WriteBack, downloads: Downloads, mountpoint: Path, read_ahead_kb: int, backends: BackendPool
+) -> None:
     await writeback.load()  # before the first request: files left dirty must show as they are locally
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(trio.to_thread.run_sync, backends.warm_up, abandon_on_cancel=True))
         await nursery.start(downloads.run)
         nursery.start_soon(writeback.run)
         nursery.start_soon(_on_signals)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 
 from ..config import Settings
-from ..urls import StorageURL
+from ..errors import ClearmlfsError
+from ..urls import StorageURL, parse_url
 from .base import Backend, ObjectInfo, Prefix, retry
 
 __all__ = ["Backend", "BackendPool", "ObjectInfo", "Prefix", "retry"]
+
+log = logging.getLogger(__name__)
 
 
 class BackendPool:
@@ -17,6 +22,7 @@ class BackendPool:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._backends: dict[tuple[str, object], Backend] = {}
+        self._s3_clients: dict[object, object] = {}  # one connection pool per S3 credentials entry
         self._lock = threading.Lock()
 
     def get(self, url: StorageURL) -> Backend:
@@ -46,7 +52,7 @@ class BackendPool:
         if url.scheme == "s3":
             from .s3 import S3Backend
 
-            return S3Backend(creds, self.settings.s3, url.bucket)  # type: ignore[arg-type]
+            return S3Backend(creds, self.settings.s3, url.bucket, self._s3_client(creds))  # type: ignore[arg-type]
         if url.scheme == "azure":
             from .azure import AzureBackend
 
@@ -59,8 +65,37 @@ class BackendPool:
 
         return LocalBackend()
 
+    def _s3_client(self, creds: object) -> object:
+        """The client of an S3 credentials entry, shared by every bucket it serves (creating one is slow)."""
+        from .s3 import make_client
+
+        shared = dataclasses.replace(creds, bucket="")  # type: ignore[type-var]
+        if shared not in self._s3_clients:
+            self._s3_clients[shared] = make_client(shared, self.settings.s3)
+        return self._s3_clients[shared]
+
+    def warm_up(self) -> None:
+        """Create the clients of the configured buckets now: the SDKs take a while to load on first use."""
+        s = self.settings
+        urls = [f"{c.prefix}/" for c in s.s3.credentials if c.bucket]
+        urls += [f"azure://{c.account_name}.blob.core.windows.net/{c.container_name}/" for c in s.azure
+                 if c.container_name]
+        urls += [f"{c.prefix}/" for c in s.gcs if c.bucket]
+        for url in urls:
+            try:
+                self.get(parse_url(url))
+            except ClearmlfsError as exc:  # reported when that bucket is used
+                log.debug("not warming up %s: %s", url, exc)
+        for entry in s.s3.credentials:
+            if entry.host and not entry.bucket and (entry.has_keys or entry.use_credentials_chain):
+                with self._lock:
+                    self._s3_client(entry)
+
     def close(self) -> None:
         with self._lock:
             for backend in self._backends.values():
                 backend.close()
+            for client in self._s3_clients.values():
+                client.close()  # type: ignore[attr-defined]
             self._backends.clear()
+            self._s3_clients.clear()

@@ -66,15 +66,22 @@ class Backend(ABC):
         or NotFound (GCS, whose old generation is gone), never a mix of two versions.
         """
 
-    def read_to(self, fd: int, key: str, start: int, length: int, etag: str | None = None) -> None:
+    def read_to(
+        self, fd: int, key: str, start: int, length: int, etag: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Write bytes [start, start+length) of the object at the same offset of the file `fd`.
 
-        Backends that can stream the body override this so a large range never sits in memory.
+        `progress(n)` is told each time the first n bytes of the range are in the file. Backends that
+        can stream the body override this so a large range never sits in memory and readers of its
+        first bytes need not wait for the rest.
         """
         data = self.read(key, start, length, etag)
         if len(data) != length:
             raise Transient(f"{self.url_prefix}/{key}: short read ({len(data)} of {length} bytes at {start})")
         os.pwrite(fd, data, start)
+        if progress is not None:
+            progress(length)
 
     @abstractmethod
     def download(self, key: str, dest: Path) -> ObjectInfo:

@@ -32,9 +32,10 @@ MISSING, FETCHING, PRESENT = 0, 1, 2
 
 @dataclass(frozen=True)
 class StreamSettings:
-    part_size: int = 8 * 1024 * 1024
-    concurrency: int = 8  # parts in flight per object
-    readahead_parts: int = 8  # parts fetched ahead of a sequential reader
+    part_size: int = 8 * 1024 * 1024  # the unit a random read fetches
+    concurrency: int = 4  # GETs in flight per object
+    readahead_parts: int = 16  # parts fetched ahead of a sequential reader
+    coalesce: int = 4  # consecutive parts a sequential fetch asks for in one GET
 
 
 class Download:
@@ -49,7 +50,8 @@ class Download:
         count = -(-info.size // settings.part_size)
         self.parts = bytearray(count)  # MISSING / FETCHING / PRESENT per part
         self._present = 0
-        self._events: dict[int, trio.Event] = {}
+        self._progress: dict[int, int] = {}  # bytes of a part in flight already in the file
+        self._changed = trio.Event()  # set (and replaced) whenever a part advances, lands or fails
         self._errors: dict[int, BaseException] = {}
         self._slots = trio.Semaphore(settings.concurrency)
         self._inflight = 0  # fetches whose worker thread may still write to `fd`
@@ -66,50 +68,92 @@ class Download:
         end = min(end, self.info.size)
         if start >= end or self.done.is_set():
             return
-        first, last = start // self.settings.part_size, (end - 1) // self.settings.part_size
+        size = self.settings.part_size
+        first, last = start // size, (end - 1) // size
         sequential = start <= self._next_expected <= end or start == 0
         self._next_expected = end
         self._request(nursery, range(first, last + 1))
-        if sequential:
-            self._request(nursery, range(last + 1, last + 1 + self.settings.readahead_parts))
         for index in range(first, last + 1):
-            await self._wait(nursery, index)
+            await self._wait(nursery, index, min(end, (index + 1) * size) - index * size)
+        if sequential:  # after the wait: read-ahead must not slow down the bytes a reader waits for
+            self._read_ahead(nursery, last + 1)
 
-    async def _wait(self, nursery: trio.Nursery, index: int) -> None:
-        while self.parts[index] != PRESENT:
-            if self.parts[index] == MISSING:  # an earlier attempt failed: try again for this reader
-                self._request(nursery, [index])
-            await self._events[index].wait()
+    async def _wait(self, nursery: trio.Nursery, index: int, needed: int) -> None:
+        """Wait until the first `needed` bytes of part `index` are in the file."""
+        while True:
             error = self._errors.pop(index, None)
             if error is not None:
                 raise error
+            if self.parts[index] == PRESENT or self._progress.get(index, 0) >= needed:
+                return
+            if self.parts[index] == MISSING:  # an earlier attempt failed: try again for this reader
+                self._request(nursery, [index])
+            await self._changed.wait()
+
+    def _advance(self, first: int, count: int, done: int) -> None:
+        """`done` bytes of the GET starting at part `first` are in the file."""
+        size = self.settings.part_size
+        for index in range(first, first + count):
+            part_done = min(size, done - (index - first) * size)
+            if part_done <= 0:
+                break
+            self._progress[index] = max(self._progress.get(index, 0), part_done)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _read_ahead(self, nursery: trio.Nursery, after: int) -> None:
+        """Keep the parts ahead of a sequential reader coming, a full coalesced GET at a time."""
+        end = min(len(self.parts), after + self.settings.readahead_parts)
+        missing = next((i for i in range(after, end) if self.parts[i] == MISSING), end)
+        if end - missing >= min(self.settings.coalesce, len(self.parts) - missing):
+            self._request(nursery, range(missing, end))
 
     def _request(self, nursery: trio.Nursery, indexes: range | list[int]) -> None:
+        """Start fetching the missing parts among `indexes`, consecutive ones together in one GET."""
+        run: list[int] = []
         for index in indexes:
             if index < len(self.parts) and self.parts[index] == MISSING:
                 self.parts[index] = FETCHING
-                self._events[index] = trio.Event()
-                nursery.start_soon(self._fetch, index)
+                run.append(index)
+                if len(run) < self.settings.coalesce:
+                    continue
+            if run:
+                nursery.start_soon(self._fetch, run[0], len(run))
+                run = []
+        if run:
+            nursery.start_soon(self._fetch, run[0], len(run))
 
-    async def _fetch(self, index: int) -> None:
-        start = index * self.settings.part_size
-        length = min(self.settings.part_size, self.info.size - start)
+    async def _fetch(self, first: int, count: int) -> None:
+        size = self.settings.part_size
+        start = first * size
+        length = min(count * size, self.info.size - start)
+        run = range(first, first + count)
         self._inflight += 1
+
+        def progress(done: int) -> None:  # called from the worker thread
+            trio.from_thread.run_sync(self._advance, first, count, done)
+
         try:
             async with self._slots:
                 if self._abandoned:
                     return
                 info = self.info
-                await self.workers.transfer(self.backend.read_to, self.fd, info.key, start, length, info.etag)
+                await self.workers.transfer(
+                    self.backend.read_to, self.fd, info.key, start, length, info.etag, progress
+                )
         except Exception as exc:  # handed to the waiting readers, who turn it into an errno
-            self.parts[index] = MISSING
-            self._errors[index] = exc
-            log.warning("%s: part %d failed: %s", self.url, index, exc)
+            for index in run:
+                self.parts[index] = MISSING
+                self._progress.pop(index, None)
+                self._errors[index] = exc
+            log.warning("%s: bytes %d-%d failed: %s", self.url, start, start + length, exc)
         else:
-            self.parts[index] = PRESENT
-            self._present += 1
+            for index in run:
+                self.parts[index] = PRESENT
+            self._present += count
         finally:
-            self._events[index].set()
+            self._changed.set()
+            self._changed = trio.Event()
             self._inflight -= 1
             if self._abandoned and self._inflight == 0:
                 os.close(self.fd)  # only now: a worker thread may have been writing to it
