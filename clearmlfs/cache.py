@@ -260,10 +260,15 @@ class CacheContext:
             return Pin(fd, lock_path)
         raise RuntimeError(f"cannot pin {path}: 1000 lock files are held")
 
-    def is_pinned(self, name: str) -> bool:
-        """True while any process holds one of the entry's lock files; stale lock files are removed."""
+    def is_pinned(self, name: str, lock_paths: list[Path] | None = None) -> bool:
+        """True while any process holds one of the entry's lock files; stale lock files are removed.
+
+        `lock_paths`: the entry's lock files when the caller has just listed the folder.
+        """
         pinned = False
-        for lock_path in self.folder.glob(f"{LOCK_PREFIX}[0-9][0-9][0-9].{_glob_escape(name)}{LOCK_SUFFIX}"):
+        if lock_paths is None:
+            lock_paths = list(self.folder.glob(f"{LOCK_PREFIX}[0-9][0-9][0-9].{_glob_escape(name)}{LOCK_SUFFIX}"))
+        for lock_path in lock_paths:
             try:
                 fd = os.open(lock_path, os.O_RDWR)
             except FileNotFoundError:
@@ -285,13 +290,16 @@ class CacheContext:
 
     def clean(self) -> list[Path]:
         """Evict least-recently-used entries beyond the count and byte limits; never pinned or dirty ones."""
-        entries = sorted(self._entries(), key=_last_used, reverse=True)
-        total = sum(_size(p) for p in entries)
+        found, locks = self._scan()
+        entries = sorted(found, key=_last_used, reverse=True)
+        if len(entries) <= self.file_limit and self.byte_limit is None:
+            return []
+        total = sum(_size(p) for p in entries) if self.byte_limit is not None else 0
         evicted = []
         for index, path in enumerate(entries):
             over_count = index >= self.file_limit
             over_bytes = self.byte_limit is not None and total > self.byte_limit
-            if not (over_count or over_bytes) or not self._evictable(path.name):
+            if not (over_count or over_bytes) or not self._evictable(path.name, locks.get(path.name, [])):
                 continue
             total -= _size(path)
             self._remove(path)
@@ -299,21 +307,27 @@ class CacheContext:
         return evicted
 
     def _entries(self) -> list[Path]:
-        entries = []
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[list[Path], dict[str, list[Path]]]:
+        """The entries of the folder, and the lock files of each (by entry name), in one listing."""
+        entries: list[Path] = []
+        locks: dict[str, list[Path]] = {}
         now = time.time()
         for path in self.folder.iterdir():
             name = path.name
             if name.startswith(LOCK_PREFIX) and name.endswith(LOCK_SUFFIX):
+                locks.setdefault(name[len(LOCK_PREFIX) + 4 : -len(LOCK_SUFFIX)], []).append(path)
                 continue
             if name.endswith(PARTIAL_SUFFIX):
                 if now - _last_used(path) > STALE_PARTIAL_SECONDS:
                     self._remove(path)  # left behind by a crashed download
                 continue
             entries.append(path)
-        return entries
+        return entries, locks
 
-    def _evictable(self, name: str) -> bool:
-        if self.is_pinned(name):
+    def _evictable(self, name: str, lock_paths: list[Path] | None = None) -> bool:
+        if self.is_pinned(name, lock_paths):
             return False
         with contextlib.suppress(OSError, ValueError, TypeError):
             if json.loads(self._state_path(name).read_text()).get("dirty"):

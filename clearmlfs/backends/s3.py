@@ -186,7 +186,7 @@ class S3Backend(Backend):
             body = self._get(key, start, length, etag)["Body"]
             for piece in body.iter_chunks(256 * 1024):
                 offset += os.pwrite(fd, piece, offset)
-                if progress is not None:
+                if progress is not None and offset < start + length:  # the caller learns of the end anyway
                     progress(offset - start)
         except Exception as exc:
             raise _translate(exc, self._url(key)) from None
