@@ -7,6 +7,8 @@ botocore's errors become clearmlfs errors.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ from typing import Any
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.utils
 from boto3.s3.transfer import TransferConfig
 
 from ..config import S3Credentials, S3Settings
@@ -77,6 +80,19 @@ def _client_error_in(exc: BaseException) -> botocore.exceptions.ClientError | No
     return None
 
 
+def _timestamp(value: str) -> datetime.datetime:
+    """botocore's timestamp parser (dateutil) dominates parsing a 1,000-object listing page; the
+    standard library reads the two formats S3 sends (ISO 8601 in listings, RFC 1123 in headers) 2x faster."""
+    try:
+        return datetime.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return botocore.utils.parse_timestamp(value)
+
+
 def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
     """A boto3 S3 client for one credentials entry (endpoint, TLS, pool size from clearml.conf)."""
     session = boto3.session.Session(
@@ -86,6 +102,7 @@ def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
         region_name=creds.region or ("us-east-1" if creds.host else None),
         profile_name=(creds.profile or None) if not creds.key else None,
     )
+    session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
     options: dict[str, Any] = {
         "max_pool_connections": settings.pool_connections,
         "retries": {"max_attempts": 6, "mode": "standard"},
