@@ -774,3 +774,40 @@ def test_bad_configuration_and_requests_fail_in_one_line(seaweedfs: servers.Seaw
         second = run_cli("mount", "--config", conf, mnt)
         assert_one_line_failure(second, "mount point already mounted")
         assert os.listdir(mnt), "the first mount stopped answering after the second attempt"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A full cache disk
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_full_cache_disk_fails_writes_with_enospc_and_loses_nothing_acknowledged(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    """The cache lives on a 24 MiB tmpfs: a write that does not fit fails with ENOSPC (at write or close),
+    while a file acknowledged before stays on the server, byte-identical."""
+    small_disk = tmp_path / "small-disk"
+    small_disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small_disk)], check=True)
+    try:
+        store = stores.seaweed_store(seaweedfs)
+        conf = stores.write_conf(tmp_path / "c.conf", small_disk / "cache", store)
+        conf.chmod(0o600)
+        base = store.fresh_prefix()
+        kept, kept_data = f"{base}/kept.bin", random_bytes(4 * MIB, 11)
+        with mounted(conf, tmp_path / "mnt") as mnt:
+            at(mnt, kept).parent.mkdir(parents=True)
+            at(mnt, kept).write_bytes(kept_data)  # acknowledged: close() returned
+            failures: list[int | None] = []
+
+            def write_too_much() -> None:
+                with at(mnt, f"{base}/too-big.bin").open("wb") as f:
+                    for i in range(8):
+                        f.write(random_bytes(4 * MIB, 100 + i))
+
+            failures.append(errno_of(write_too_much))
+            assert failures == [errno.ENOSPC], f"writing 32 MiB into a 24 MiB cache gave {failures}"
+            assert at(mnt, kept).read_bytes() == kept_data
+        assert server_bytes(seaweedfs.client(), seaweedfs.bucket, key_of(store, kept)) == kept_data
+    finally:
+        subprocess.run(["umount", "-l", str(small_disk)], check=False)
