@@ -33,7 +33,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
-from tests.mounting import mounted, no_mounts_left, poll, unmount  # noqa: F401 - session fixture, used by import
+from tests.mounting import daemon_running, mounted, no_mounts_left, poll, unmount  # noqa: F401 - session fixture, used by import
 from tests.proxy import Proxy
 from tests.stores import Store
 
@@ -245,18 +245,6 @@ def model_mount(seaweedfs: servers.SeaweedFS, tmp_path_factory: pytest.TempPathF
             ctx.real_base.mkdir(parents=True)
             ctx.model_base.mkdir()
             yield ctx
-
-
-def daemon_running(mountpoint: Path) -> bool:
-    """Whether a `clearmlfs mount` process for `mountpoint` is still alive (it uploads after the unmount)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"clearmlfs.cli" in argv and b"mount" in argv and os.fsencode(str(mountpoint)) in argv:
-            return True
-    return False
 
 
 def test_random_operations_match_a_local_folder_and_the_server_keeps_the_result(model_mount: Context) -> None:

@@ -34,10 +34,11 @@ import pytest
 from clearmlfs.cache import entry_name
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
-from tests.mounting import (  # noqa: F401 - no_mounts_left is a session fixture, used by being imported
+from tests.mounting import (
     clearmlfs,
+    daemon_running,
     mounted,
-    no_mounts_left,
+    no_mounts_left,  # noqa: F401 - a session fixture, used by being imported
     poll,
     unmount,
 )
@@ -118,18 +119,6 @@ def tree(root: Path, skip: tuple[Path, ...] = ()) -> set[str]:
         for name in dirs + files:
             found.add(str((here / name).relative_to(root)))
     return found
-
-
-def daemon_running(mountpoint: Path) -> bool:
-    """Whether a `clearmlfs mount` process for `mountpoint` is alive (it uploads what is dirty after unmount)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"clearmlfs.cli" in argv and b"mount" in argv and os.fsencode(str(mountpoint)) in argv:
-            return True
-    return False
 
 
 def run_cli(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
