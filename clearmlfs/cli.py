@@ -11,9 +11,12 @@ import contextlib
 import logging
 import os
 import re
+import select
 import shutil
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -220,24 +223,37 @@ def _warn_if_readable(settings: Settings) -> None:
 
 
 def _mount_in_background(args: argparse.Namespace, settings: Settings, mountpoint: Path) -> int:
-    import subprocess
-    import time
 
     log_file = Path(args.log_file) if args.log_file else _default_log(settings, mountpoint)
     cmd = [sys.executable, "-m", "clearmlfs.cli", "mount", "-f", "--log-level", args.log_level,
            "--log-file", str(log_file), str(mountpoint)]
     cmd += ["--config", str(settings.source)] if settings.source else []
     cmd += [f"-o{o}" for o in args.options]
+    from .mount import READY_FD_ENV
+
+    ready_read, ready_write = os.pipe()
+    env = {**os.environ, READY_FD_ENV: str(ready_write)}
     with open(_private_log(log_file), "ab") as out:
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                 pass_fds=(ready_write,), env=env)
+    os.close(ready_write)
+    try:
+        return _wait_ready(child, ready_read, mountpoint, log_file)
+    finally:
+        os.close(ready_read)
+
+
+def _wait_ready(child: subprocess.Popen[bytes], ready_read: int, mountpoint: Path, log_file: Path) -> int:
+    """Return once the child says it is ready (or exits: then say why)."""
+
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        if select.select([ready_read], [], [], 0.05)[0]:
+            if os.read(ready_read, 64) and os.path.ismount(mountpoint):
+                return 0
         if child.poll() is not None:
             print(f"clearmlfs: mount failed: {_last_line(log_file)} (log: {log_file})", file=sys.stderr)
             return EXIT_FAILED
-        if os.path.ismount(mountpoint):
-            return 0
-        time.sleep(0.05)
     child.terminate()
     print(f"clearmlfs: mount did not become ready within 60 s (log: {log_file})", file=sys.stderr)
     return EXIT_FAILED
@@ -268,8 +284,6 @@ def _last_line(path: Path) -> str:
 
 def cmd_umount(args: argparse.Namespace) -> int:
     """Unmount, then wait for the daemon to finish uploading what is dirty and exit."""
-    import subprocess
-    import time
 
     mountpoint = Path(args.mountpoint).absolute()
     if not os.path.ismount(mountpoint):

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -29,6 +28,9 @@ from .fs.workers import Workers
 from .fs.writeback import WriteBack
 
 log = logging.getLogger(__name__)
+
+WARM_UP_SECONDS = 10.0
+READY_FD_ENV = "CLEARMLFS_READY_FD"  # set by a background `clearmlfs mount` for its foreground child
 
 # mount(8)/fstab options that concern mount(8) or systemd, not us.
 _IGNORED = {
@@ -137,11 +139,26 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     log.info("unmounted %s", mountpoint)
 
 
-async def _when_answering(mountpoint: Path, read_ahead_kb: int) -> None:
+async def _when_answering(mountpoint: Path, read_ahead_kb: int, backends: BackendPool) -> None:
     # stat() of the mount point is served by this very loop: from a thread, once pyfuse3.main runs.
     await trio.to_thread.run_sync(_raise_read_ahead, mountpoint, read_ahead_kb)
+    # Ready means fast: the SDK clients take ~100 ms each to create, not on the first open's time.
+    with trio.move_on_after(WARM_UP_SECONDS):  # a credential lookup that hangs must not hold up the mount
+        await trio.to_thread.run_sync(backends.warm_up, abandon_on_cancel=True)
     _notify_systemd(b"READY=1")
+    _notify_parent()
     log.info("mounted %s", mountpoint)
+
+
+def _notify_parent() -> None:
+    """Tell a `clearmlfs mount` waiting in the background (READY_FD_ENV names its pipe) that we are ready."""
+    fd = os.environ.pop(READY_FD_ENV, "")
+    if fd.isdigit():
+        try:
+            os.write(int(fd), b"ready\n")
+            os.close(int(fd))
+        except OSError as exc:
+            log.debug("parent gone before the mount was ready: %s", exc)
 
 
 def _raise_read_ahead(mountpoint: Path, kb: int) -> None:
@@ -162,11 +179,10 @@ async def _main(
 ) -> None:
     await writeback.load()  # before the first request: files left dirty must show as they are locally
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(partial(trio.to_thread.run_sync, backends.warm_up, abandon_on_cancel=True))
         await nursery.start(downloads.run)
         nursery.start_soon(writeback.run)
         nursery.start_soon(_on_signals)
-        nursery.start_soon(_when_answering, mountpoint, read_ahead_kb)
+        nursery.start_soon(_when_answering, mountpoint, read_ahead_kb, backends)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     _notify_systemd(b"STOPPING=1")

@@ -136,9 +136,9 @@ class Namespace:
         if self._fresh(self._absent.get(url, -self.ttl)):
             raise NotFound(url)
         node = self.table.add(parent, name, Kind.BUCKET, url)
-        backend, _ = self.locate(node)
         try:
-            await self.workers.metadata(_first_entry, backend)
+            # Listing it proves the bucket is there and answers the lookups that follow, in one request.
+            node.big = not await self._list_objects(node, cap=LOOKUP_LIST_CAP)
         except StorageError as exc:
             self.table.remove(node)
             if isinstance(exc, NotFound):
