@@ -114,9 +114,12 @@ def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
     endpoint = f"{'https' if creds.secure else 'http'}://{creds.host}" if creds.host else None
-    return session.client(
-        "s3", endpoint_url=endpoint, verify=creds.verify, config=botocore.config.Config(**options)
-    )
+    client = session.client("s3", endpoint_url=endpoint, verify=creds.verify, config=botocore.config.Config(**options))
+    # botocore loads each operation's model on first use (from disk): do it now, not on a user's first `ls`.
+    client.get_paginator("list_objects_v2")
+    for operation in ("HeadObject", "GetObject", "ListObjectsV2", "PutObject"):
+        client.meta.service_model.operation_model(operation)
+    return client
 
 
 def list_buckets(creds: S3Credentials, settings: S3Settings) -> list[str]:
