@@ -265,7 +265,7 @@ def seaweed_command(weed: Path, data: Path, config: Path, ports: list[int]) -> l
         "-metricsPort=0",
         # Small volumes, not preallocated: each bucket is a collection with several volumes of its own,
         # and the default 30 GB limit per volume makes no sense on a test machine.
-        "-master.volumeSizeLimitMB=64",
+        "-master.volumeSizeLimitMB=512",  # room for the suite's GiB-sized objects (64 MB x 100 filled up)
         "-volume.max=100",
     ]
 
