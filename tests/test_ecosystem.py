@@ -250,14 +250,25 @@ def test_sdk_copy_of_an_object_overwritten_since_is_not_served_by_the_mount(
 
 
 @pytest.fixture()
-def cli_on_path() -> dict[str, str]:
-    """/usr/local/bin/clearmlfs → the venv's entry point, as the README tells users; env for mount(8)."""
-    if not SYSTEM_CLI.exists() and not SYSTEM_CLI.is_symlink():
+def cli_on_path() -> Iterator[dict[str, str]]:
+    """/usr/local/bin/clearmlfs → this checkout's venv, as the README tells users; env for mount(8).
+
+    A link to another checkout (CI runs in a fresh clone) is pointed here for the test, then put back.
+    """
+    previous = os.readlink(SYSTEM_CLI) if SYSTEM_CLI.is_symlink() else None
+    if SYSTEM_CLI.exists() and previous is None:
+        pytest.fail(f"{SYSTEM_CLI} is a real file, not a link to a venv: refusing to replace it")
+    if previous is None or SYSTEM_CLI.resolve() != VENV_CLI.resolve():
+        SYSTEM_CLI.unlink(missing_ok=True)
         SYSTEM_CLI.symlink_to(VENV_CLI)
-    assert SYSTEM_CLI.resolve() == VENV_CLI.resolve(), f"{SYSTEM_CLI} is not {VENV_CLI}; it points elsewhere"
     env = dict(os.environ)
     env["PATH"] = f"/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:{env.get('PATH', '')}"
-    return env
+    try:
+        yield env
+    finally:
+        if previous is not None and os.readlink(SYSTEM_CLI) != previous:
+            SYSTEM_CLI.unlink()
+            SYSTEM_CLI.symlink_to(previous)
 
 
 @pytest.fixture()
