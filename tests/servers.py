@@ -266,7 +266,7 @@ def seaweed_command(weed: Path, data: Path, config: Path, ports: list[int]) -> l
         # Small volumes, not preallocated: each bucket is a collection with several volumes of its own,
         # and the default 30 GB limit per volume makes no sense on a test machine.
         "-master.volumeSizeLimitMB=512",  # room for the suite's GiB-sized objects (64 MB x 100 filled up)
-        "-volume.max=100",
+        "-volume.max=1000",  # not preallocated: a high cap costs nothing, and hitting it stalls writes
     ]
 
 
