@@ -392,11 +392,22 @@ def test_upload_interrupted_by_kill_9_is_completed_by_the_next_mount(
         assert digest.hexdigest() == expected, "the object uploaded after the crash differs from what was written"
 
 
-def test_a_write_during_the_start_up_retry_of_a_dirty_file_is_not_undone(
-    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
-) -> None:
+def test_a_write_during_the_start_up_retry_of_a_dirty_file_is_not_undone(tmp_path: Path) -> None:
     """A new mount retries a dirty file's upload at start; a user who rewrites that file meanwhile, and whose
-    close() succeeds, must find the new bytes on the server (not the old upload finishing last)."""
+    close() succeeds, must find the new bytes on the server (not the old upload finishing last).
+
+    It runs against a SeaweedFS of its own: in the full suite, multipart part uploads to the shared server
+    through the fault-injecting proxy stalled for minutes (seen 3 times, never in isolation; not understood).
+    """
+    running = servers.start_seaweedfs(tmp_path / "own-seaweedfs")
+    try:
+        with Proxy(upstream=running.info.endpoint) as seaweedfs_proxy:
+            _start_up_retry_race(running.info, seaweedfs_proxy, tmp_path)
+    finally:
+        running.stop()
+
+
+def _start_up_retry_race(seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path) -> None:
     store = stores.seaweed_store(seaweedfs, host=seaweedfs_proxy.host)
     url = f"{store.fresh_prefix()}/retried.bin"
     key = key_of(store, url)
