@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
@@ -52,7 +52,6 @@ class MountOptions:
     read_part_size: int = 8 * 1024 * 1024
     read_concurrency: int = 4
     read_ahead_kb: int = 4096  # the mount's bdi read-ahead: large sequential FUSE reads
-    extra: list[str] = field(default_factory=list)
 
 
 def parse_options(values: list[str]) -> MountOptions:

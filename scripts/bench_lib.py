@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests import servers, stores  # noqa: E402 - needs the repository on sys.path first
+from tests.mounting import poll  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -77,16 +77,6 @@ def drop_caches() -> None:
     """`sync; echo 3 > /proc/sys/vm/drop_caches` (root only; bench.py checks once up front)."""
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def poll(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)  # poll interval, not a readiness guess
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -66,6 +66,14 @@ def random_bytes(size: int, seed: int) -> bytes:
     return np.random.default_rng(seed).bytes(size)
 
 
+def write_random_file(path: Path, size: int, chunk: int, seed: int) -> Path:
+    """`size` bytes of seeded random data, generated `chunk` bytes at a time (seeds seed, seed+1, ...)."""
+    with path.open("wb") as f:
+        for i in range(size // chunk):
+            f.write(random_bytes(chunk, seed + i))
+    return path
+
+
 def at(mnt: Path, url: str) -> Path:
     return mnt / url_to_mount_path(url)
 
@@ -331,10 +339,7 @@ def test_upload_interrupted_by_kill_9_is_completed_by_the_next_mount(
     store = stores.seaweed_store(seaweedfs, host=seaweedfs_proxy.host)
     url = f"{store.fresh_prefix()}/checkpoint.bin"
     key = key_of(store, url)
-    src = tmp_path / "checkpoint.bin"
-    with src.open("wb") as f:
-        for i in range(size // (8 * MIB)):
-            f.write(random_bytes(8 * MIB, 1000 + i))
+    src = write_random_file(tmp_path / "checkpoint.bin", size, 8 * MIB, 1000)
     expected = sha256_file(src)
     conf, cache = conf_for(tmp_path, "c", store)
     mountpoint = tmp_path / "mnt"
@@ -412,10 +417,7 @@ def _start_up_retry_race(seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, t
     url = f"{store.fresh_prefix()}/retried.bin"
     key = key_of(store, url)
     conf, cache = conf_for(tmp_path, "c", store)
-    old = tmp_path / "old.bin"
-    with old.open("wb") as f:
-        for i in range(16):
-            f.write(random_bytes(8 * MIB, 4000 + i))
+    old = write_random_file(tmp_path / "old.bin", 128 * MIB, 8 * MIB, 4000)
     with mounted(conf, tmp_path / "mnt") as mnt:
         target = at(mnt, url)
         target.parent.mkdir(parents=True)
@@ -458,10 +460,7 @@ def test_sixteen_concurrent_readers_share_one_download(
     store = stores.seaweed_store(seaweedfs, host=seaweedfs_proxy.host)
     url = f"{store.fresh_prefix()}/shared.bin"
     key = key_of(store, url)
-    src = tmp_path / "shared.bin"
-    with src.open("wb") as f:
-        for i in range(size // (16 * MIB)):
-            f.write(random_bytes(16 * MIB, 2000 + i))
+    src = write_random_file(tmp_path / "shared.bin", size, 16 * MIB, 2000)
     expected = sha256_file(src)
     seaweedfs.client().upload_file(str(src), seaweedfs.bucket, key)
     src.unlink()

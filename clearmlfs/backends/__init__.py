@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import threading
 
-from ..config import Settings
+from ..config import S3Credentials, Settings
 from ..errors import ClearmlfsError
 from ..urls import StorageURL, parse_url
 from .base import Backend, ObjectInfo, Prefix, retry
@@ -73,6 +73,14 @@ class BackendPool:
         if shared not in self._s3_clients:
             self._s3_clients[shared] = make_client(shared, self.settings.s3)
         return self._s3_clients[shared]
+
+    def s3_bucket_names(self, creds: S3Credentials) -> list[str]:
+        """Buckets an S3 credentials entry sees on its host, through the entry's shared client."""
+        from .s3 import list_buckets
+
+        with self._lock:
+            client = self._s3_client(creds)
+        return list_buckets(client, creds.host)
 
     def warm_up(self) -> None:
         """Create the clients of the configured buckets now: the SDKs take a while to load on first use."""

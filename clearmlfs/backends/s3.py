@@ -122,15 +122,12 @@ def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
     return client
 
 
-def list_buckets(creds: S3Credentials, settings: S3Settings) -> list[str]:
-    """Bucket names the credentials can see on their host (for a host-wide clearml.conf entry)."""
-    client = make_client(creds, settings)
+def list_buckets(client: Any, host: str) -> list[str]:
+    """Bucket names `client`'s credentials can see on their host (for a host-wide clearml.conf entry)."""
     try:
         return sorted(b["Name"] for b in client.list_buckets().get("Buckets", ()))
     except Exception as exc:
-        raise _translate(exc, f"s3://{creds.host}") from None
-    finally:
-        client.close()
+        raise _translate(exc, f"s3://{host}") from None
 
 
 class S3Backend(Backend):

@@ -113,10 +113,8 @@ class Namespace:
         creds = self.settings.s3_for(parse_url(f"{node.url}/any"))
         if creds.bucket:
             return []
-        from ..backends.s3 import list_buckets
-
         try:
-            names = await self.workers.metadata(list_buckets, creds, self.settings.s3)
+            names = await self.workers.metadata(self.backends.s3_bucket_names, creds)
         except StorageError:
             return []  # the host may not allow ListBuckets; configured buckets still show
         return [(b, Kind.BUCKET, f"{node.url}/{b}") for b in names]

@@ -60,7 +60,6 @@ class Download:
         self._next_expected = 0  # where a sequential reader will read next
         self.readers = 0
         self.done = trio.Event()
-        self.path: Path | None = None  # the complete cache file, once done
 
     # -- reading -----------------------------------------------------------------------------------
     async def ensure(self, nursery: trio.Nursery, start: int, end: int) -> None:
@@ -163,21 +162,21 @@ class Download:
         return self._present == len(self.parts)
 
     # -- ending ------------------------------------------------------------------------------------
-    async def finish(self, cache: CacheContext, workers: Workers) -> None:
+    async def finish(self) -> None:
         """Move the complete file into the managed cache (once) and record its ETag."""
         if self._finishing:  # another reader is publishing it: wait for that
             await self.done.wait()
             return
         self._finishing = True
+        cache = self._cleaner.cache
         final = cache.path_for(self.url)
 
         def publish() -> None:
             os.replace(self.partial, final)
             cache.save_state(EntryState(self.url, self.info.etag, self.info.size), durable=False)
 
-        await workers.metadata(publish)
+        await self.workers.metadata(publish)
         await self._cleaner.added(self.info.size)
-        self.path = final
         self._release_lock()
         self.done.set()
 
@@ -247,11 +246,12 @@ class Downloads:
         download.readers = 1
         self._active[url] = download
         if info.size == 0:
-            await download.finish(self.cache, self.workers)
+            await download.finish()
         return download
 
     def _start_files(self, url: str, info: ObjectInfo) -> tuple[Path, int, int] | None:
-        # The SDK-compatible fetch lock, without waiting: if another process holds it, let it finish.
+        # The cache's download lock (StorageManager takes it too), without waiting: if another process
+        # holds it, that process is downloading the object; the caller then waits for it instead.
         lock_fd = self.cache.try_fetch_lock(url)
         if lock_fd is None:
             return None
@@ -265,7 +265,7 @@ class Downloads:
         assert self.nursery is not None
         await download.ensure(self.nursery, start, start + size)
         if download.complete and not download.done.is_set():
-            await download.finish(self.cache, self.workers)
+            await download.finish()
 
     async def detach(self, download: Download) -> None:
         download.readers -= 1
@@ -276,7 +276,7 @@ class Downloads:
         if download.done.is_set():
             download.close_file()
         elif download.complete:
-            await download.finish(self.cache, self.workers)
+            await download.finish()
             download.close_file()
         else:
             download.abandon()
