@@ -209,6 +209,49 @@ class CacheContext:
             self.clean()
             return self._download(url, backend, key)
 
+    def fetch_small(
+        self, url: str, backend: Backend, key: str, limit: int, known: ObjectInfo | None = None
+    ) -> tuple[Path | None, ObjectInfo] | None:
+        """Make the cached copy of a small object current with at most one request and no HEAD: nothing
+        if `known` (fresh attributes) matches it, else a conditional GET if a copy is cached, a plain one if not.
+
+        Returns the current copy (None if the object turned out bigger than `limit`) and the object's info.
+        None, without a request, when the usual path must decide: the copy has local changes, was left
+        by the SDK (no ETag recorded), or another process is downloading it.
+        """
+        final = self.path_for(url)
+        state = self.state(url)
+        cached = final.is_file()
+        if state is not None and state.dirty or cached and state is None:
+            return None
+        if cached and state is not None and known is not None and known.etag == state.etag:
+            with contextlib.suppress(OSError):
+                os.utime(final)
+            return final, known
+        lock_fd = self.try_fetch_lock(url)
+        if lock_fd is None:
+            return None
+        partial = final.with_name(f"{final.name}_{time.time()}{PARTIAL_SUFFIX}")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                info = backend.read_small(fd, key, limit, state.etag if cached and state else None)
+            finally:
+                os.close(fd)
+            if info is None:  # unchanged since we cached it
+                assert state is not None
+                os.utime(final)
+                return final, ObjectInfo(key, state.size, known.mtime if known else final.stat().st_mtime, state.etag)
+            if info.size > limit:
+                return None, info
+            os.replace(partial, final)
+            self.save_state(EntryState(url, info.etag, info.size), durable=False)
+            return final, info
+        finally:
+            os.close(lock_fd)
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+
     @contextlib.contextmanager
     def _fetch_lock(self, url: str) -> Iterator[None]:
         fd = os.open(self._fetch_lock_path(url), os.O_RDWR | os.O_CREAT, 0o600)

@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .fs.files import OpenFiles
 from .fs.namespace import Namespace
 from .fs.operations import Operations
+from .fs.small import SmallFiles, SmallSettings
 from .fs.stream import Downloads, StreamSettings
 from .fs.workers import Workers
 from .fs.writeback import WriteBack
@@ -52,6 +53,8 @@ class MountOptions:
     read_part_size: int = 8 * 1024 * 1024
     read_concurrency: int = 4
     read_ahead_kb: int = 4096  # the mount's bdi read-ahead: large sequential FUSE reads
+    small_file_size: int = 4 * 1024 * 1024
+    readahead_files: int = 32
 
 
 def parse_options(values: list[str]) -> MountOptions:
@@ -91,10 +94,15 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         opts.read_concurrency = max(1, int(value))
     elif name == "read_ahead_kb":
         opts.read_ahead_kb = int(value)
+    elif name == "small_file_size":
+        opts.small_file_size = parse_size(value)
+    elif name == "readahead_files":
+        opts.readahead_files = max(0, int(value))
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
-            "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=)"
+            "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=, small_file_size=, "
+            "readahead_files=)"
         )
 
 
@@ -124,14 +132,15 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     writeback = WriteBack(backends, cache, workers)
     ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl)
     stream = StreamSettings(opts.read_part_size, opts.read_concurrency)
-    downloads = Downloads(cache, workers, stream)
-    ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, downloads, opts.read_only), ttl=opts.ttl)
+    downloads = Downloads(cache, workers, writeback, stream)
+    small = SmallFiles(ns, cache, workers, downloads.cleaner, SmallSettings(opts.small_file_size, opts.readahead_files))
+    ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, downloads, small, opts.read_only), ttl=opts.ttl)
     fuse_options = set(pyfuse3.default_options) | {"fsname=clearmlfs", "subtype=clearmlfs"}
     fuse_options |= {"allow_other"} if opts.allow_other else set()
     fuse_options |= {"ro"} if opts.read_only else set()
     pyfuse3.init(ops, str(mountpoint), fuse_options)
     try:
-        trio.run(_main, writeback, downloads, mountpoint, opts.read_ahead_kb, backends)
+        trio.run(_main, writeback, downloads, small, mountpoint, opts.read_ahead_kb, backends)
     finally:
         pyfuse3.close(unmount=True)
         backends.close()
@@ -174,11 +183,13 @@ def _raise_read_ahead(mountpoint: Path, kb: int) -> None:
 
 
 async def _main(
-    writeback: WriteBack, downloads: Downloads, mountpoint: Path, read_ahead_kb: int, backends: BackendPool
+    writeback: WriteBack, downloads: Downloads, small: SmallFiles, mountpoint: Path, read_ahead_kb: int,
+    backends: BackendPool,
 ) -> None:
     await writeback.load()  # before the first request: files left dirty must show as they are locally
     async with trio.open_nursery() as nursery:
         await nursery.start(downloads.run)
+        await nursery.start(small.run)
         nursery.start_soon(writeback.run)
         nursery.start_soon(_on_signals)
         nursery.start_soon(_when_answering, mountpoint, read_ahead_kb, backends)

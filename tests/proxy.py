@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import logging
 import random
 import socket
 import struct
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger(__name__)
 
 # Meaningful for one connection only (RFC 9110 7.6.1); Expect is answered by the proxy itself.
 HOP_BY_HOP = {
@@ -44,12 +47,20 @@ COPY_CHUNK = 256 * 1024
 UPSTREAM_TIMEOUT = 120.0
 
 
+class IncompleteBody(Exception):
+    """The client hung up before sending the whole request body it announced."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"client closed the connection after {received} bytes of the request body")
+        self.received = received
+
+
 @dataclass(frozen=True)
 class RequestRecord:
     method: str
     path: str  # percent-decoded, without the query
     query: str
-    status: int  # 0 when the connection was reset without a response
+    status: int  # 0 when no response was sent: the connection was reset, or the client hung up mid-body
     request_bytes: int  # request body bytes received from the client
     response_bytes: int  # response body bytes sent to the client
     fault: str | None = None  # injected: "reset", "truncate", or the status as a string ("503")
@@ -75,7 +86,7 @@ class Proxy:
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> Proxy:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        server = _Server(("127.0.0.1", 0), _make_handler(self))
         server.daemon_threads = True  # idle keep-alive connections must not block stop()
         self._server = server
         self._thread = threading.Thread(
@@ -178,6 +189,12 @@ class Proxy:
             return None, 0
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
+        # A handler that dies must say why (the default prints to a stderr nobody reads in a daemon thread).
+        log.exception("test proxy: handler for %s failed", client_address)
+
+
 def _make_handler(proxy: Proxy) -> type[BaseHTTPRequestHandler]:
     class Handler(_ProxyHandler):
         owner = proxy
@@ -191,11 +208,20 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     timeout = 120  # an idle client connection is dropped after this many seconds
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature from the base class
-        pass  # the records are the log
+        pass  # the records are the log of requests...
+
+    def log_error(self, format: str, *args: object) -> None:  # noqa: A002 - signature from the base class
+        log.warning("test proxy: " + format, *args)  # ...but a timed-out or malformed request must be seen
 
     def _proxy(self) -> None:
         parts = urlsplit(self.path)
-        body = self._read_body()
+        try:
+            body = self._read_body()
+        except IncompleteBody as exc:
+            # Like any real server: a request whose body was cut short is dropped, never forwarded as if whole.
+            self.owner._record(RequestRecord(self.command, unquote(parts.path), parts.query, 0, exc.received, 0))
+            self.close_connection = True
+            return
         fault, status = self.owner._next_fault()
 
         # Called before the last byte reaches the client, so a test that got its response sees the record.
@@ -224,16 +250,24 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._read_chunked()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            raise IncompleteBody(len(body))
+        return body
 
     def _read_chunked(self) -> bytes:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
-            size = int(self.rfile.readline().split(b";", 1)[0].strip(), 16)
+            line = self.rfile.readline()
+            if not line.endswith(b"\n"):
+                raise IncompleteBody(sum(map(len, chunks)))
+            size = int(line.split(b";", 1)[0].strip(), 16)
             if size == 0:
                 break
-            chunks.append(self.rfile.read(size))
-            self.rfile.readline()  # CRLF after each chunk
+            chunk = self.rfile.read(size)
+            chunks.append(chunk)
+            if len(chunk) < size or not self.rfile.readline().endswith(b"\n"):  # CRLF after each chunk
+                raise IncompleteBody(sum(map(len, chunks)))
         while self.rfile.readline() not in (b"\r\n", b"\n", b""):
             pass  # trailers, dropped
         return b"".join(chunks)
@@ -281,7 +315,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         no_body = self.command == "HEAD" or response.status in (204, 304)
         chunked = response.getheader("Content-Length") is None and not no_body
         self._send_headers_of(response, chunked)
-        if no_body:
+        if no_body or response.getheader("Content-Length") == "0":  # recorded before the whole response goes out
             done(response.status, 0)
             self.end_headers()
             return

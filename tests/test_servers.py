@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,13 @@ def test_proxy_injected_faults_are_retried_by_boto3(seaweedfs: SeaweedFS, seawee
         )
     faults = {r.fault for r in seaweedfs_proxy.requests}
     assert faults - {None}, "a 30% fault rate over 20+ requests should have injected something"
+
+
+def test_proxy_drops_a_request_whose_body_is_cut_short(seaweedfs: SeaweedFS, seaweedfs_proxy: Proxy) -> None:
+    """Like a real server, the proxy never forwards a body that ended early as if it were the whole request."""
+    head = f"PUT /{seaweedfs.bucket}/proxy/cut.bin HTTP/1.1\r\nHost: {seaweedfs_proxy.host}\r\nContent-Length: 1000\r\n"
+    with socket.create_connection(("127.0.0.1", seaweedfs_proxy.port), timeout=30) as sock:
+        sock.sendall(head.encode() + b"\r\n" + b"x" * 10)
+        sock.shutdown(socket.SHUT_WR)  # 990 bytes short
+        assert sock.recv(1024) == b"", "the proxy answered a request it never received whole"
+    assert [(r.method, r.status, r.request_bytes) for r in seaweedfs_proxy.requests] == [("PUT", 0, 10)]

@@ -21,9 +21,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
-from ..errors import Transient
+from ..errors import Transient, Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,18 @@ class Prefix:
     key: str
 
 
+class Reader(Protocol):
+    """What `Backend.upload_stream` reads from."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class Backend(ABC):
     """One bucket or container. `url_prefix` is the ClearML URL of its root, e.g. ``s3://bucket``."""
 
     url_prefix: str
+    stream_threshold: int | None = None  # size from which `upload_stream` is worth it; None: not offered
+    stream_limit: int | None = None  # the largest object `upload_stream` can store; None: no limit
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo:
@@ -83,6 +91,20 @@ class Backend(ABC):
         if progress is not None:
             progress(length)
 
+    def read_small(self, fd: int, key: str, limit: int, unless_etag: str | None = None) -> ObjectInfo | None:
+        """A small object, whole, into the file `fd` (at offset 0) and its info, in as few requests as the
+        provider allows: S3 needs one GET and no HEAD, which is what makes many small files quick.
+
+        None (and nothing written) if the object's ETag is still `unless_etag`. If the object is over
+        `limit` bytes, only its info is returned and the file's content is undefined.
+        """
+        info = self.stat(key)
+        if unless_etag and info.etag == unless_etag:
+            return None
+        if 0 < info.size <= limit:
+            self.read_to(fd, key, 0, info.size, info.etag)
+        return info
+
     @abstractmethod
     def download(self, key: str, dest: Path) -> ObjectInfo:
         """Write the whole object to `dest` (created or truncated), with the SDK's parallel transfer."""
@@ -90,6 +112,15 @@ class Backend(ABC):
     @abstractmethod
     def upload(self, src: Path, key: str) -> ObjectInfo:
         """Store the file `src` as `key`; multipart/parallel where the provider and settings allow."""
+
+    def upload_stream(self, reader: Reader, key: str) -> ObjectInfo:
+        """Store as `key` what `reader` yields until it returns b'', uploading parts while it is being produced.
+
+        `reader.read(n)` may block until n bytes exist, and raises to abandon the upload, which must then leave
+        nothing behind (no object, no unfinished multipart upload). Never retried: a stream cannot be replayed.
+        Offered only where `stream_threshold` is set.
+        """
+        raise Unsupported(f"{self.url_prefix}: no streaming uploads")
 
     @abstractmethod
     def delete(self, key: str) -> None:

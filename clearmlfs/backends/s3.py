@@ -19,14 +19,18 @@ import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.utils
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import S3Transfer, TransferConfig
+from s3transfer.utils import OSUtils, ReadFileChunk
 
 from ..config import S3Credentials, S3Settings
 from ..errors import AccessDenied, Changed, ClearmlfsError, NotFound, StorageError, Transient
-from .base import Backend, ObjectInfo, Prefix, retry
+from .base import Backend, ObjectInfo, Prefix, Reader, retry
 
 log = logging.getLogger(__name__)
 
+MAX_PARTS = 10_000  # S3's limit on the parts of one object
+STREAM_PARTS_IN_MEMORY = 8  # per streaming upload: 64 MiB with the default 8 MiB parts
+READ_PIECE = 1024 * 1024  # body bytes read and written at a time
 SINGLE_PUT_LIMIT = 5 * 1024**3  # S3's largest single PUT; `multipart: false` uploads up to it in one request
 _NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload"}
 _DENIED = {
@@ -35,7 +39,14 @@ _DENIED = {
 }
 _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
               "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "429"}
+
+
+class SourceShrank(Exception):
+    """The file being uploaded got shorter than it was when its upload began: rewritten meanwhile."""
+
+
 _TRANSIENT_EXC = (
+    SourceShrank,  # a new attempt uploads the file as it is now
     botocore.exceptions.ConnectionError,  # includes EndpointConnectionError, ConnectionClosedError
     botocore.exceptions.HTTPClientError,  # includes ReadTimeoutError
     botocore.exceptions.IncompleteReadError,
@@ -122,6 +133,49 @@ def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
     return client
 
 
+def _stream_config(transfer: TransferConfig) -> TransferConfig:
+    """`transfer` for a non-seekable source, whose parts the transfer manager must hold in memory until sent."""
+    config = TransferConfig(
+        # Only its first read: the stream starts past the real threshold, so it is multipart anyway, and a
+        # large configured threshold must not be read into memory at once.
+        multipart_threshold=min(transfer.multipart_threshold, transfer.multipart_chunksize),
+        multipart_chunksize=transfer.multipart_chunksize,
+        max_concurrency=transfer.max_concurrency,
+        use_threads=True,
+    )
+    # At most this many parts per stream in memory (default 10); more than the threads could send is waste.
+    config.max_in_memory_upload_chunks = max(2, min(STREAM_PARTS_IN_MEMORY, transfer.max_concurrency))
+    return config
+
+
+class _WholeChunk(ReadFileChunk):
+    """A request body (a part, or a single PUT) that raises instead of ending early when its file shrank.
+
+    The transfer manager fixes each request's Content-Length from the file's size when the upload begins. A body
+    that then ends early leaves the server waiting for bytes that never come, and the client waiting for its
+    answer: a read timeout (60 s) per attempt, six attempts per part, while a writer's close() waits for the
+    upload. Raising instead drops the connection mid-request (the server discards the part) and fails the upload
+    at once.
+    """
+
+    def read(self, amount: int | None = None) -> bytes:
+        left = len(self) - self.tell()
+        data: bytes = super().read(amount)
+        if len(data) < (left if amount is None or amount < 0 else min(amount, left)):
+            raise SourceShrank(f"the file ended {left - len(data)} bytes short of the size its upload began with")
+        return data
+
+
+class _WholeChunks(OSUtils):
+    def open_file_chunk_reader_from_fileobj(
+        self, fileobj: Any, chunk_size: int, full_file_size: int, callbacks: Any, close_callbacks: Any = None
+    ) -> ReadFileChunk:
+        return _WholeChunk(
+            fileobj, chunk_size, full_file_size, callbacks=callbacks, enable_callbacks=False,
+            close_callbacks=close_callbacks,
+        )
+
+
 def list_buckets(client: Any, host: str) -> list[str]:
     """Bucket names `client`'s credentials can see on their host (for a host-wide clearml.conf entry)."""
     try:
@@ -143,6 +197,11 @@ class S3Backend(Backend):
             max_concurrency=settings.max_multipart_concurrency,
             use_threads=True,
         )
+        if creds.multipart:  # `multipart: false` means one PUT per object, so nothing to stream
+            self.stream_threshold = settings.multipart_threshold
+            # Without the total size, the transfer manager cannot grow its part size to stay within S3's limit.
+            self.stream_limit = MAX_PARTS * settings.multipart_chunksize
+        self._stream_transfer = _stream_config(self._transfer)
 
     def _url(self, key: str) -> str:
         return f"{self.url_prefix}/{key}"
@@ -196,12 +255,12 @@ class S3Backend(Backend):
         self, fd: int, key: str, start: int, length: int, etag: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
-        # Streams the body to the file in 256 KiB pieces: many parallel ranges, little memory,
+        # Streams the body to the file in 1 MiB pieces: many parallel ranges, little memory,
         # and a reader of the range's first bytes is answered as soon as they are in.
         offset = start
         try:
             body = self._get(key, start, length, etag)["Body"]
-            for piece in body.iter_chunks(256 * 1024):
+            for piece in body.iter_chunks(READ_PIECE):
                 offset += os.pwrite(fd, piece, offset)
                 if progress is not None and offset < start + length:  # the caller learns of the end anyway
                     progress(offset - start)
@@ -209,6 +268,34 @@ class S3Backend(Backend):
             raise _translate(exc, self._url(key)) from None
         if offset != start + length:
             raise Transient(f"{self._url(key)}: short read ({offset - start} of {length} bytes at {start})")
+
+    @retry()
+    def read_small(self, fd: int, key: str, limit: int, unless_etag: str | None = None) -> ObjectInfo | None:
+        # One conditional GET: its headers say what a HEAD would have. Not ranged (an empty object has no
+        # byte 0): an object that grew past `limit` is cut off by closing the connection after the headers.
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if unless_etag:
+            args["IfNoneMatch"] = f'"{unless_etag}"'
+        try:
+            resp = self._client.get_object(**args)
+        except Exception as exc:
+            if _code(exc) in ("304", "NotModified"):
+                return None
+            raise _translate(exc, self._url(key)) from None
+        total = resp["ContentLength"]
+        info = ObjectInfo(key, total, resp["LastModified"].timestamp(), resp["ETag"].strip('"'))
+        body, offset = resp["Body"], 0
+        if total > limit:
+            body.close()
+            return info
+        try:
+            for piece in body.iter_chunks(READ_PIECE):
+                offset += os.pwrite(fd, piece, offset)
+        except Exception as exc:
+            raise _translate(exc, self._url(key)) from None
+        if offset != total:
+            raise Transient(f"{self._url(key)}: short read ({offset} of {total} bytes)")
+        return info
 
     @retry()
     def download(self, key: str, dest: Path) -> ObjectInfo:
@@ -224,7 +311,18 @@ class S3Backend(Backend):
     @retry()
     def upload(self, src: Path, key: str) -> ObjectInfo:
         try:
-            self._client.upload_file(str(src), self.bucket, key, Config=self._transfer)
+            # client.upload_file, but with request bodies that never end short of their Content-Length.
+            with S3Transfer(self._client, self._transfer, osutil=_WholeChunks()) as transfer:
+                transfer.upload_file(str(src), self.bucket, key)
+        except Exception as exc:
+            raise _translate(exc, self._url(key)) from None
+        return self.stat(key)
+
+    def upload_stream(self, reader: Reader, key: str) -> ObjectInfo:
+        # The transfer manager reads a non-seekable source part by part and uploads the parts in parallel;
+        # if the reader raises, it aborts the multipart upload (failure cleanup), so nothing is left behind.
+        try:
+            self._client.upload_fileobj(reader, self.bucket, key, Config=self._stream_transfer)
         except Exception as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)

@@ -2,7 +2,9 @@
 
 Opening an object fetches it into the managed cache (unless a current copy is
 there) and pins the entry against eviction while it is open. Writes go to the
-cache file; `flush` uploads a dirty file so `close(2)` reports the result.
+cache file; `flush` uploads a dirty file so `close(2)` reports the result. A large
+new file written in order from its first byte is uploaded while it is written
+(upload.py), and `flush` then only completes that upload.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from ..cache import CacheContext, Pin
 from ..errors import ReadOnly, StorageError
 from .inodes import Kind, Node
 from .namespace import Namespace
+from .small import SmallFiles
 from .stream import Download, Downloads
+from .upload import Stream
 from .workers import Workers
 from .writeback import WriteBack, fd_path
 
@@ -39,15 +43,21 @@ class OpenFile:
     dirty: bool = False
     download: Download | None = None  # set while the object is still streaming in
     keep_cache: bool = False  # the kernel's page cache for this inode still holds this content
+    writer: bool = False  # opened for writing: registered with the write-back (no fetch replaces the file)
+    # Streaming upload (upload.py): while the file is exactly what this handle wrote in order from byte 0,
+    # `appended` is its size, and from `stream_from` bytes on it is uploaded as it is written (`stream`).
+    appended: int | None = None
+    stream_from: int = 0
+    stream: Stream | None = None
 
 
 class OpenFiles:
     def __init__(
         self, ns: Namespace, cache: CacheContext, workers: Workers, writeback: WriteBack, downloads: Downloads,
-        read_only: bool = False,
+        small: SmallFiles, read_only: bool = False,
     ) -> None:
         self.ns, self.cache, self.workers, self.writeback = ns, cache, workers, writeback
-        self.downloads = downloads
+        self.downloads, self.small = downloads, small
         self.read_only = read_only
         self._handles: dict[int, OpenFile] = {}
         self._fh = itertools.count(1)
@@ -70,24 +80,62 @@ class OpenFiles:
             return self._register(node, fd, "", None)
         if node.kind is not Kind.FILE:
             raise IsADirectoryError(errno.EISDIR, "Is a directory")
-        writable = bool(flags & WRITE_FLAGS)
-        if writable and flags & os.O_TRUNC:
-            return await self._open_truncated(node, flags)
+        if flags & WRITE_FLAGS:
+            await self.writeback.open_writer(node.url)  # from now on no fetch replaces the cache file
+            try:
+                handle = await (self._open_truncated(node, flags) if flags & os.O_TRUNC else self._open(node, flags))
+            except BaseException:
+                self.writeback.close_writer(node.url)
+                raise
+            handle.writer = True
+            return handle
+        if self.small.applies(node):
+            small = await self._open_small(node, flags)
+            if small is not None:
+                return small
+        return await self._open(node, flags)
+
+    async def _open(self, node: Node, flags: int) -> OpenFile:
         await self.ns.refresh(node)
         backend, key = self.ns.locate(node)
         info = ObjectInfo(key, node.size, node.mtime, node.etag)
-        keep_cache = bool(node.etag) and node.kernel_etag == node.etag
-        node.kernel_etag = node.etag
+        keep_cache = self._keep_cache(node)
+        writable = bool(flags & WRITE_FLAGS)
         path = await self.workers.metadata(self.cache.lookup, node.url, info)
         if path is None and not writable:
             download = await self.downloads.attach(node.url, backend, info)
             if download is not None:
                 return self._streaming(node, download, keep_cache)
-        if path is None:  # to write into it, or while another process downloads it: the whole file first
-            path = await self.workers.transfer(self.cache.fetch, node.url, backend, key, info)
-        handle = self._open_cached(node, path, flags)
+        for attempt in range(3):
+            if path is None:  # to write into it, or while another process downloads it: the whole file first
+                path = await self.workers.transfer(self.cache.fetch, node.url, backend, key, info)
+            try:
+                handle = self._open_cached(node, path, flags)
+                break
+            except FileNotFoundError:  # evicted (a tiny cache, or another process) between fetch and open
+                if attempt == 2:
+                    raise
+                path = None
         handle.keep_cache = keep_cache
         return handle
+
+    async def _open_small(self, node: Node, flags: int) -> OpenFile | None:
+        path = await self.small.current(node)
+        if path is None:
+            return None
+        try:
+            handle = self._open_cached(node, path, flags)
+        except FileNotFoundError:  # evicted between its fetch and now: the general path fetches it again
+            return None
+        handle.keep_cache = self._keep_cache(node)
+        return handle
+
+    @staticmethod
+    def _keep_cache(node: Node) -> bool:
+        """Whether the kernel's page cache for `node` holds its current content (and, from now on, will)."""
+        keep = bool(node.etag) and node.kernel_etag == node.etag
+        node.kernel_etag = node.etag
+        return keep
 
     def _open_cached(self, node: Node, path: Path, flags: int) -> OpenFile:
         pin = self.cache.pin(path)
@@ -113,6 +161,7 @@ class OpenFiles:
         await self._make_dirty(handle)
         os.ftruncate(handle.fd, 0)
         node.size = 0
+        self._may_stream(handle)
         return handle
 
     async def create(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
@@ -128,12 +177,15 @@ class OpenFiles:
         node = self.ns.table.add(parent, name, Kind.FILE, url)
         node.size, node.etag, node.checked = 0, "", time.monotonic()
         path = self.cache.path_for(url)
+        await self.writeback.open_writer(url)
         handle = self._register(node, -1, url, None)
+        handle.writer = True
         await self._make_dirty(handle)  # recorded before the file exists: a crash cannot lose it
         handle.pin = self.cache.pin(path)
         handle.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         if parent.children is not None:
             parent.children[name] = node.inode
+        self._may_stream(handle)
         return handle
 
     # -- data --------------------------------------------------------------------------------------
@@ -152,20 +204,58 @@ class OpenFiles:
         await self._make_dirty(handle)
         written = os.pwrite(handle.fd, data, offset)
         handle.node.size = max(handle.node.size, offset + written)
+        if handle.appended is not None:
+            self._appended(handle, offset, written)
         return written
 
     async def truncate(self, fh: int, size: int) -> None:
         handle = self._handles[fh]
         if handle.url:
             await self._make_dirty(handle)
+            if size != handle.appended:
+                self._stop_streaming(handle, "truncated")
         os.ftruncate(handle.fd, size)
         handle.node.size = size
 
     async def _make_dirty(self, handle: OpenFile) -> None:
         if not handle.dirty:
+            # Another writer: the file is no longer what a streaming handle wrote. Stopped before the dirty
+            # version moves, so a stream that still completes is seen as older than this write.
+            for other in self._handles.values():
+                if other.url == handle.url and other is not handle:
+                    self._stop_streaming(other, "another writer")
             await self.writeback.mark_dirty(handle.url)
             handle.dirty = True
             self.writeback.busy.add(handle.url)
+
+    # -- uploading while written (a new or truncated file, written in order from its first byte) ---------
+    def _may_stream(self, handle: OpenFile) -> None:
+        threshold = self.writeback.stream_threshold(handle.url)
+        alone = not any(h.dirty and h.url == handle.url and h is not handle for h in self._handles.values())
+        if threshold is not None and alone:
+            handle.appended, handle.stream_from = 0, threshold
+
+    def _appended(self, handle: OpenFile, offset: int, written: int) -> None:
+        """Feed the streaming upload with an append; anything but an append stops it."""
+        if offset != handle.appended:
+            self._stop_streaming(handle, f"write at {offset}, not at the end ({handle.appended})")
+            return
+        handle.appended += written
+        if handle.stream is not None:
+            handle.stream.file.grow(handle.appended)
+        elif handle.appended >= handle.stream_from:
+            handle.stream = self.writeback.start_stream(handle.url, handle.fd, handle.appended)
+            if handle.stream is None:  # too many at once, or unmounting: uploaded at flush, as usual
+                handle.appended = None
+
+    @staticmethod
+    def _stop_streaming(handle: OpenFile, reason: str) -> None:
+        """From now on `handle`'s file is uploaded whole at flush; an upload started meanwhile is aborted
+        (and kept on the handle, so that flush waits until the SDK has aborted it on the server too)."""
+        if handle.stream is not None and handle.appended is not None:
+            log.debug("%s: not uploaded while written any more: %s", handle.url, reason)
+            handle.stream.file.abort(reason)
+        handle.appended = None
 
     # -- flush / release ---------------------------------------------------------------------------
     async def flush(self, fh: int) -> None:
@@ -175,8 +265,11 @@ class OpenFiles:
             return
         if not handle.dirty:
             return
+        # A streaming upload ends here with what was written so far; if the handle goes on appending, the
+        # next part of the file starts a new one (from byte 0: an object cannot be appended to).
+        stream, handle.stream = handle.stream, None
         try:
-            info = await self.writeback.upload(handle.url, fd_path(handle.fd))
+            info = await self.writeback.upload(handle.url, fd_path(handle.fd), stream)
         except StorageError as exc:
             log.error("upload of %s failed: %s (kept in the cache, will retry)", handle.url, exc)
             raise OSError(errno.EIO, str(exc)) from None
@@ -195,6 +288,9 @@ class OpenFiles:
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
+        self._stop_streaming(handle, "closed")  # only without a flush (which ends the stream) before
+        if handle.writer:
+            self.writeback.close_writer(handle.url)
         os.close(handle.fd)
         if handle.download is not None:
             await self.downloads.detach(handle.download)

@@ -36,6 +36,7 @@ class Node:
     mtime: float = field(default_factory=time.time)
     etag: str = ""
     kernel_etag: str = ""  # version of the content the kernel may hold in its page cache
+    kernel_size: int = -1  # the size the kernel was last told (it bounds reads from its page cache)
     checked: float = 0.0  # time.monotonic() when size/mtime/etag came from the server
     children: dict[str, int] | None = None  # name → inode, from the last listing
     listed: float = 0.0  # time.monotonic() of that listing
@@ -69,6 +70,9 @@ class InodeTable:
             return self._nodes[inode]
         except KeyError:
             raise NotFound(f"stale inode {inode}") from None
+
+    def get(self, inode: int) -> Node | None:
+        return self._nodes.get(inode)
 
     def at(self, path: str) -> Node | None:
         inode = self._by_path.get(path)

@@ -75,6 +75,10 @@ class Namespace:
     def _fresh(self, stamp: float) -> bool:
         return time.monotonic() - stamp < self.ttl
 
+    def fresh(self, node: Node) -> bool:
+        """Whether `node`'s size/ETag came from the server less than `ttl` ago."""
+        return self._fresh(node.checked)
+
     def set_object(self, node: Node, info: ObjectInfo) -> None:
         node.size, node.mtime, node.etag, node.checked = info.size, info.mtime, info.etag, time.monotonic()
 
@@ -290,7 +294,7 @@ class Namespace:
         """Up-to-date size/ETag of an object (at most `ttl` old): close-to-open consistency."""
         if node.kind is Kind.FILE and node.url in self.pending:
             await self._local_size(node)  # not on the server yet: the cache file is the content
-        elif node.kind is Kind.FILE and not self._fresh(node.checked):
+        elif node.kind is Kind.FILE and not self.fresh(node):
             backend, key = self.locate(node)
             self.set_object(node, await self.workers.metadata(backend.stat, key))
         return node

@@ -7,6 +7,7 @@ because any other exception escaping a handler would end the whole mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -82,6 +83,7 @@ class Operations(pyfuse3.Operations):
             return a
         if node.kind is Kind.FILE:
             a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o644, 1, node.size
+            node.kernel_size = node.size
         else:
             a.st_mode, a.st_nlink, a.st_size = stat.S_IFDIR | 0o755, 2, 0
         a.st_blocks = (a.st_size + 511) // 512
@@ -183,7 +185,14 @@ class Operations(pyfuse3.Operations):
     # -- files -------------------------------------------------------------------------------------
     @_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        handle = await self.files.open(self.ns.table[inode], flags)
+        node = self.ns.table[inode]
+        handle = await self.files.open(node, flags)
+        if node.kind is Kind.FILE and node.kernel_size not in (-1, node.size):
+            # The object changed since the kernel's lookup: the size it holds would cut reads short (or run
+            # them past the end). Attributes only: no lock is involved, so this is safe inside a request.
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            node.kernel_size = -1
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=handle.keep_cache)
 
     @_errors

@@ -24,6 +24,7 @@ import trio
 from ..backends import Backend, ObjectInfo
 from ..cache import PARTIAL_SUFFIX, CacheContext, EntryState
 from .workers import Workers
+from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,10 @@ class StreamSettings:
 class Download:
     def __init__(
         self, url: str, backend: Backend, info: ObjectInfo, partial: Path, fd: int, lock_fd: int,
-        settings: StreamSettings, workers: Workers, cleaner: Cleaner,
+        settings: StreamSettings, workers: Workers, cleaner: Cleaner, writeback: WriteBack,
     ) -> None:
         self.url, self.backend, self.info, self.workers = url, backend, info, workers
-        self._cleaner = cleaner
+        self._cleaner, self._writeback = cleaner, writeback
         self.partial, self.fd, self._lock_fd = partial, fd, lock_fd
         self.settings = settings
         count = -(-info.size // settings.part_size)
@@ -129,8 +130,13 @@ class Download:
         run = range(first, first + count)
         self._inflight += 1
 
+        token = trio.lowlevel.current_trio_token()
+
         def progress(done: int) -> None:  # called from the worker thread
-            trio.from_thread.run_sync(self._advance, first, count, done)
+            # Fire and forget: waiting for the loop to run it would stall the download on every piece.
+            # Callbacks run in order, all before the fetch's own completion is delivered.
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._advance, first, count, done)
 
         try:
             async with self._slots:
@@ -175,8 +181,17 @@ class Download:
             os.replace(self.partial, final)
             cache.save_state(EntryState(self.url, self.info.etag, self.info.size), durable=False)
 
-        await self.workers.metadata(publish)
-        await self._cleaner.added(self.info.size)
+        writeback, published = self._writeback, False
+        if not writeback.local_changes(self.url):  # (an upload holds the lock only while there are some)
+            async with writeback.lock(self.url):  # a writer opening it waits until the file is in place
+                if not writeback.local_changes(self.url):
+                    await self.workers.metadata(publish)
+                    published = True
+        if published:
+            await self._cleaner.added(self.info.size)
+        else:  # written here meanwhile: the cache file is the writer's; this copy serves only its open readers
+            with contextlib.suppress(FileNotFoundError):
+                self.partial.unlink()
         self._release_lock()
         self.done.set()
 
@@ -211,26 +226,31 @@ class Cleaner:
     async def added(self, size: int) -> None:
         self._files, self._bytes = self._files + 1, self._bytes + size
         byte_step = self.cache.byte_limit // 10 if self.cache.byte_limit else 1 << 62
-        if self._files >= max(1, min(16, self.cache.file_limit // 10)) or self._bytes >= byte_step:
+        if self._files >= max(1, self.cache.file_limit // 10) or self._bytes >= byte_step:
             self._files = self._bytes = 0
             await self.workers.metadata(self.cache.clean)
 
 
-class Downloads:
-    """The downloads in progress in this mount, one per URL."""
+class TaskHost:
+    """Hosts background fetches in a nursery of their own, for the life of the mount."""
 
-    def __init__(self, cache: CacheContext, workers: Workers, settings: StreamSettings) -> None:
-        self.cache, self.workers, self.settings = cache, workers, settings
-        self._cleaner = Cleaner(cache, workers)
-        self._active: dict[str, Download] = {}
-        self.nursery: trio.Nursery | None = None
+    nursery: trio.Nursery | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the part fetches (started with `nursery.start` in the mount's nursery)."""
+        """Started with `nursery.start` in the mount's nursery."""
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+
+class Downloads(TaskHost):
+    """The downloads in progress in this mount, one per URL."""
+
+    def __init__(self, cache: CacheContext, workers: Workers, writeback: WriteBack, settings: StreamSettings) -> None:
+        self.cache, self.workers, self.writeback, self.settings = cache, workers, writeback, settings
+        self.cleaner = Cleaner(cache, workers)
+        self._active: dict[str, Download] = {}
 
     async def attach(self, url: str, backend: Backend, info: ObjectInfo) -> Download | None:
         """The shared download of `url` at `info`'s version; None if another process is fetching it."""
@@ -242,7 +262,9 @@ class Downloads:
         if started is None:
             return None
         partial, fd, lock_fd = started
-        download = Download(url, backend, info, partial, fd, lock_fd, self.settings, self.workers, self._cleaner)
+        download = Download(
+            url, backend, info, partial, fd, lock_fd, self.settings, self.workers, self.cleaner, self.writeback
+        )
         download.readers = 1
         self._active[url] = download
         if info.size == 0:

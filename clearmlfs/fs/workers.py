@@ -1,6 +1,7 @@
 """The one place the trio loop hands blocking work (SDK calls, disk copies) to worker threads.
 
-Metadata calls and transfers get separate limiters so a big upload never starves `ls`.
+Metadata calls and transfers get separate limiters so a big upload never starves `ls`. Streaming uploads
+(which wait for their writer) get their own, so that they can never hold up a download that writer waits for.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ T = TypeVar("T")
 
 
 class Workers:
-    def __init__(self, metadata_threads: int = 32, transfer_threads: int = 8) -> None:
+    def __init__(self, metadata_threads: int = 32, transfer_threads: int = 8, stream_threads: int = 4) -> None:
         self._metadata = trio.CapacityLimiter(metadata_threads)
         self._transfers = trio.CapacityLimiter(transfer_threads)
+        self._streams = trio.CapacityLimiter(stream_threads)
+        self.stream_threads = stream_threads
 
     async def metadata(self, fn: Callable[..., T], *args: object) -> T:
         """A short request: HEAD, LIST, DELETE, small PUT."""
@@ -25,3 +28,7 @@ class Workers:
     async def transfer(self, fn: Callable[..., T], *args: object) -> T:
         """A download or upload of object data."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self._transfers)
+
+    async def stream(self, fn: Callable[..., T], *args: object) -> T:
+        """An upload fed while its file is being written (at most `stream_threads` at once)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._streams)

@@ -3,6 +3,9 @@
 A dirty entry is recorded in the cache state (durably) before its first byte is
 written, so a failed upload, an unmount or a crash never loses it: the retry
 loop, and the next mount, upload every dirty entry they find.
+
+A large new file may be uploaded while it is written (a `Stream`, see upload.py): flush then completes that
+upload instead of starting one, under the same per-URL lock and with the same dirty-version check.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from pathlib import Path
 
 import trio
 
-from ..backends import BackendPool, ObjectInfo
+from ..backends import Backend, BackendPool, ObjectInfo
 from ..cache import CacheContext, EntryState
-from ..errors import StorageError
+from ..errors import ClearmlfsError, StorageError
 from ..urls import parse_url
+from .upload import GrowingFile, Stream
 from .workers import Workers
 
 log = logging.getLogger(__name__)
@@ -29,7 +33,10 @@ class WriteBack:
         self.backends, self.cache, self.workers = backends, cache, workers
         self.busy: set[str] = set()  # URLs with an open dirty handle: their flush uploads them
         self.pending: set[str] = set()  # URLs whose local content is not on the server yet
-        self._locks: dict[str, trio.Lock] = {}  # one upload of a URL at a time
+        self._locks: dict[str, trio.Lock] = {}  # one upload (or fetch into the cache) of a URL at a time
+        self.writers: dict[str, int] = {}  # URLs open for writing here → handles: a fetch must not replace their file
+        self._streams: dict[str, Stream] = {}  # uploads of files still being written, by URL
+        self._nursery: trio.Nursery | None = None  # where streams run, while `run` does
 
     async def load(self) -> None:
         """Learn what earlier mounts left dirty (called once at start)."""
@@ -48,9 +55,36 @@ class WriteBack:
     def _lock(self, url: str) -> trio.Lock:
         return self._locks.setdefault(url, trio.Lock())
 
-    async def upload(self, url: str, source: Path) -> ObjectInfo:
-        """Upload `source` (the cache file, or /proc/self/fd/N of an open one) as `url`."""
+    def lock(self, url: str) -> trio.Lock:
+        """Held by uploads of `url`, and by fetches about to replace its cache file."""
+        return self._lock(url)
+
+    def local_changes(self, url: str) -> bool:
+        """Whether `url`'s cache file is (or may become) newer than the server's object: keep fetches off it."""
+        return url in self.pending or url in self.writers
+
+    async def open_writer(self, url: str) -> None:
+        """A handle is opening `url` for writing. An upload of its cache file (a retry) or a fetch replacing
+        it finishes first: one reads the file whole, the other swaps it, and neither must meet a writer."""
         async with self._lock(url):
+            self.writers[url] = self.writers.get(url, 0) + 1
+
+    def close_writer(self, url: str) -> None:
+        left = self.writers.pop(url, 1) - 1
+        if left > 0:
+            self.writers[url] = left
+
+    async def upload(self, url: str, source: Path, stream: Stream | None = None) -> ObjectInfo:
+        """Upload `source` (the cache file, or /proc/self/fd/N of an open one) as `url`.
+
+        With `stream` (an upload of this same content, started while it was written): complete that one
+        instead, and upload `source` only if the stream failed or was aborted.
+        """
+        async with self._lock(url):
+            if stream is not None:
+                info = await self._finish_stream(stream)
+                if info is not None:
+                    return info
             return await self._upload_locked(url, source)
 
     async def _upload_locked(self, url: str, source: Path) -> ObjectInfo:
@@ -58,13 +92,60 @@ class WriteBack:
         backend = self.backends.get(parsed)
         before = await self.workers.metadata(self.cache.state, url)
         info = await self.workers.transfer(backend.upload, source, parsed.key)
+        await self._settle(url, before, info)
+        return info
+
+    async def _settle(self, url: str, before: EntryState | None, info: ObjectInfo) -> None:
+        """Record `url` as clean, as `info`, unless it was dirtied again since `before` was read."""
         after = await self.workers.metadata(self.cache.state, url)
         # Dirtied again while uploading (another writer): stays dirty for that writer's upload.
         if (after.version if after else 0) == (before.version if before else 0):
             clean = EntryState(url, info.etag, info.size, version=after.version if after else 0)
             await self.workers.metadata(self.cache.save_state, clean)
             self.pending.discard(url)
-        return info
+
+    # -- uploads of files still being written --------------------------------------------------------
+    def stream_threshold(self, url: str) -> int | None:
+        """The size from which `url` is worth uploading while it is written; None if its backend cannot."""
+        try:
+            return self.backends.get(parse_url(url)).stream_threshold
+        except ClearmlfsError:  # reported by the upload at flush, as without streaming
+            return None
+
+    def start_stream(self, url: str, fd: int, size: int) -> Stream | None:
+        """Start uploading the file `fd`, whose first `size` bytes are written, as `url` while its writer
+        appends to it (`Stream.file.grow`); None when not possible now (the caller uploads at flush)."""
+        if self._nursery is None or url in self._streams or len(self._streams) >= self.workers.stream_threads:
+            return None
+        parsed = parse_url(url)
+        backend = self.backends.get(parsed)
+        stream = Stream(url, GrowingFile(os.dup(fd), size, backend.stream_limit))
+        self._streams[url] = stream
+        self._nursery.start_soon(self._run_stream, stream, backend, parsed.key)
+        return stream
+
+    async def _run_stream(self, stream: Stream, backend: Backend, key: str) -> None:
+        try:
+            stream.info = await self.workers.stream(backend.upload_stream, stream.file, key)
+        except StorageError as exc:  # the SDK has aborted its multipart upload; flush uploads the whole file
+            log.info("upload of %s while written stopped (%s); it is uploaded whole at close", stream.url, exc)
+        except Exception:  # never let a surprise end the mount: flush falls back to a whole upload
+            log.exception("upload of %s while written failed", stream.url)
+        finally:
+            stream.file.close()
+            if self._streams.get(stream.url) is stream:
+                del self._streams[stream.url]
+            stream.done.set()
+
+    async def _finish_stream(self, stream: Stream) -> ObjectInfo | None:
+        """Let `stream` upload its last parts and complete; its info, or None if it did not complete."""
+        before = await self.workers.metadata(self.cache.state, stream.url)
+        stream.file.finish()
+        await stream.done.wait()  # also after an abort: the SDK's abort of the multipart upload is done then
+        if stream.info is None:
+            return None
+        await self._settle(stream.url, before, stream.info)
+        return stream.info
 
     async def upload_pending(self) -> int:
         """Upload every dirty entry nobody has open; returns how many are still dirty."""
@@ -95,10 +176,19 @@ class WriteBack:
         log.info("uploaded pending changes to %s", url)
 
     async def run(self, interval: float = RETRY_INTERVAL) -> None:
-        """Retry dirty entries forever (started in the mount's nursery)."""
-        while True:
-            await self.upload_pending()
-            await trio.sleep(interval)
+        """Retry dirty entries forever (started in the mount's nursery), and run the streaming uploads."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                while True:
+                    await self.upload_pending()
+                    await trio.sleep(interval)
+            finally:
+                # Unmounting: stop the streams (their SDK threads would wait for writers forever); the files
+                # stay dirty and are uploaded whole, now if closed, or by the next mount.
+                self._nursery = None
+                for stream in self._streams.values():
+                    stream.file.abort("unmounting")
 
 
 def fd_path(fd: int) -> Path:

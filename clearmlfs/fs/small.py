@@ -1,0 +1,169 @@
+"""Small objects: fetched whole in one request, and ahead of a reader who walks a directory in name order.
+
+A dataset of many small files is read one file after another. The general open
+path costs a HEAD (close-to-open check) and then a GET per file, one file at a
+time. Here a small object's open costs one request at most: a plain GET when it
+is not cached, a conditional GET when it is (304 if unchanged). And when a reader
+opens the files of a directory in name order, the next files are fetched in
+parallel before they are opened, so the reader finds them cached and checked.
+
+A fetched file counts as checked at the time of its GET, exactly like a listing
+or a HEAD: an open within `ttl` of it needs no request, as for any other file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from ..backends import ObjectInfo
+from ..cache import CacheContext
+from ..errors import StorageError
+from .inodes import Kind, Node
+from .namespace import Namespace
+from .stream import Cleaner, TaskHost
+from .workers import Workers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SmallSettings:
+    max_size: int = 4 * 1024 * 1024  # objects up to this size are fetched whole, in one GET
+    readahead: int = 32  # files fetched ahead of a reader walking a directory in name order (0: none)
+    concurrency: int = 8  # read-ahead GETs in flight
+
+
+@dataclass
+class _Walk:
+    """Where a reader is in one directory's name order."""
+
+    listed: float  # the listing the order was built from
+    order: list[str]
+    index: dict[str, int]
+    last: int = -2  # index of the file opened last
+    ahead: int = -1  # files up to this index have been fetched (or are being fetched) ahead
+    window: int = 4  # grows while the walk stays sequential
+
+
+class SmallFiles(TaskHost):
+    def __init__(
+        self, ns: Namespace, cache: CacheContext, workers: Workers, cleaner: Cleaner, settings: SmallSettings
+    ) -> None:
+        self.ns, self.cache, self.workers, self.cleaner = ns, cache, workers, cleaner
+        self.settings = settings
+        self._fetching: dict[str, trio.Event] = {}
+        self._ready: dict[str, tuple[str, Path]] = {}  # url → (ETag, cache file) fetched ahead, not opened yet
+        self._walks: dict[int, _Walk] = {}  # parent inode → the walk through it
+        self._slots = trio.CapacityLimiter(settings.concurrency)
+
+    def applies(self, node: Node) -> bool:
+        return (
+            node.kind is Kind.FILE
+            and node.size <= self.settings.max_size
+            and not self.ns.writeback.local_changes(node.url)
+        )
+
+    async def current(self, node: Node) -> Path | None:
+        """A current cached copy of the small object `node` (its attributes refreshed), or None if the
+        general open path must decide (local changes, a download by another process, the object grew)."""
+        await self._settled(node.url)  # fetched ahead right now: its GET is as recent as ours would be
+        ready = self._ready.pop(node.url, None)
+        if ready is not None and ready[0] == node.etag and self.ns.fresh(node):
+            path: Path | None = ready[1]  # fetched ahead moments ago: no disk check, no thread hop
+        else:
+            path = await self._fetch(node)
+        self._read_ahead(node)
+        return path
+
+    async def _settled(self, url: str) -> None:
+        while (fetching := self._fetching.get(url)) is not None:
+            await fetching.wait()
+
+    async def _fetch(self, node: Node) -> Path | None:
+        url = node.url
+        await self._settled(url)  # one fetch of a URL at a time
+        backend, key = self.ns.locate(node)
+        known = ObjectInfo(key, node.size, node.mtime, node.etag) if self.ns.fresh(node) else None
+        writeback = self.ns.writeback
+        done = self._fetching[url] = trio.Event()
+        try:
+            async with writeback.lock(url):  # a writer opening it waits for the new file to be in place
+                if writeback.local_changes(url):
+                    return None  # written here: the cache file is the writer's, not the server's
+                result = await self.workers.metadata(
+                    self.cache.fetch_small, url, backend, key, self.settings.max_size, known
+                )
+        finally:
+            del self._fetching[url]
+            done.set()
+        if result is None:
+            return None
+        path, info = result
+        if info is not known:
+            self.ns.set_object(node, info)
+            if path is not None:
+                await self.cleaner.added(info.size)
+        return path
+
+    # -- read-ahead ----------------------------------------------------------------------------------
+    def _read_ahead(self, node: Node) -> None:
+        """Fetch the next files of `node`'s directory if the reader is going through it in name order."""
+        if self.settings.readahead <= 0 or self.nursery is None:
+            return
+        walk = self._walk(node)
+        index = walk.index.get(node.name) if walk is not None else None
+        if walk is None or index is None:
+            return
+        sequential = walk.last < index <= walk.last + 2  # a skipped file (already cached elsewhere) is fine
+        walk.last = index
+        if not sequential:
+            walk.window, walk.ahead = 4, index
+            return
+        # Never more than a quarter of the cache's file limit: read-ahead must not evict what it fetched.
+        walk.window = min(self.settings.readahead, max(1, self.cache.file_limit // 4), walk.window * 2)
+        end = min(len(walk.order), index + 1 + walk.window)
+        parent = self.ns.table[node.parent]
+        for i in range(max(index + 1, walk.ahead + 1), end):
+            child = self._child(parent, walk.order[i])
+            if child is not None and self.applies(child) and child.url not in self._fetching:
+                self.nursery.start_soon(self._fetch_ahead, child)
+        walk.ahead = max(walk.ahead, end - 1)
+
+    def _walk(self, node: Node) -> _Walk | None:
+        parent = self.ns.table.get(node.parent)
+        if parent is None or parent.children is None:
+            return None
+        walk = self._walks.get(parent.inode)
+        if walk is None or walk.listed != parent.listed:
+            order = sorted(n for n, i in parent.children.items() if self._is_file(i))
+            walk = _Walk(parent.listed, order, {n: i for i, n in enumerate(order)})
+            self._walks[parent.inode] = walk
+            if len(self._walks) > 64:  # the directories being walked now, not every one ever read
+                del self._walks[next(iter(self._walks))]
+        return walk
+
+    def _is_file(self, inode: int) -> bool:
+        child = self.ns.table.get(inode)
+        return child is not None and child.kind is Kind.FILE
+
+    def _child(self, parent: Node, name: str) -> Node | None:
+        inode = parent.children.get(name) if parent.children is not None else None
+        return self.ns.table.get(inode) if inode is not None else None
+
+    async def _fetch_ahead(self, node: Node) -> None:
+        async with self._slots:
+            if node.url in self._fetching or not self.applies(node) or self.ns.writeback.lock(node.url).locked():
+                return  # being fetched, written or uploaded: the reader's own open will see to it
+            try:
+                path = await self._fetch(node)
+            except (StorageError, OSError) as exc:  # the reader's own open tries again and reports it
+                log.debug("read-ahead of %s failed: %s", node.url, exc)
+                return
+            if path is not None:
+                self._ready[node.url] = (node.etag, path)
+                if len(self._ready) > 4 * max(1, self.settings.readahead):  # fetched ahead, never opened
+                    del self._ready[next(iter(self._ready))]

@@ -1,0 +1,100 @@
+"""Uploading a new file while it is still being written, so that close() waits only for its last parts.
+
+A file created (or truncated) through the mount and written from its first byte onwards is handed, once it
+passes the backend's multipart threshold, to the SDK's transfer manager as a non-seekable stream: `GrowingFile`
+gives it the bytes written so far and blocks its reading thread until there are more, or until flush says the
+file is complete. Any other pattern (a write elsewhere, a truncate, a second writer) aborts the stream; the
+SDK then aborts its multipart upload, and flush uploads the whole file as it does without streaming.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+import trio
+
+from ..backends import ObjectInfo
+
+
+class StreamAborted(Exception):
+    """Raised into the SDK's reading thread so that it abandons (and aborts) the multipart upload."""
+
+
+class GrowingFile:
+    """A read-only, non-seekable view of the first `size` bytes of a file a writer is still appending to.
+
+    Read by one SDK thread; `grow`, `finish` and `abort` are called from the trio thread.
+    """
+
+    def __init__(self, fd: int, size: int, limit: int | None = None) -> None:
+        self._fd = fd  # our own descriptor: the writer may close its handle before the SDK is done
+        self._size, self._pos, self._limit = size, 0, limit
+        self._finished = False  # flush: no more bytes will come
+        self._ended = False  # the SDK was given the end of the file: it completes the upload now
+        self._aborted = ""
+        self._cond = threading.Condition()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False  # so the SDK reads it in order, part by part, without asking for its size
+
+    def read(self, size: int = -1) -> bytes:
+        """`size` bytes (fewer only at the end): a short read would make a part smaller than S3 accepts."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._aborted or self._finished or 0 <= size <= self._size - self._pos)
+            if self._aborted:
+                raise StreamAborted(self._aborted)
+            left = self._size - self._pos
+            count = left if size < 0 else min(size, left)
+            if count == 0:
+                self._ended = True
+                return b""
+        data = os.pread(self._fd, count, self._pos)
+        if len(data) != count:  # cannot happen unless the file was cut behind our back
+            raise StreamAborted(f"read {len(data)} of {count} bytes at {self._pos}")
+        self._pos += count
+        return data
+
+    def grow(self, size: int) -> None:
+        """The writer has appended up to `size` bytes."""
+        if self._limit is not None and size > self._limit:
+            self.abort(f"larger than {self._limit} bytes")
+            return
+        with self._cond:
+            self._size = size
+            self._cond.notify()
+
+    def finish(self) -> bool:
+        """No more bytes: the SDK uploads the last part and completes. False if already aborted."""
+        with self._cond:
+            if self._aborted:
+                return False
+            self._finished = True
+            self._cond.notify()
+            return True
+
+    def abort(self, reason: str) -> bool:
+        """Make the SDK abandon the upload; False if it already has the whole file (too late to stop it)."""
+        with self._cond:
+            if self._ended:
+                return False
+            self._aborted = self._aborted or reason
+            self._cond.notify()
+            return True
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass(eq=False)
+class Stream:
+    """One streaming upload, owned by the file handle that feeds it."""
+
+    url: str
+    file: GrowingFile
+    done: trio.Event = field(default_factory=trio.Event)
+    info: ObjectInfo | None = None  # set when the object is complete on the server

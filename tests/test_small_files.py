@@ -1,0 +1,118 @@
+"""Small objects through a real mount: one request per file, fetched ahead of a reader walking a directory.
+
+What the server is asked for is counted by a proxy in front of SeaweedFS.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clearmlfs.urls import url_to_mount_path
+from tests import servers, stores
+from tests.mounting import mounted, no_mounts_left, poll  # noqa: F401 - session fixture, used by being imported
+from tests.proxy import Proxy
+
+KIB, MIB = 1024, 1024 * 1024
+COUNT = 40
+
+
+@pytest.fixture()
+def folder(seaweedfs: servers.SeaweedFS) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """COUNT small objects of different sizes (one empty) under a fresh prefix: (prefix, name → content)."""
+    prefix = f"small-{uuid.uuid4().hex[:8]}"
+    client = seaweedfs.client()
+    contents = {f"{i:03d}.bin": os.urandom(i * 997) for i in range(COUNT)}
+    for name, data in contents.items():
+        client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/{name}", Body=data)
+    yield prefix, contents
+
+
+@pytest.fixture()
+def proxied(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> Iterator[tuple[Proxy, Path]]:
+    with Proxy(upstream=seaweedfs.endpoint) as proxy:
+        store = stores.seaweed_store(seaweedfs, host=proxy.host)
+        conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
+        with mounted(conf, tmp_path / "mnt", extra_args=["-o", "ttl=30,list_ttl=30"]) as mnt:
+            yield proxy, mnt / url_to_mount_path(store.root)
+
+
+def test_a_directory_read_in_name_order_costs_one_get_per_file_and_no_head(folder, proxied) -> None:
+    prefix, contents = folder
+    proxy, bucket = proxied
+    proxy.reset()
+    for name in sorted(contents):
+        assert (bucket / prefix / name).read_bytes() == contents[name], name
+    fetched = [r.path.rpartition("/")[2] for r in proxy.requests if r.method == "GET" and f"/{prefix}/" in r.path]
+    assert proxy.count("HEAD") == 0, "a small file's open paid a HEAD before its GET"
+    assert sorted(fetched) == sorted(contents), f"{len(fetched)} GETs for {COUNT} files"
+
+
+def test_the_next_files_are_fetched_before_the_reader_opens_them(folder, proxied) -> None:
+    prefix, contents = folder
+    proxy, bucket = proxied
+    names = sorted(contents)
+    proxy.reset()
+    for name in names[:3]:  # a reader going through the directory in name order
+        (bucket / prefix / name).read_bytes()
+    ahead = lambda: {r.path.rpartition("/")[2] for r in proxy.requests if r.method == "GET"} & set(names[3:])  # noqa: E731
+    assert poll(lambda: len(ahead()) >= 4, 10, 0.01), f"only {sorted(ahead())} fetched ahead of the reader"
+    for name in names[3:8]:
+        assert (bucket / prefix / name).read_bytes() == contents[name]
+    fetched = [r.path.rpartition("/")[2] for r in proxy.requests if r.method == "GET" and f"/{prefix}/" in r.path]
+    assert len(fetched) == len(set(fetched)), f"files fetched ahead were fetched again when opened: {fetched}"
+
+
+def test_a_random_open_fetches_no_neighbours(folder, proxied) -> None:
+    prefix, contents = folder
+    proxy, bucket = proxied
+    names = sorted(contents)
+    proxy.reset()
+    for name in (names[30], names[7], names[19]):
+        assert (bucket / prefix / name).read_bytes() == contents[name]
+    time.sleep(0.5)
+    assert proxy.count("GET", f"/{prefix}/") == 3, [r.path for r in proxy.requests]
+
+
+def test_a_small_file_changed_on_the_server_is_seen_after_ttl_and_an_unchanged_one_costs_a_304(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    key = f"small-{uuid.uuid4().hex[:8]}/changing.txt"
+    client = seaweedfs.client()
+    client.put_object(Bucket=seaweedfs.bucket, Key=key, Body=b"first version")
+    with Proxy(upstream=seaweedfs.endpoint) as proxy:
+        store = stores.seaweed_store(seaweedfs, host=proxy.host)
+        conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
+        with mounted(conf, tmp_path / "mnt", extra_args=["-o", "ttl=0.2"]) as mnt:
+            path = mnt / url_to_mount_path(store.root) / key
+            assert path.read_bytes() == b"first version"
+            time.sleep(0.3)
+            proxy.reset()
+            assert path.read_bytes() == b"first version"
+            assert [r.status for r in proxy.requests if r.method in ("GET", "HEAD")] == [304]
+            client.put_object(Bucket=seaweedfs.bucket, Key=key, Body=b"second, longer version")
+            time.sleep(0.3)
+            assert path.read_bytes() == b"second, longer version"
+
+
+def test_a_file_that_grew_past_the_small_limit_since_its_listing_is_read_whole(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    prefix = f"small-{uuid.uuid4().hex[:8]}"
+    client = seaweedfs.client()
+    client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/grows.bin", Body=b"tiny")
+    big = os.urandom(3 * MIB + 5)
+    store = stores.seaweed_store(seaweedfs)
+    conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
+    with mounted(conf, tmp_path / "mnt", extra_args=["-o", "ttl=0.2,small_file_size=1M"]) as mnt:
+        folder = mnt / url_to_mount_path(store.root) / prefix
+        assert os.listdir(folder) == ["grows.bin"]  # listed at 4 bytes
+        client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/grows.bin", Body=big)
+        time.sleep(0.3)
+        with open(folder / "grows.bin", "rb") as f:
+            assert f.read() == big

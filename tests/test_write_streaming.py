@@ -1,0 +1,238 @@
+"""A large new file written through the mount is uploaded while it is being written, so close() waits only for
+its last parts; anything but a plain append from the first byte falls back to uploading the file at close.
+
+Every test writes through a real mount of SeaweedFS behind the counting `Proxy` (multipart threshold and part
+size: clearml.conf's defaults, 8 MiB) and checks the server through boto3: the bytes, and that no unfinished
+multipart upload is left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests import servers, stores
+from tests.mounting import (  # noqa: F401 - no_mounts_left is a session fixture, used by being imported
+    clearmlfs,
+    mounted,
+    no_mounts_left,
+    poll,
+    stop_foreground,
+)
+from tests.proxy import Proxy
+from tests.stores import Store
+from tests.test_reliability import at, conf_for, errno_of, key_of, random_bytes, server_bytes, state_of
+
+MIB = 1024 * 1024
+STARTED_DEADLINE = 30.0  # parts of a few MiB to a local server: seconds at most, even on a loaded machine
+
+
+def part_uploads(proxy: Proxy, key: str) -> int:
+    """UploadPart requests for `key` the server answered."""
+    return sum(1 for r in proxy.requests if r.method == "PUT" and "partNumber=" in r.query and r.path.endswith(key))
+
+
+def multipart_starts(proxy: Proxy, key: str) -> int:
+    """CreateMultipartUpload requests for `key` (POST ?uploads)."""
+    return sum(1 for r in proxy.requests if r.method == "POST" and "uploads" in r.query and r.path.endswith(key))
+
+
+def unfinished_uploads(client: Any, bucket: str, key: str) -> list[str]:
+    uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+    return [u["UploadId"] for u in uploads if u["Key"] == key]
+
+
+def append(fd: int, data: bytes, chunk: int = MIB) -> None:
+    """Write `data` in `chunk`-sized write(2)s, as cp and dd do."""
+    for start in range(0, len(data), chunk):
+        os.write(fd, data[start : start + chunk])
+
+
+class Setup:
+    """One mount's clearml.conf over SeaweedFS through the proxy, and the URL under test."""
+
+    def __init__(self, seaweedfs: servers.SeaweedFS, proxy: Proxy, tmp_path: Path, multipart: bool = True) -> None:
+        self.store: Store = stores.seaweed_store(seaweedfs, multipart=multipart, host=proxy.host)
+        self.proxy, self.client, self.bucket = proxy, seaweedfs.client(), seaweedfs.bucket
+        self.url = f"{self.store.fresh_prefix()}/model.bin"
+        self.key = key_of(self.store, self.url)
+        self.conf, self.cache = conf_for(tmp_path, "c", self.store)
+
+    def wait_for_parts(self) -> None:
+        assert poll(lambda: part_uploads(self.proxy, self.key) > 0, STARTED_DEADLINE), (
+            f"no part of {self.key} uploaded while the file is open ({len(self.proxy.requests)} requests seen)"
+        )
+
+    def on_server(self) -> bytes | None:
+        return server_bytes(self.client, self.bucket, self.key)
+
+    def unfinished(self) -> list[str]:
+        return unfinished_uploads(self.client, self.bucket, self.key)
+
+
+def test_parts_are_uploaded_before_close_and_close_completes_the_object(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
+    data = random_bytes(44 * MIB + 12345, 1)  # not a whole number of parts: the last one is short
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path = at(mnt, s.url)
+        path.parent.mkdir(parents=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            append(fd, data[: 24 * MIB])
+            s.wait_for_parts()
+            assert s.on_server() is None, "the object is complete although the file is still open"
+            append(fd, data[24 * MIB :])
+        finally:
+            os.close(fd)
+        assert s.on_server() == data
+        assert path.read_bytes() == data
+    assert multipart_starts(seaweedfs_proxy, s.key) == 1, "uploaded more than once"
+    assert part_uploads(seaweedfs_proxy, s.key) == 6
+    assert s.unfinished() == []
+    assert not (state_of(s.cache, s.url) or {}).get("dirty")
+
+
+def test_patching_the_header_after_parts_went_up_still_stores_the_right_bytes(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    """Like a zip or tar writer that goes back to fill in a header once it knows the sizes."""
+    s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
+    data = bytearray(random_bytes(32 * MIB, 2))
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path = at(mnt, s.url)
+        path.parent.mkdir(parents=True)
+        with path.open("wb") as f:
+            f.write(data[: 24 * MIB])
+            f.flush()
+            s.wait_for_parts()
+            f.seek(100)
+            f.write(b"patched header")
+            f.seek(24 * MIB)
+            f.write(data[24 * MIB :])
+        data[100 : 100 + len(b"patched header")] = b"patched header"
+        assert s.on_server() == bytes(data)
+        assert s.unfinished() == [], "the abandoned streaming upload was not aborted"
+
+
+def test_fsync_in_the_middle_stores_what_was_written_so_far_and_close_the_rest(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
+    data = random_bytes(40 * MIB, 3)
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path = at(mnt, s.url)
+        path.parent.mkdir(parents=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            append(fd, data[: 20 * MIB])
+            s.wait_for_parts()
+            os.fsync(fd)
+            assert s.on_server() == data[: 20 * MIB]
+            append(fd, data[20 * MIB :])
+        finally:
+            os.close(fd)
+        assert s.on_server() == data
+        assert s.unfinished() == []
+
+
+def test_a_second_writer_on_the_same_file_is_not_lost(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
+    data = bytearray(random_bytes(32 * MIB, 4))
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path = at(mnt, s.url)
+        path.parent.mkdir(parents=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            append(fd, data[: 16 * MIB])
+            s.wait_for_parts()
+            other = os.open(path, os.O_WRONLY)
+            os.pwrite(other, b"second writer", 5 * MIB)
+            os.close(other)
+            append(fd, data[16 * MIB :])
+        finally:
+            os.close(fd)
+        data[5 * MIB : 5 * MIB + len(b"second writer")] = b"second writer"
+        assert s.on_server() == bytes(data)
+        assert path.read_bytes() == bytes(data)
+        assert s.unfinished() == []
+
+
+def test_upload_failure_in_the_middle_fails_close_and_the_bytes_are_uploaded_later(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
+    data = random_bytes(32 * MIB, 5)
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path = at(mnt, s.url)
+        path.parent.mkdir(parents=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            append(fd, data[: 16 * MIB])
+            s.wait_for_parts()
+            seaweedfs_proxy.fail_next(10**9, status=403)  # every request from now on is refused
+            append(fd, data[16 * MIB :])
+        except BaseException:
+            os.close(fd)
+            raise
+        assert errno_of(lambda: os.close(fd)) == errno.EIO
+        assert (state_of(s.cache, s.url) or {}).get("dirty"), "the refused file is not recorded as dirty"
+        assert path.read_bytes() == data, "the mount does not serve what was written"
+        seaweedfs_proxy.reset()
+    assert poll(lambda: s.on_server() == data, 60.0, 0.2), "the file was not uploaded at unmount"
+
+
+def test_unmount_while_a_file_is_being_written_leaves_no_half_object_and_the_next_mount_uploads_it(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
+    data = random_bytes(24 * MIB, 6)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log = tmp_path / "fg.log"
+    process = subprocess.Popen(
+        clearmlfs("mount", "-f", "--config", s.conf, "--log-file", log, mountpoint),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    fd = -1
+    try:
+        assert poll(lambda: os.path.ismount(mountpoint) or process.poll() is not None, 30.0)
+        assert process.poll() is None, servers.log_tail(log)
+        path = at(mountpoint, s.url)
+        path.parent.mkdir(parents=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        append(fd, data)
+        s.wait_for_parts()
+        assert stop_foreground(process, signal.SIGTERM) == 0, servers.log_tail(log)
+    finally:
+        if fd >= 0:
+            errno_of(lambda: os.close(fd))  # the mount is gone: ENOTCONN
+        if process.poll() is None:
+            servers.stop_process(process)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
+    assert s.on_server() is None, "an object was completed from a file still being written"
+    assert s.unfinished() == [], "the streaming upload was left unfinished on the server"
+    assert (state_of(s.cache, s.url) or {}).get("dirty"), "the file being written is not recorded as dirty"
+    with mounted(s.conf, tmp_path / "mnt2"):
+        assert poll(lambda: s.on_server() == data, 60.0, 0.2), "the next mount did not upload the file"
+
+
+def test_without_multipart_a_large_file_is_one_put_at_close(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    s = Setup(seaweedfs, seaweedfs_proxy, tmp_path, multipart=False)
+    data = random_bytes(24 * MIB, 7)
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path = at(mnt, s.url)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        assert s.on_server() == data
+    uploads = [r for r in seaweedfs_proxy.requests if r.method in ("PUT", "POST") and r.path.endswith(s.key)]
+    assert [(r.method, r.query) for r in uploads] == [("PUT", "")]
