@@ -344,10 +344,37 @@ class CacheContext:
             over_bytes = self.byte_limit is not None and total > self.byte_limit
             if not (over_count or over_bytes) or not self._evictable(path.name, locks.get(path.name, [])):
                 continue
-            total -= _size(path)
-            self._remove(path)
-            evicted.append(path)
+            size = _size(path)
+            if self._evict(path):
+                total -= size
+                evicted.append(path)
         return evicted
+
+    def _evict(self, path: Path) -> bool:
+        """Remove an entry nobody pins, without racing a process that pins and opens it right now.
+
+        The entry is moved aside first, then its pins are checked afresh: a pin taken before that check keeps
+        the entry (moved back); an opener that pins after it finds the name gone or another file there
+        (OpenFiles checks), so nobody ends up writing into a file that is deleted under them.
+        """
+        aside = path.with_name(f"{path.name}.{os.getpid()}.evicting{PARTIAL_SUFFIX}")
+        try:
+            os.rename(path, aside)
+        except OSError:
+            return False
+        if self.is_pinned(path.name):
+            with contextlib.suppress(OSError):  # (if the name was taken again meanwhile, left aside and swept later)
+                if aside.is_dir():
+                    os.rename(aside, path)
+                else:
+                    os.link(aside, path)
+                    aside.unlink()
+            return False
+        self._remove(aside)
+        if not path.exists():  # not created again meanwhile: its state goes too
+            with contextlib.suppress(OSError):
+                self._state_path(path.name).unlink()
+        return True
 
     def _entries(self) -> list[Path]:
         return self._scan()[0]
@@ -384,8 +411,9 @@ class CacheContext:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        with contextlib.suppress(OSError):
-            self._state_path(path.name).unlink()
+        if not path.name.endswith(PARTIAL_SUFFIX):
+            with contextlib.suppress(OSError):
+                self._state_path(path.name).unlink()
 
     def clear(self, include_dirty: bool = False) -> list[Path]:
         """Remove every entry nobody has pinned (and, unless `include_dirty`, that is uploaded)."""

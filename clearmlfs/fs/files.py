@@ -144,6 +144,10 @@ class OpenFiles:
         except OSError:
             pin.release()
             raise
+        if os.fstat(fd).st_ino != _inode(path):  # evicted (or replaced) between our pin and our open
+            os.close(fd)
+            pin.release()
+            raise FileNotFoundError(errno.ENOENT, "evicted from the cache while being opened", str(path))
         return self._register(node, fd, node.url, pin)
 
     def _streaming(self, node: Node, download: Download, keep_cache: bool) -> OpenFile:
@@ -156,8 +160,14 @@ class OpenFiles:
     async def _open_truncated(self, node: Node, flags: int) -> OpenFile:
         # The old content is about to be dropped: do not download it.
         path = self.cache.path_for(node.url)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        handle = self._open_cached(node, path, flags)
+        for attempt in range(3):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            try:
+                handle = self._open_cached(node, path, flags)
+                break
+            except FileNotFoundError:  # evicted between its creation and our pin
+                if attempt == 2:
+                    raise
         await self._make_dirty(handle)
         os.ftruncate(handle.fd, 0)
         node.size = 0
@@ -299,3 +309,10 @@ class OpenFiles:
         if handle.dirty and not any(h.dirty and h.url == handle.url for h in self._handles.values()):
             # flush failed; the writeback loop keeps retrying from the cache file
             self.writeback.busy.discard(handle.url)
+
+
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return -1
