@@ -325,6 +325,18 @@ class CacheContext:
                 os.close(fd)
         return pinned
 
+    def _lock_paths_now(self, name: str, known: list[Path]) -> list[Path]:
+        """`known` (from a listing) and any lock file made since: a new pin takes the lowest free number, so
+        probing from .000 up to the first missing one finds it without listing the folder again."""
+        paths = list(known)
+        for i in range(1000):
+            lock_path = self.folder / f"{LOCK_PREFIX}{i:03d}.{name}{LOCK_SUFFIX}"
+            if not lock_path.exists():
+                break
+            if lock_path not in paths:
+                paths.append(lock_path)
+        return paths
+
     # -- limits and eviction ------------------------------------------------------------------------
     def set_file_limit(self, limit: int) -> int:
         """Raise the entry-count limit (never lowers it, as in the SDK); returns the limit in force."""
@@ -345,12 +357,12 @@ class CacheContext:
             if not (over_count or over_bytes) or not self._evictable(path.name, locks.get(path.name, [])):
                 continue
             size = _size(path)
-            if self._evict(path):
+            if self._evict(path, locks.get(path.name, [])):
                 total -= size
                 evicted.append(path)
         return evicted
 
-    def _evict(self, path: Path) -> bool:
+    def _evict(self, path: Path, known_locks: list[Path]) -> bool:
         """Remove an entry nobody pins, without racing a process that pins and opens it right now.
 
         The entry is moved aside first, then its pins are checked afresh: a pin taken before that check keeps
@@ -362,7 +374,7 @@ class CacheContext:
             os.rename(path, aside)
         except OSError:
             return False
-        if self.is_pinned(path.name):
+        if self.is_pinned(path.name, self._lock_paths_now(path.name, known_locks)):
             with contextlib.suppress(OSError):  # (if the name was taken again meanwhile, left aside and swept later)
                 if aside.is_dir():
                     os.rename(aside, path)

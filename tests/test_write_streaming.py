@@ -73,6 +73,12 @@ class Setup:
     def unfinished(self) -> list[str]:
         return unfinished_uploads(self.client, self.bucket, self.key)
 
+    def create(self, mnt: Path) -> tuple[Path, int]:
+        """The file under test, created in the mount and open for writing, as `open(path, "wb")` does."""
+        path = at(mnt, self.url)
+        path.parent.mkdir(parents=True)
+        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
 
 def test_parts_are_uploaded_before_close_and_close_completes_the_object(
     seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
@@ -80,9 +86,7 @@ def test_parts_are_uploaded_before_close_and_close_completes_the_object(
     s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
     data = random_bytes(44 * MIB + 12345, 1)  # not a whole number of parts: the last one is short
     with mounted(s.conf, tmp_path / "mnt") as mnt:
-        path = at(mnt, s.url)
-        path.parent.mkdir(parents=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        path, fd = s.create(mnt)
         try:
             append(fd, data[: 24 * MIB])
             s.wait_for_parts()
@@ -126,9 +130,7 @@ def test_fsync_in_the_middle_stores_what_was_written_so_far_and_close_the_rest(
     s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
     data = random_bytes(40 * MIB, 3)
     with mounted(s.conf, tmp_path / "mnt") as mnt:
-        path = at(mnt, s.url)
-        path.parent.mkdir(parents=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        path, fd = s.create(mnt)
         try:
             append(fd, data[: 20 * MIB])
             s.wait_for_parts()
@@ -147,9 +149,7 @@ def test_a_second_writer_on_the_same_file_is_not_lost(
     s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
     data = bytearray(random_bytes(32 * MIB, 4))
     with mounted(s.conf, tmp_path / "mnt") as mnt:
-        path = at(mnt, s.url)
-        path.parent.mkdir(parents=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        path, fd = s.create(mnt)
         try:
             append(fd, data[: 16 * MIB])
             s.wait_for_parts()
@@ -171,9 +171,7 @@ def test_upload_failure_in_the_middle_fails_close_and_the_bytes_are_uploaded_lat
     s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
     data = random_bytes(32 * MIB, 5)
     with mounted(s.conf, tmp_path / "mnt") as mnt:
-        path = at(mnt, s.url)
-        path.parent.mkdir(parents=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        path, fd = s.create(mnt)
         try:
             append(fd, data[: 16 * MIB])
             s.wait_for_parts()
