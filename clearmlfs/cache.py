@@ -115,6 +115,12 @@ class CacheContext:
     def path_for(self, url: str) -> Path:
         return self.folder / entry_name(url, self._name_max)
 
+    def partial_for(self, url: str) -> Path:
+        """A fresh name for a download of `url` in progress: renamed to `path_for(url)` once complete, and
+        skipped by scans until then (the SDK's `.partially` convention)."""
+        final = self.path_for(url)
+        return final.with_name(f"{final.name}_{time.time()}{PARTIAL_SUFFIX}")
+
     def _state_path(self, name: str) -> Path:
         return self.state_folder / f"{name}.json"
 
@@ -231,7 +237,7 @@ class CacheContext:
         lock_fd = self.try_fetch_lock(url)
         if lock_fd is None:
             return None
-        partial = final.with_name(f"{final.name}_{time.time()}{PARTIAL_SUFFIX}")
+        partial = self.partial_for(url)
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -275,8 +281,7 @@ class CacheContext:
         return self.state_folder / f"{self.path_for(url).name}.fetch"
 
     def _download(self, url: str, backend: Backend, key: str) -> Path:
-        final = self.path_for(url)
-        partial = final.with_name(f"{final.name}_{time.time()}{PARTIAL_SUFFIX}")
+        final, partial = self.path_for(url), self.partial_for(url)
         try:
             os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             info = backend.download(key, partial)

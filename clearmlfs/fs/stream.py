@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from ..backends import Backend, ObjectInfo
-from ..cache import PARTIAL_SUFFIX, CacheContext, EntryState
+from ..cache import CacheContext, EntryState
 from .workers import Workers
 from .writeback import WriteBack
 
@@ -277,8 +276,7 @@ class Downloads(TaskHost):
         lock_fd = self.cache.try_fetch_lock(url)
         if lock_fd is None:
             return None
-        final = self.cache.path_for(url)
-        partial = final.with_name(f"{final.name}_{time.time()}{PARTIAL_SUFFIX}")
+        partial = self.cache.partial_for(url)
         fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.ftruncate(fd, info.size)  # sparse: parts land at their offsets
         return partial, fd, lock_fd

@@ -52,12 +52,9 @@ class WriteBack:
 
         await self.workers.metadata(bump)
 
-    def _lock(self, url: str) -> trio.Lock:
-        return self._locks.setdefault(url, trio.Lock())
-
     def lock(self, url: str) -> trio.Lock:
         """Held by uploads of `url`, and by fetches about to replace its cache file."""
-        return self._lock(url)
+        return self._locks.setdefault(url, trio.Lock())
 
     def local_changes(self, url: str) -> bool:
         """Whether `url`'s cache file is (or may become) newer than the server's object: keep fetches off it."""
@@ -66,7 +63,7 @@ class WriteBack:
     async def open_writer(self, url: str) -> None:
         """A handle is opening `url` for writing. An upload of its cache file (a retry) or a fetch replacing
         it finishes first: one reads the file whole, the other swaps it, and neither must meet a writer."""
-        async with self._lock(url):
+        async with self.lock(url):
             self.writers[url] = self.writers.get(url, 0) + 1
 
     def close_writer(self, url: str) -> None:
@@ -80,7 +77,7 @@ class WriteBack:
         With `stream` (an upload of this same content, started while it was written): complete that one
         instead, and upload `source` only if the stream failed or was aborted.
         """
-        async with self._lock(url):
+        async with self.lock(url):
             if stream is not None:
                 info = await self._finish_stream(stream)
                 if info is not None:
@@ -151,7 +148,7 @@ class WriteBack:
         """Upload every dirty entry nobody has open; returns how many are still dirty."""
         remaining = 0
         for state in await self.workers.metadata(self.cache.dirty_entries):
-            async with self._lock(state.url):
+            async with self.lock(state.url):
                 if state.url in self.busy:
                     continue  # an open writer's flush uploads it
                 try:
