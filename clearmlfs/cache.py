@@ -127,8 +127,7 @@ class CacheContext:
     # -- state --------------------------------------------------------------------------------------
     def state(self, url: str) -> EntryState | None:
         try:
-            raw = json.loads(self._state_path(self.path_for(url).name).read_text())
-            return EntryState(**raw)
+            return EntryState(**json.loads(_read_small_file(self._state_path(self.path_for(url).name))))
         except (OSError, ValueError, TypeError):
             return None
 
@@ -137,11 +136,14 @@ class CacheContext:
         path = self._state_path(self.path_for(state.url).name)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(state), f)
+        try:
+            data = memoryview(json.dumps(asdict(state)).encode())
+            while data:  # (one write, in practice: the buffered text layer cost more than the write)
+                data = data[os.write(fd, data):]
             if durable or state.dirty:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
 
     def dirty_entries(self) -> list[EntryState]:
@@ -348,21 +350,26 @@ class CacheContext:
         self.file_limit = max(self.file_limit, int(limit))
         return self.file_limit
 
-    def clean(self) -> list[Path]:
-        """Evict least-recently-used entries beyond the count and byte limits; never pinned or dirty ones."""
+    def clean(self, headroom: float = 0.0) -> list[Path]:
+        """Evict least-recently-used entries beyond the count and byte limits, never pinned or dirty ones.
+
+        `headroom`: the fraction of each limit to free beyond it, so that many additions need one scan.
+        """
         found, locks = self._scan()
+        file_limit = int(self.file_limit * (1 - headroom))
+        if len(found) <= file_limit and self.byte_limit is None:
+            return []  # (without a single stat: the listing's file types are enough)
         entries = sorted(found, key=_last_used, reverse=True)
-        if len(entries) <= self.file_limit and self.byte_limit is None:
-            return []
-        total = sum(_size(p) for p in entries) if self.byte_limit is not None else 0
+        byte_limit = None if self.byte_limit is None else int(self.byte_limit * (1 - headroom))
+        total = sum(_size(e) for e in entries) if byte_limit is not None else 0
         evicted = []
-        for index, path in enumerate(entries):
-            over_count = index >= self.file_limit
-            over_bytes = self.byte_limit is not None and total > self.byte_limit
-            if not (over_count or over_bytes) or not self._evictable(path.name, locks.get(path.name, [])):
+        for index, entry in enumerate(entries):
+            over_count = index >= file_limit
+            over_bytes = byte_limit is not None and total > byte_limit
+            if not (over_count or over_bytes) or not self._evictable(entry.name, locks.get(entry.name, [])):
                 continue
-            size = _size(path)
-            if self._evict(path, locks.get(path.name, [])):
+            size, path = _size(entry), Path(entry.path)
+            if self._evict(path, locks.get(entry.name, [])):
                 total -= size
                 evicted.append(path)
         return evicted
@@ -394,30 +401,31 @@ class CacheContext:
         return True
 
     def _entries(self) -> list[Path]:
-        return self._scan()[0]
+        return [Path(e.path) for e in self._scan()[0]]
 
-    def _scan(self) -> tuple[list[Path], dict[str, list[Path]]]:
+    def _scan(self) -> tuple[list[os.DirEntry[str]], dict[str, list[Path]]]:
         """The entries of the folder, and the lock files of each (by entry name), in one listing."""
-        entries: list[Path] = []
+        entries: list[os.DirEntry[str]] = []
         locks: dict[str, list[Path]] = {}
         now = time.time()
-        for path in self.folder.iterdir():
-            name = path.name
-            if name.startswith(LOCK_PREFIX) and name.endswith(LOCK_SUFFIX):
-                locks.setdefault(name[len(LOCK_PREFIX) + 4 : -len(LOCK_SUFFIX)], []).append(path)
-                continue
-            if name.endswith(PARTIAL_SUFFIX):
-                if now - _last_used(path) > STALE_PARTIAL_SECONDS:
-                    self._remove(path)  # left behind by a crashed download
-                continue
-            entries.append(path)
+        with os.scandir(self.folder) as listing:
+            for entry in listing:
+                name = entry.name
+                if name.startswith(LOCK_PREFIX) and name.endswith(LOCK_SUFFIX):
+                    locks.setdefault(name[len(LOCK_PREFIX) + 4 : -len(LOCK_SUFFIX)], []).append(Path(entry.path))
+                    continue
+                if name.endswith(PARTIAL_SUFFIX):
+                    if now - _last_used(entry) > STALE_PARTIAL_SECONDS:
+                        self._remove(Path(entry.path))  # left behind by a crashed download
+                    continue
+                entries.append(entry)
         return entries, locks
 
     def _evictable(self, name: str, lock_paths: list[Path] | None = None) -> bool:
         if self.is_pinned(name, lock_paths):
             return False
         with contextlib.suppress(OSError, ValueError, TypeError):
-            if json.loads(self._state_path(name).read_text()).get("dirty"):
+            if json.loads(_read_small_file(self._state_path(name))).get("dirty"):
                 return False
         return True
 
@@ -444,8 +452,8 @@ class CacheContext:
 
     def stats(self) -> tuple[int, int]:
         """(entries, bytes) currently in this context."""
-        entries = self._entries()
-        return len(entries), sum(_size(p) for p in entries)
+        entries = self._scan()[0]
+        return len(entries), sum(_size(e) for e in entries)
 
 
 def _sdk_copy_matches(path: Path, info: ObjectInfo) -> bool:
@@ -466,6 +474,15 @@ def _sdk_copy_matches(path: Path, info: ObjectInfo) -> bool:
     return st.st_mtime >= info.mtime
 
 
+def _read_small_file(path: Path) -> bytes:
+    """The whole of a small file in one read (no buffered text layer: a state file is read per open)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+
+
 def private_dirs(folder: Path) -> None:
     """Create `folder` and any missing parents 0700 (mkdir's mode applies only to the last one)."""
     missing = []
@@ -481,21 +498,22 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def _last_used(path: Path) -> float:
+def _last_used(entry: os.DirEntry[str]) -> float:
     # A folder (an extracted archive) counts as used when anything directly in it was.
     try:
-        stamp = path.stat().st_mtime
-        if path.is_dir():
-            stamp = max([stamp, *(child.stat().st_mtime for child in path.iterdir())])
+        stamp = entry.stat(follow_symlinks=False).st_mtime
+        if entry.is_dir(follow_symlinks=False):
+            with os.scandir(entry.path) as children:
+                stamp = max([stamp, *(child.stat(follow_symlinks=False).st_mtime for child in children)])
         return stamp
     except OSError:
         return 0.0
 
 
-def _size(path: Path) -> int:
+def _size(entry: os.DirEntry[str]) -> int:
     try:
-        if path.is_dir():
-            return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        return path.stat().st_size
+        if entry.is_dir(follow_symlinks=False):
+            return sum(f.stat().st_size for f in Path(entry.path).rglob("*") if f.is_file())
+        return entry.stat(follow_symlinks=False).st_size
     except OSError:
         return 0

@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str, log_file: str | None) -> None:
+def setup_logging(level: str, log_file: str | None) -> None:
     handler: logging.Handler = logging.FileHandler(_private_log(log_file)) if log_file else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
@@ -392,7 +392,7 @@ def _from_mount_helper(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_from_mount_helper(list(sys.argv[1:] if argv is None else argv)))
-    _setup_logging(args.log_level, getattr(args, "log_file", None))
+    setup_logging(args.log_level, getattr(args, "log_file", None))
     try:
         return int(args.func(args))
     except (ConfigError, InvalidURL) as exc:

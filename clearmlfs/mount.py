@@ -20,6 +20,8 @@ from .backends import BackendPool
 from .cache import CacheContext
 from .config import Settings
 from .errors import ConfigError
+from .fetcher import Setup
+from .fs.fetchers import Fetchers
 from .fs.files import OpenFiles
 from .fs.namespace import Namespace
 from .fs.operations import Operations
@@ -55,6 +57,7 @@ class MountOptions:
     read_ahead_kb: int = 4096  # the mount's bdi read-ahead: large sequential FUSE reads
     small_file_size: int = 4 * 1024 * 1024
     readahead_files: int = 32
+    fetch_processes: int = 2  # helper processes fetching small files ahead (0: threads of the daemon)
 
 
 def parse_options(values: list[str]) -> MountOptions:
@@ -98,11 +101,13 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         opts.small_file_size = parse_size(value)
     elif name == "readahead_files":
         opts.readahead_files = max(0, int(value))
+    elif name == "fetch_processes":
+        opts.fetch_processes = max(0, int(value))
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
             "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=, small_file_size=, "
-            "readahead_files=)"
+            "readahead_files=, fetch_processes=)"
         )
 
 
@@ -133,26 +138,32 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl)
     stream = StreamSettings(opts.read_part_size, opts.read_concurrency)
     downloads = Downloads(cache, workers, writeback, stream)
-    small = SmallFiles(ns, cache, workers, downloads.cleaner, SmallSettings(opts.small_file_size, opts.readahead_files))
+    setup = Setup(settings, cache_dir, cache.context, cache.file_limit, cache.byte_limit,
+                  logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+    fetchers = Fetchers(setup, opts.fetch_processes)
+    small_settings = SmallSettings(opts.small_file_size, opts.readahead_files)
+    small = SmallFiles(ns, cache, workers, fetchers, downloads.cleaner, small_settings)
     ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, downloads, small, opts.read_only), ttl=opts.ttl)
     fuse_options = set(pyfuse3.default_options) | {"fsname=clearmlfs", "subtype=clearmlfs"}
     fuse_options |= {"allow_other"} if opts.allow_other else set()
     fuse_options |= {"ro"} if opts.read_only else set()
     pyfuse3.init(ops, str(mountpoint), fuse_options)
     try:
-        trio.run(_main, writeback, downloads, small, mountpoint, opts.read_ahead_kb, backends)
+        trio.run(_main, writeback, downloads, small, fetchers, mountpoint, opts.read_ahead_kb, backends)
     finally:
         pyfuse3.close(unmount=True)
         backends.close()
     log.info("unmounted %s", mountpoint)
 
 
-async def _when_answering(mountpoint: Path, read_ahead_kb: int, backends: BackendPool) -> None:
+async def _when_answering(mountpoint: Path, read_ahead_kb: int, backends: BackendPool, fetchers: Fetchers) -> None:
     # stat() of the mount point is served by this very loop: from a thread, once pyfuse3.main runs.
     await trio.to_thread.run_sync(_raise_read_ahead, mountpoint, read_ahead_kb)
     # Ready means fast: the SDK clients take ~100 ms each to create, not on the first open's time.
     with trio.move_on_after(WARM_UP_SECONDS):  # a credential lookup that hangs must not hold up the mount
-        await trio.to_thread.run_sync(backends.warm_up, abandon_on_cancel=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetchers.prestart)
+            await trio.to_thread.run_sync(backends.warm_up, abandon_on_cancel=True)
     _notify_systemd(b"READY=1")
     _notify_parent()
     log.info("mounted %s", mountpoint)
@@ -183,16 +194,17 @@ def _raise_read_ahead(mountpoint: Path, kb: int) -> None:
 
 
 async def _main(
-    writeback: WriteBack, downloads: Downloads, small: SmallFiles, mountpoint: Path, read_ahead_kb: int,
-    backends: BackendPool,
+    writeback: WriteBack, downloads: Downloads, small: SmallFiles, fetchers: Fetchers, mountpoint: Path,
+    read_ahead_kb: int, backends: BackendPool,
 ) -> None:
     await writeback.load()  # before the first request: files left dirty must show as they are locally
     async with trio.open_nursery() as nursery:
         await nursery.start(downloads.run)
         await nursery.start(small.run)
+        await nursery.start(fetchers.run)
         nursery.start_soon(writeback.run)
         nursery.start_soon(_on_signals)
-        nursery.start_soon(_when_answering, mountpoint, read_ahead_kb, backends)
+        nursery.start_soon(_when_answering, mountpoint, read_ahead_kb, backends, fetchers)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     _notify_systemd(b"STOPPING=1")

@@ -12,7 +12,8 @@ turns within a round, the order rotating between rounds):
           complete on the server (HEAD polled) -- rclone uploads after close, so the latter is the fair one
   ls      `ls -lR` of a prefix with many small objects, cold metadata
   small   read many 64 KiB objects one after the other, cold
-  rss     peak daemon VmRSS (sampled every 50 ms) while reading the stream object cold
+  rss     peak VmRSS of the daemon and its child processes (sampled every 50 ms) while reading the stream
+          object cold
 
 "Cold" = the tool unmounted, its cache folder emptied, mounted again, then `sync; echo 3 > drop_caches`.
 MB = 10^6 bytes. Needs root (FUSE mounts, drop_caches, apt-get) and 20 GiB free disk.

@@ -115,8 +115,20 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def tree_rss_bytes(pid: int) -> int:
+    """VmRSS of `pid` and its child processes (clearmlfs's fetcher processes count as the daemon's memory;
+    pages they share with it are counted twice, so this errs high)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = rss_bytes(pid)
+    for child in children:
+        with contextlib.suppress(OSError):
+            total += tree_rss_bytes(int(child))
+    return total
+
+
 class RssSampler:
-    """Samples a process's VmRSS every ``interval`` seconds on a thread; ``peak`` in bytes."""
+    """Samples the VmRSS of a process and its children every ``interval`` seconds on a thread; ``peak`` in
+    bytes."""
 
     def __init__(self, pid: int, interval: float = 0.05) -> None:
         self.pid = pid
@@ -129,7 +141,7 @@ class RssSampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(OSError):
-                self.peak = max(self.peak, rss_bytes(self.pid))
+                self.peak = max(self.peak, tree_rss_bytes(self.pid))
                 self.samples += 1
             self._stop.wait(self.interval)
 

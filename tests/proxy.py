@@ -64,6 +64,7 @@ class RequestRecord:
     request_bytes: int  # request body bytes received from the client
     response_bytes: int  # response body bytes sent to the client
     fault: str | None = None  # injected: "reset", "truncate", or the status as a string ("503")
+    agent: str = ""  # the request's User-Agent
 
 
 class Proxy:
@@ -219,7 +220,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             body = self._read_body()
         except IncompleteBody as exc:
             # Like any real server: a request whose body was cut short is dropped, never forwarded as if whole.
-            self.owner._record(RequestRecord(self.command, unquote(parts.path), parts.query, 0, exc.received, 0))
+            agent = self.headers["User-Agent"] or ""
+            self.owner._record(RequestRecord(self.command, unquote(parts.path), parts.query, 0, exc.received, 0,
+                                             agent=agent))
             self.close_connection = True
             return
         fault, status = self.owner._next_fault()
@@ -227,7 +230,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         # Called before the last byte reaches the client, so a test that got its response sees the record.
         def done(status: int, sent: int, fault: str | None = fault) -> None:
             self.owner._record(
-                RequestRecord(self.command, unquote(parts.path), parts.query, status, len(body), sent, fault)
+                RequestRecord(
+                    self.command, unquote(parts.path), parts.query, status, len(body), sent, fault,
+                    self.headers["User-Agent"] or "",
+                )
             )
 
         try:

@@ -6,6 +6,7 @@ What the server is asked for is counted by a proxy in front of SeaweedFS.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,13 +34,31 @@ def folder(seaweedfs: servers.SeaweedFS) -> Iterator[tuple[str, dict[str, bytes]
     yield prefix, contents
 
 
-@pytest.fixture()
-def proxied(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> Iterator[tuple[Proxy, Path]]:
+@pytest.fixture(params=[2, 0], ids=["fetcher-processes", "daemon-threads"])
+def proxied(seaweedfs: servers.SeaweedFS, tmp_path: Path, request) -> Iterator[tuple[Proxy, Path]]:
+    """A mount behind a counting proxy; files fetched ahead by fetcher processes, or by the daemon's threads."""
     with Proxy(upstream=seaweedfs.endpoint) as proxy:
         store = stores.seaweed_store(seaweedfs, host=proxy.host)
         conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
-        with mounted(conf, tmp_path / "mnt", extra_args=["-o", "ttl=30,list_ttl=30"]) as mnt:
+        options = f"ttl=30,list_ttl=30,fetch_processes={request.param}"
+        with mounted(conf, tmp_path / "mnt", extra_args=["-o", options]) as mnt:
+            assert len(fetchers_of(tmp_path / "mnt")) == request.param
             yield proxy, mnt / url_to_mount_path(store.root)
+
+
+def fetchers_of(mountpoint: Path) -> set[int]:
+    """The fetcher processes of the daemon serving `mountpoint`."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"clearmlfs.fetcher" not in (proc / "cmdline").read_bytes():
+                continue
+            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if str(mountpoint).encode() in Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0"):
+                found.add(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
 
 
 def test_a_directory_read_in_name_order_costs_one_get_per_file_and_no_head(folder, proxied) -> None:
@@ -116,3 +135,26 @@ def test_a_file_that_grew_past_the_small_limit_since_its_listing_is_read_whole(
         time.sleep(0.3)
         with open(folder / "grows.bin", "rb") as f:
             assert f.read() == big
+
+
+def test_a_fetcher_process_killed_mid_walk_costs_the_reader_nothing_and_all_end_with_the_mount(
+    folder, seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    prefix, contents = folder
+    names = sorted(contents)
+    store = stores.seaweed_store(seaweedfs)
+    conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
+    seen: set[int] = set()
+    with mounted(conf, tmp_path / "mnt") as mnt:
+        folder_path = mnt / url_to_mount_path(store.root) / prefix
+        for name in names[:10]:
+            assert (folder_path / name).read_bytes() == contents[name]
+        seen |= fetchers_of(tmp_path / "mnt")
+        assert len(seen) == 2, "the mount did not start its two fetcher processes"
+        for pid in seen:
+            os.kill(pid, signal.SIGKILL)
+        for name in names[10:]:
+            assert (folder_path / name).read_bytes() == contents[name], name
+        assert poll(lambda: len(fetchers_of(tmp_path / "mnt") - seen) > 0, 10), "no fetcher took the dead ones' place"
+        seen |= fetchers_of(tmp_path / "mnt")
+    assert poll(lambda: not any(Path(f"/proc/{pid}").exists() for pid in seen), 10), "fetchers outlived the mount"

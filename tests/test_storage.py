@@ -107,6 +107,66 @@ def test_ranged_reads(store: Store, conf: Path, tmp_path: Path) -> None:
     assert backend.read(key, len(data) + 10, 10) == b""
 
 
+def test_a_small_object_comes_whole_in_one_call_and_unchanged_costs_nothing_to_copy(
+    store: Store, conf: Path, tmp_path: Path
+) -> None:
+    url = f"{store.fresh_prefix()}/small.json"
+    body = os.urandom(3000)
+    StorageManager.upload_file(str(_write(tmp_path / "src", body)), url)
+    backend, key = _backend(conf, url)
+
+    def read_small(limit: int, unless_etag: str | None = None) -> tuple[ObjectInfo | None, bytes]:
+        dest = tmp_path / "dest"
+        fd = os.open(dest, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            return backend.read_small(fd, key, limit, unless_etag), dest.read_bytes()
+        finally:
+            os.close(fd)
+
+    info, data = read_small(MIB)
+    assert data == body and info is not None and info.size == len(body) and info.etag
+    assert read_small(MIB, unless_etag=info.etag) == (None, b"")
+    bigger, data = read_small(1000)  # over the limit: its size says so, and the caller reads it another way
+    assert bigger is not None and bigger.size == len(body) and bigger.etag == info.etag
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_small_s3_gets_skip_the_client_pipeline_and_leave_anything_unusual_to_it(
+    seaweedfs, seaweedfs_proxy, tmp_path: Path
+) -> None:
+    """Small GETs are signed and sent without botocore's request pipeline (a third of its CPU); any answer
+    but 200/304 is retried through the client, and a redirect or a 400 (a region only the client knows how to
+    follow) sends every later GET of that bucket through the client."""
+    store = stores.seaweed_store(seaweedfs, host=seaweedfs_proxy.host)
+    conf = stores.write_conf(tmp_path / "c.conf", tmp_path / "cache", store)
+    key = f"{store.fresh_prefix().split('/', 4)[-1]}/small.bin"
+    body = os.urandom(5000)
+    seaweedfs.client().put_object(Bucket=seaweedfs.bucket, Key=key, Body=body)
+    backend, _ = _backend(conf, f"{store.root}/{key}")
+    fd = os.open(tmp_path / "dest", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def agents_of_a_read(fail: int | None = None) -> list[tuple[int, str]]:
+        seaweedfs_proxy.reset()
+        if fail is not None:
+            seaweedfs_proxy.fail_next(1, status=fail)
+        info = backend.read_small(fd, key, MIB)
+        assert info is not None and (tmp_path / "dest").read_bytes() == body
+        return [(r.status, r.agent.split("/")[0]) for r in seaweedfs_proxy.requests]
+
+    try:
+        assert agents_of_a_read() == [(200, "clearmlfs")]
+        assert agents_of_a_read(fail=503) == [(503, "clearmlfs"), (200, "Boto3")]
+        assert agents_of_a_read() == [(200, "clearmlfs")]  # a 503 is passing weather
+        assert agents_of_a_read(fail=400) == [(400, "clearmlfs"), (200, "Boto3")]
+        assert agents_of_a_read() == [(200, "Boto3")]  # from now on, the client's own way
+    finally:
+        os.close(fd)
+
+
 def test_stat_delete_copy_and_missing_objects(store: Store, conf: Path, tmp_path: Path) -> None:
     url = f"{store.fresh_prefix()}/x.txt"
     StorageManager.upload_file(str(_file(tmp_path / "x", 1234)), url)

@@ -22,6 +22,7 @@ import trio
 from ..backends import ObjectInfo
 from ..cache import CacheContext
 from ..errors import StorageError
+from .fetchers import Fetchers
 from .inodes import Kind, Node
 from .namespace import Namespace
 from .stream import Cleaner, TaskHost
@@ -51,9 +52,10 @@ class _Walk:
 
 class SmallFiles(TaskHost):
     def __init__(
-        self, ns: Namespace, cache: CacheContext, workers: Workers, cleaner: Cleaner, settings: SmallSettings
+        self, ns: Namespace, cache: CacheContext, workers: Workers, fetchers: Fetchers, cleaner: Cleaner,
+        settings: SmallSettings,
     ) -> None:
-        self.ns, self.cache, self.workers, self.cleaner = ns, cache, workers, cleaner
+        self.ns, self.cache, self.workers, self.fetchers, self.cleaner = ns, cache, workers, fetchers, cleaner
         self.settings = settings
         self._fetching: dict[str, trio.Event] = {}
         self._ready: dict[str, tuple[str, Path]] = {}  # url → (ETag, cache file) fetched ahead, not opened yet
@@ -83,7 +85,7 @@ class SmallFiles(TaskHost):
         while (fetching := self._fetching.get(url)) is not None:
             await fetching.wait()
 
-    async def _fetch(self, node: Node) -> Path | None:
+    async def _fetch(self, node: Node, ahead: bool = False) -> Path | None:
         url = node.url
         await self._settled(url)  # one fetch of a URL at a time
         backend, key = self.ns.locate(node)
@@ -94,9 +96,12 @@ class SmallFiles(TaskHost):
             async with writeback.lock(url):  # a writer opening it waits for the new file to be in place
                 if writeback.local_changes(url):
                     return None  # written here: the cache file is the writer's, not the server's
-                result = await self.workers.metadata(
-                    self.cache.fetch_small, url, backend, key, self.settings.max_size, known
-                )
+                if ahead and self.fetchers.available:  # in a fetcher process: the daemon keeps its GIL
+                    result = await self.fetchers.fetch_small(url, self.settings.max_size, known)
+                else:  # a reader waits for this one: no queueing behind read-ahead
+                    result = await self.workers.metadata(
+                        self.cache.fetch_small, url, backend, key, self.settings.max_size, known
+                    )
         finally:
             del self._fetching[url]
             done.set()
@@ -159,7 +164,7 @@ class SmallFiles(TaskHost):
             if node.url in self._fetching or not self.applies(node) or self.ns.writeback.lock(node.url).locked():
                 return  # being fetched, written or uploaded: the reader's own open will see to it
             try:
-                path = await self._fetch(node)
+                path = await self._fetch(node, ahead=True)
             except (StorageError, OSError) as exc:  # the reader's own open tries again and reports it
                 log.debug("read-ahead of %s failed: %s", node.url, exc)
                 return

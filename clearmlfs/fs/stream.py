@@ -215,8 +215,12 @@ class Download:
 class Cleaner:
     """Keeps the cache within its limits as downloads add entries, without a full scan per small file.
 
-    A scan runs once a tenth of the limits has been added, so the cache overshoots by at most that.
+    Once a quarter of a limit has been added, a scan evicts down to three quarters of it: the cache never
+    exceeds its limits by more than the entries added since the last scan, and a walk through many small
+    files costs a scan per quarter of the limit, not one per file.
     """
+
+    HEADROOM = 0.25
 
     def __init__(self, cache: CacheContext, workers: Workers) -> None:
         self.cache, self.workers = cache, workers
@@ -224,10 +228,11 @@ class Cleaner:
 
     async def added(self, size: int) -> None:
         self._files, self._bytes = self._files + 1, self._bytes + size
-        byte_step = self.cache.byte_limit // 10 if self.cache.byte_limit else 1 << 62
-        if self._files >= max(1, self.cache.file_limit // 10) or self._bytes >= byte_step:
+        file_step = max(1, int(self.cache.file_limit * self.HEADROOM))
+        byte_step = int(self.cache.byte_limit * self.HEADROOM) if self.cache.byte_limit else 1 << 62
+        if self._files >= file_step or self._bytes >= byte_step:
             self._files = self._bytes = 0
-            await self.workers.metadata(self.cache.clean)
+            await self.workers.metadata(self.cache.clean, self.HEADROOM)
 
 
 class TaskHost:

@@ -1,0 +1,156 @@
+"""Helper processes (`clearmlfs.fetcher`) that fetch small objects ahead of a reader, off the daemon's GIL.
+
+They start on first use and exit after a while without work, so a mount that never walks a directory of
+small files never pays for them. Anything going wrong with one (it cannot start, it dies, it answers
+garbage) fails only the fetch at hand: read-ahead is an optimisation, and the reader's own open fetches the
+file in the daemon as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from ..backends import ObjectInfo
+from ..errors import StorageError
+from ..fetcher import HEADER, Setup, frame
+from .stream import TaskHost
+
+log = logging.getLogger(__name__)
+
+SmallResult = tuple[Path | None, ObjectInfo] | None  # what CacheContext.fetch_small returns
+
+
+class _Process:
+    """One fetcher, asked one question at a time."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.idle_since = time.monotonic()
+        self.answered = 0
+        self._buffer = bytearray()
+
+    async def ask(self, request: object) -> object:
+        assert self.process.stdin is not None
+        try:
+            await self.process.stdin.send_all(frame(request))
+            (size,) = HEADER.unpack(await self._receive(HEADER.size))
+            return pickle.loads(await self._receive(size))  # from our own child, through our own pipe
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, pickle.UnpicklingError) as exc:
+            raise StorageError(f"fetcher process {self.process.pid}: {type(exc).__name__}: {exc}") from None
+
+    async def _receive(self, size: int) -> bytes:
+        assert self.process.stdout is not None
+        while len(self._buffer) < size:
+            data = await self.process.stdout.receive_some()
+            if not data:
+                raise StorageError(f"fetcher process {self.process.pid} exited (status {self.process.poll()})")
+            self._buffer += data
+        chunk = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return chunk
+
+    async def close(self) -> None:
+        with trio.move_on_after(5) as waiting:
+            waiting.shield = True
+            assert self.process.stdin is not None
+            await self.process.stdin.aclose()  # EOF: it exits
+            await self.process.wait()
+        if waiting.cancelled_caught:
+            self.process.kill()
+
+
+class Fetchers(TaskHost):
+    def __init__(self, setup: Setup, processes: int, idle_seconds: float = 30.0) -> None:
+        self.setup, self.processes, self.idle_seconds = setup, processes, idle_seconds
+        self._slots = trio.CapacityLimiter(max(1, processes))
+        self._idle: list[_Process] = []
+        self._failures = 0
+
+    @property
+    def available(self) -> bool:
+        return self.processes > 0 and self._failures < 3 and self.nursery is not None
+
+    async def fetch_small(self, url: str, limit: int, known: ObjectInfo | None) -> SmallResult:
+        """`CacheContext.fetch_small(url, ...)`, done by a fetcher process."""
+        async with self._slots:
+            fetcher = self._idle.pop() if self._idle else await self._start()
+            try:
+                status, result = await fetcher.ask((url, limit, known))  # type: ignore[misc]
+            except BaseException:
+                self._discard(fetcher)
+                raise
+            fetcher.idle_since, fetcher.answered = time.monotonic(), fetcher.answered + 1
+            self._idle.append(fetcher)
+        if status != "ok":
+            raise StorageError(str(result))
+        return result  # type: ignore[no-any-return]
+
+    def _discard(self, fetcher: _Process) -> None:
+        fetcher.process.kill()  # an exchange cut short leaves its pipe out of step
+        if fetcher.answered == 0:
+            self._failures += 1  # it could not even start: a broken install is not tried forever
+            log.warning("fetcher process %d failed before its first answer", fetcher.process.pid)
+        if self.nursery is not None:
+            self.nursery.start_soon(fetcher.process.wait)  # reaped
+
+    async def prestart(self) -> None:
+        """Start the fetchers now (a mount getting ready): each takes ~0.4 s of CPU to import the SDK, which
+        a reader's first directory walk would otherwise wait for."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.processes):
+                nursery.start_soon(self._prestart_one)
+
+    async def _prestart_one(self) -> None:
+        async with self._slots:
+            try:
+                fetcher = await self._start()
+            except StorageError as exc:
+                log.warning("%s", exc)
+                return
+            self._idle.append(fetcher)
+
+    async def _start(self) -> _Process:
+        try:
+            process = await trio.lowlevel.open_process(
+                # -I: nothing from the environment or the current folder (perhaps inside this very mount).
+                [sys.executable, "-I", "-m", "clearmlfs.fetcher"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                cwd="/",
+            )
+        except OSError as exc:
+            self._failures += 1
+            raise StorageError(f"cannot start a fetcher process: {exc}") from exc
+        fetcher = _Process(process)
+        try:
+            await fetcher.ask(self.setup)  # answered once its SDK clients are ready
+        except BaseException:
+            self._discard(fetcher)
+            raise
+        log.debug("fetcher process %d started", process.pid)
+        return fetcher
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._retire_idle)
+                task_status.started()
+        finally:
+            self.nursery = None
+            for fetcher in self._idle:
+                await fetcher.close()
+            self._idle.clear()
+
+    async def _retire_idle(self) -> None:
+        while True:
+            await trio.sleep(self.idle_seconds / 2)
+            now = time.monotonic()
+            for fetcher in [f for f in self._idle if now - f.idle_since > self.idle_seconds]:
+                self._idle.remove(fetcher)
+                await fetcher.close()
