@@ -118,8 +118,8 @@ def rss_bytes(pid: int) -> int:
 def tree_rss_bytes(pid: int) -> int:
     """VmRSS of `pid` and its child processes (clearmlfs's fetcher processes count as the daemon's memory;
     pages they share with it are counted twice, so this errs high)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    total = rss_bytes(pid)
+    children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    total = rss_bytes(pid)  # (children are listed by the thread that started them)
     for child in children:
         with contextlib.suppress(OSError):
             total += tree_rss_bytes(int(child))
