@@ -1,15 +1,17 @@
-"""A helper process of the mount: fetches small objects into the cache, one request at a time.
+"""A helper process of the mount: fetches small objects into the cache (and keeps it within its limits).
 
 A reader walking a directory of small files turns into a stream of short GETs fetched ahead of it. Inside
 the daemon, their CPU (HTTP, signing, cache bookkeeping) would compete with the FUSE requests for one
 interpreter lock, and every system call of either side would hand that lock back and forth (hundreds of
 futex calls per file, measured). Here they run in processes of their own: the daemon sends a URL and gets
 back the cache file, exactly as `CacheContext.fetch_small` would have returned it in a thread; the cache's
-own file locks keep processes from fetching the same object twice, as they do for the SDK.
+own file locks keep processes from fetching the same object twice, as they do for the SDK. The evictions
+such a walk causes (a scan and a few syscalls per file) are done here too.
 
 Started by `clearmlfs.fs.fetchers` as ``python -I -m clearmlfs.fetcher``. On stdin: frames of a 4-byte
-big-endian length and a pickle, first a `Setup`, then requests ``(url, limit, known)``; on stdout, one answer
-frame per request: ``("ok", result)`` or ``("error", message)``. EOF on stdin ends it.
+big-endian length and a pickle: first a `Setup`, then requests ``(operation, args)`` (see `OPERATIONS`).
+On stdout, one answer frame each: ``("ready", None)`` once set up, then ``("ok", result)`` or
+``("error", message)`` per request. EOF on stdin ends it.
 """
 
 from __future__ import annotations
@@ -56,9 +58,16 @@ def _read_frame(stream: IO[bytes]) -> Any:
     return pickle.loads(stream.read(size))  # from the daemon that started us, through our own pipe
 
 
-def _fetch(cache: CacheContext, backends: BackendPool, url: str, limit: int, known: ObjectInfo | None) -> Any:
+def _fetch_small(cache: CacheContext, backends: BackendPool, url: str, limit: int, known: ObjectInfo | None) -> Any:
     parsed = parse_url(url)
     return cache.fetch_small(url, backends.get(parsed), parsed.key, limit, known)
+
+
+def _clean(cache: CacheContext, backends: BackendPool, headroom: float) -> int:
+    return len(cache.clean(headroom))
+
+
+OPERATIONS = {"fetch_small": _fetch_small, "clean": _clean}
 
 
 def main() -> None:
@@ -73,8 +82,9 @@ def main() -> None:
     answers.write(frame(("ready", None)))
     answers.flush()
     while (request := _read_frame(requests)) is not None:
+        operation, args = request
         try:
-            answer: tuple[str, Any] = ("ok", _fetch(cache, backends, *request))
+            answer: tuple[str, Any] = ("ok", OPERATIONS[operation](cache, backends, *args))
         except Exception as exc:  # reported to the daemon, whose reader's own open tries again
             answer = ("error", f"{type(exc).__name__}: {exc}")
         answers.write(frame(answer))

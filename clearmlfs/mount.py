@@ -136,11 +136,11 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency))
     writeback = WriteBack(backends, cache, workers)
     ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl)
-    stream = StreamSettings(opts.read_part_size, opts.read_concurrency)
-    downloads = Downloads(cache, workers, writeback, stream)
     setup = Setup(settings, cache_dir, cache.context, cache.file_limit, cache.byte_limit,
                   logging.getLevelName(logging.getLogger().getEffectiveLevel()))
     fetchers = Fetchers(setup, opts.fetch_processes)
+    stream = StreamSettings(opts.read_part_size, opts.read_concurrency)
+    downloads = Downloads(cache, workers, writeback, stream, fetchers)
     small_settings = SmallSettings(opts.small_file_size, opts.readahead_files)
     small = SmallFiles(ns, cache, workers, fetchers, downloads.cleaner, small_settings)
     ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, downloads, small, opts.read_only), ttl=opts.ttl)

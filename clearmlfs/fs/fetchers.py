@@ -1,4 +1,5 @@
-"""Helper processes (`clearmlfs.fetcher`) that fetch small objects ahead of a reader, off the daemon's GIL.
+"""Helper processes (`clearmlfs.fetcher`) that fetch small objects ahead of a reader, and evict what such
+a walk pushes out of the cache, off the daemon's GIL.
 
 They start on first use and exit after a while without work, so a mount that never walks a directory of
 small files never pays for them. Anything going wrong with one (it cannot start, it dies, it answers
@@ -79,10 +80,17 @@ class Fetchers(TaskHost):
 
     async def fetch_small(self, url: str, limit: int, known: ObjectInfo | None) -> SmallResult:
         """`CacheContext.fetch_small(url, ...)`, done by a fetcher process."""
+        return await self._call("fetch_small", url, limit, known)  # type: ignore[no-any-return]
+
+    async def clean(self, headroom: float) -> None:
+        """`CacheContext.clean(headroom)`, done by a fetcher process."""
+        await self._call("clean", headroom)
+
+    async def _call(self, operation: str, *args: object) -> object:
         async with self._slots:
             fetcher = self._idle.pop() if self._idle else await self._start()
             try:
-                status, result = await fetcher.ask((url, limit, known))  # type: ignore[misc]
+                status, result = await fetcher.ask((operation, args))  # type: ignore[misc]
             except BaseException:
                 self._discard(fetcher)
                 raise
@@ -90,7 +98,7 @@ class Fetchers(TaskHost):
             self._idle.append(fetcher)
         if status != "ok":
             raise StorageError(str(result))
-        return result  # type: ignore[no-any-return]
+        return result
 
     def _discard(self, fetcher: _Process) -> None:
         fetcher.process.kill()  # an exchange cut short leaves its pipe out of step

@@ -110,7 +110,10 @@ class SmallFiles(TaskHost):
         path, info = result
         if info is not known:
             self.ns.set_object(node, info)
-            if path is not None:
+            if path is not None and self.nursery is not None:
+                # In the background: the file is ready now, and its reader must not wait for evictions.
+                self.nursery.start_soon(self.cleaner.added, info.size)
+            elif path is not None:
                 await self.cleaner.added(info.size)
         return path
 

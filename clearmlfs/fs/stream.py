@@ -17,13 +17,18 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..backends import Backend, ObjectInfo
 from ..cache import CacheContext, EntryState
+from ..errors import StorageError
 from .workers import Workers
 from .writeback import WriteBack
+
+if TYPE_CHECKING:
+    from .fetchers import Fetchers  # which builds on TaskHost, below
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +227,8 @@ class Cleaner:
 
     HEADROOM = 0.25
 
-    def __init__(self, cache: CacheContext, workers: Workers) -> None:
-        self.cache, self.workers = cache, workers
+    def __init__(self, cache: CacheContext, workers: Workers, fetchers: Fetchers) -> None:
+        self.cache, self.workers, self.fetchers = cache, workers, fetchers
         self._files = self._bytes = 0
 
     async def added(self, size: int) -> None:
@@ -232,6 +237,10 @@ class Cleaner:
         byte_step = int(self.cache.byte_limit * self.HEADROOM) if self.cache.byte_limit else 1 << 62
         if self._files >= file_step or self._bytes >= byte_step:
             self._files = self._bytes = 0
+            if self.fetchers.available:  # a few syscalls per evicted file: not on the daemon's GIL
+                with contextlib.suppress(StorageError):  # (then here, as without fetchers)
+                    await self.fetchers.clean(self.HEADROOM)
+                    return
             await self.workers.metadata(self.cache.clean, self.HEADROOM)
 
 
@@ -251,9 +260,11 @@ class TaskHost:
 class Downloads(TaskHost):
     """The downloads in progress in this mount, one per URL."""
 
-    def __init__(self, cache: CacheContext, workers: Workers, writeback: WriteBack, settings: StreamSettings) -> None:
+    def __init__(
+        self, cache: CacheContext, workers: Workers, writeback: WriteBack, settings: StreamSettings, fetchers: Fetchers
+    ) -> None:
         self.cache, self.workers, self.writeback, self.settings = cache, workers, writeback, settings
-        self.cleaner = Cleaner(cache, workers)
+        self.cleaner = Cleaner(cache, workers, fetchers)
         self._active: dict[str, Download] = {}
 
     async def attach(self, url: str, backend: Backend, info: ObjectInfo) -> Download | None:
