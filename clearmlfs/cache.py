@@ -280,7 +280,10 @@ class CacheContext:
         return fd
 
     def _fetch_lock_path(self, url: str) -> Path:
-        return self.state_folder / f"{self.path_for(url).name}.fetch"
+        return self._fetch_lock_of(self.path_for(url).name)
+
+    def _fetch_lock_of(self, name: str) -> Path:
+        return self.state_folder / f"{name}.fetch"
 
     def _download(self, url: str, backend: Backend, key: str) -> Path:
         final, partial = self.path_for(url), self.partial_for(url)
@@ -396,8 +399,7 @@ class CacheContext:
             return False
         self._remove(aside)
         if not path.exists():  # not created again meanwhile: its state goes too
-            with contextlib.suppress(OSError):
-                self._state_path(path.name).unlink()
+            self._forget_state(path.name)
         return True
 
     def _entries(self) -> list[Path]:
@@ -437,8 +439,14 @@ class CacheContext:
             else:
                 path.unlink()
         if not path.name.endswith(PARTIAL_SUFFIX):
+            self._forget_state(path.name)
+
+    def _forget_state(self, name: str) -> None:
+        # The download lock goes too, or the state folder would keep a file for every URL ever fetched. (A
+        # process holding it right now only loses the guarantee that nobody downloads the URL alongside it.)
+        for leftover in (self._state_path(name), self._fetch_lock_of(name)):
             with contextlib.suppress(OSError):
-                self._state_path(path.name).unlink()
+                leftover.unlink()
 
     def clear(self, include_dirty: bool = False) -> list[Path]:
         """Remove every entry nobody has pinned (and, unless `include_dirty`, that is uploaded)."""

@@ -161,12 +161,11 @@ async def _when_answering(mountpoint: Path, read_ahead_kb: int, backends: Backen
     await trio.to_thread.run_sync(_raise_read_ahead, mountpoint, read_ahead_kb)
     # Ready means fast: the SDK clients take ~100 ms each to create, not on the first open's time.
     with trio.move_on_after(WARM_UP_SECONDS):  # a credential lookup that hangs must not hold up the mount
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fetchers.prestart)
-            await trio.to_thread.run_sync(backends.warm_up, abandon_on_cancel=True)
+        await trio.to_thread.run_sync(backends.warm_up, abandon_on_cancel=True)
     _notify_systemd(b"READY=1")
     _notify_parent()
     log.info("mounted %s", mountpoint)
+    await fetchers.prestart()  # after: the mount answers meanwhile, and read-ahead waits for them if it must
 
 
 def _notify_parent() -> None:

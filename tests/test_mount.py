@@ -521,7 +521,7 @@ def test_foreground_mount_unmounts_cleanly_on_signal(seaweed: Target, tmp_path: 
         path = at(mountpoint, url)
         path.parent.mkdir()
         path.write_bytes(b"before the signal")
-        assert stop_foreground(process, sig) == 0
+        assert stop_foreground(process, sig) == 0, process.stderr.read().decode()[-3000:] if process.stderr else ""
         assert not os.path.ismount(mountpoint)
         assert seaweed.read(url) == b"before the signal"
     finally:

@@ -42,7 +42,8 @@ def proxied(seaweedfs: servers.SeaweedFS, tmp_path: Path, request) -> Iterator[t
         conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
         options = f"ttl=30,list_ttl=30,fetch_processes={request.param}"
         with mounted(conf, tmp_path / "mnt", extra_args=["-o", options]) as mnt:
-            assert len(fetchers_of(tmp_path / "mnt")) == request.param
+            started = poll(lambda: len(fetchers_of(tmp_path / "mnt")) == request.param, 10)
+            assert started, f"not {request.param} fetcher processes: {fetchers_of(tmp_path / 'mnt')}"
             yield proxy, mnt / url_to_mount_path(store.root)
 
 
@@ -149,8 +150,8 @@ def test_a_fetcher_process_killed_mid_walk_costs_the_reader_nothing_and_all_end_
         folder_path = mnt / url_to_mount_path(store.root) / prefix
         for name in names[:10]:
             assert (folder_path / name).read_bytes() == contents[name]
+        assert poll(lambda: len(fetchers_of(tmp_path / "mnt")) == 2, 10), "the mount did not start two fetchers"
         seen |= fetchers_of(tmp_path / "mnt")
-        assert len(seen) == 2, "the mount did not start its two fetcher processes"
         for pid in seen:
             os.kill(pid, signal.SIGKILL)
         for name in names[10:]:

@@ -1,14 +1,15 @@
 """Helper processes (`clearmlfs.fetcher`) that fetch small objects ahead of a reader, and evict what such
 a walk pushes out of the cache, off the daemon's GIL.
 
-They start on first use and exit after a while without work, so a mount that never walks a directory of
-small files never pays for them. Anything going wrong with one (it cannot start, it dies, it answers
-garbage) fails only the fetch at hand: read-ahead is an optimisation, and the reader's own open fetches the
-file in the daemon as usual.
+They start with the mount (each needs ~0.4 s of CPU to load the SDK, which a reader's first walk would
+otherwise wait for), exit after `idle_seconds` without work, and start again when needed. Anything going
+wrong with one (it cannot start, it dies, it answers garbage) fails only the fetch at hand: read-ahead is an
+optimisation, and the reader's own open fetches the file in the daemon as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import subprocess
@@ -90,27 +91,30 @@ class Fetchers(TaskHost):
         async with self._slots:
             fetcher = self._idle.pop() if self._idle else await self._start()
             try:
-                status, result = await fetcher.ask((operation, args))  # type: ignore[misc]
-            except BaseException:
-                self._discard(fetcher)
+                answer = await fetcher.ask((operation, args))
+                if not (isinstance(answer, tuple) and len(answer) == 2 and answer[0] in ("ok", "error")):
+                    raise StorageError(f"fetcher process {fetcher.process.pid}: unexpected answer")
+            except BaseException as exc:
+                self._discard(fetcher, exc)
                 raise
             fetcher.idle_since, fetcher.answered = time.monotonic(), fetcher.answered + 1
             self._idle.append(fetcher)
+        status, result = answer
         if status != "ok":
             raise StorageError(str(result))
         return result
 
-    def _discard(self, fetcher: _Process) -> None:
+    def _discard(self, fetcher: _Process, exc: BaseException) -> None:
         fetcher.process.kill()  # an exchange cut short leaves its pipe out of step
-        if fetcher.answered == 0:
+        if fetcher.answered == 0 and not isinstance(exc, trio.Cancelled):
             self._failures += 1  # it could not even start: a broken install is not tried forever
-            log.warning("fetcher process %d failed before its first answer", fetcher.process.pid)
+            log.warning("fetcher process %d failed before its first answer: %s", fetcher.process.pid, exc)
         if self.nursery is not None:
-            self.nursery.start_soon(fetcher.process.wait)  # reaped
+            with contextlib.suppress(RuntimeError):  # the mount is shutting down: exiting reaps it
+                self.nursery.start_soon(fetcher.process.wait)
 
     async def prestart(self) -> None:
-        """Start the fetchers now (a mount getting ready): each takes ~0.4 s of CPU to import the SDK, which
-        a reader's first directory walk would otherwise wait for."""
+        """Start the fetchers now: called while the mount gets ready."""
         async with trio.open_nursery() as nursery:
             for _ in range(self.processes):
                 nursery.start_soon(self._prestart_one)
@@ -137,8 +141,8 @@ class Fetchers(TaskHost):
         fetcher = _Process(process)
         try:
             await fetcher.ask(self.setup)  # answered once its SDK clients are ready
-        except BaseException:
-            self._discard(fetcher)
+        except BaseException as exc:
+            self._discard(fetcher, exc)
             raise
         log.debug("fetcher process %d started", process.pid)
         return fetcher

@@ -112,10 +112,16 @@ class SmallFiles(TaskHost):
             self.ns.set_object(node, info)
             if path is not None and self.nursery is not None:
                 # In the background: the file is ready now, and its reader must not wait for evictions.
-                self.nursery.start_soon(self.cleaner.added, info.size)
+                self.nursery.start_soon(self._added, info.size)
             elif path is not None:
                 await self.cleaner.added(info.size)
         return path
+
+    async def _added(self, size: int) -> None:
+        try:
+            await self.cleaner.added(size)
+        except (StorageError, OSError) as exc:  # the next addition tries again
+            log.warning("cannot keep the cache within its limits: %s", exc)
 
     # -- read-ahead ----------------------------------------------------------------------------------
     def _read_ahead(self, node: Node) -> None:
