@@ -85,7 +85,7 @@ def metrics(sizes: Sizes) -> list[Metric]:
         Metric("write_close", "write", f"write {big} until close()", "MB/s", True),
         Metric("ls", "ls", f"ls -lR {sizes.ls_count:,} objects, cold", "s", False),
         Metric("small", "small", f"read {sizes.small_count:,} x 64 KiB, cold", "s", False),
-        Metric("rss_peak", "rss", f"peak daemon RSS streaming {stream}", "MB", False),
+        Metric("rss_peak", "rss", f"peak RSS, daemon + helpers, streaming {stream}", "MB", False),
         Metric("stream_read", "rss", f"cold sequential read {stream} (the RSS run)", "MB/s", True),
     ]
 

@@ -222,10 +222,6 @@ class PlainGet:
         return self._http.send(request.prepare())
 
 
-def _plain_headers_ok(response: Any) -> bool:
-    return all(name in response.headers for name in ("Content-Length", "Last-Modified", "ETag"))
-
-
 def list_buckets(client: Any, host: str) -> list[str]:
     """Bucket names `client`'s credentials can see on their host (for a host-wide clearml.conf entry)."""
     try:
@@ -326,13 +322,12 @@ class S3Backend(Backend):
         # byte 0): an object that grew past `limit` is cut off by closing the connection after the headers.
         plain = self._plain_get(key, unless_etag)
         if plain is not None:
-            if plain.status_code == 304:
-                plain.raw.drain_conn()  # no body: the connection goes back to the pool
+            response, info = plain
+            if info is None:  # 304
+                response.raw.drain_conn()  # no body: the connection goes back to the pool
                 return None
-            headers = plain.headers
-            info = ObjectInfo(key, int(headers["Content-Length"]), _timestamp(headers["Last-Modified"]).timestamp(),
-                              headers["ETag"].strip('"'))
-            return self._receive(fd, info, limit, plain.raw.stream(READ_PIECE, decode_content=False), plain.raw.close)
+            return self._receive(fd, info, limit, response.raw.stream(READ_PIECE, decode_content=False),
+                                 response.raw.close)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if unless_etag:
             args["IfNoneMatch"] = f'"{unless_etag}"'
@@ -345,8 +340,9 @@ class S3Backend(Backend):
         info = ObjectInfo(key, resp["ContentLength"], resp["LastModified"].timestamp(), resp["ETag"].strip('"'))
         return self._receive(fd, info, limit, resp["Body"].iter_chunks(READ_PIECE), resp["Body"].close)
 
-    def _plain_get(self, key: str, unless_etag: str | None) -> Any:
-        """`key`'s GET response (200 or 304) through `PlainGet`, or None: the client is to ask."""
+    def _plain_get(self, key: str, unless_etag: str | None) -> tuple[Any, ObjectInfo | None] | None:
+        """`key`'s GET response through `PlainGet`: with the object's info (200), or without (304); None when
+        the client is to ask instead."""
         if self._plain is None:
             return None
         try:
@@ -354,8 +350,15 @@ class S3Backend(Backend):
         except Exception as exc:  # the client's own retries and error codes are better at it
             log.debug("plain GET of %s failed (%s): asking through the client", self._url(key), type(exc).__name__)
             return None
-        if response.status_code == 304 or response.status_code == 200 and _plain_headers_ok(response):
-            return response
+        if response.status_code == 304:
+            return response, None
+        if response.status_code == 200:
+            try:
+                headers = response.headers
+                modified = _timestamp(headers["Last-Modified"]).timestamp()
+                return response, ObjectInfo(key, int(headers["Content-Length"]), modified, headers["ETag"].strip('"'))
+            except (KeyError, ValueError, TypeError):
+                log.debug("plain GET of %s: headers the client must read", self._url(key))
         response.raw.drain_conn()  # a short error document: the connection can serve the next request
         if response.status_code in (301, 307, 400):  # a region or addressing only the client knows how to follow
             log.debug("plain GETs of %s answered %d: using the client's", self.url_prefix, response.status_code)
