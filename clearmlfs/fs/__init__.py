@@ -1,4 +1,5 @@
 """The FUSE side of clearmlfs: inode table, namespace, open files, pyfuse3 operations.
 
-Only this package imports trio and pyfuse3, and only `workers.py` crosses into threads.
+Only this package imports trio and pyfuse3; only `workers.py` crosses into threads, and only `fetchers.py`
+into the helper processes of `clearmlfs.fetcher`.
 """

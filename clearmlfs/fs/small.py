@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class SmallSettings:
     max_size: int = 4 * 1024 * 1024  # objects up to this size are fetched whole, in one GET
     readahead: int = 32  # files fetched ahead of a reader walking a directory in name order (0: none)
-    concurrency: int = 8  # read-ahead GETs in flight
+    concurrency: int = 8  # read-ahead fetches under way (each fetcher process does one at a time)
 
 
 @dataclass
