@@ -159,3 +159,44 @@ def test_a_fetcher_process_killed_mid_walk_costs_the_reader_nothing_and_all_end_
         assert poll(lambda: len(fetchers_of(tmp_path / "mnt") - seen) > 0, 10), "no fetcher took the dead ones' place"
         seen |= fetchers_of(tmp_path / "mnt")
     assert poll(lambda: not any(Path(f"/proc/{pid}").exists() for pid in seen), 10), "fetchers outlived the mount"
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "import sys; sys.exit(3)",
+        "import sys, time; sys.stdout.buffer.write(b'garbage!'); sys.stdout.flush(); time.sleep(60)",
+    ],
+    ids=["exits", "answers-garbage-and-stays"],
+)
+def test_fetchers_that_cannot_start_fail_their_fetch_and_are_given_up_after_three(
+    tmp_path: Path, broken: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broken install (say, clearmlfs importable only through PYTHONPATH, which -I ignores) must cost the
+    mount nothing but its read-ahead helpers: each fetch fails as a StorageError, which the read-ahead drops,
+    and after three failed starts the mount stops trying and fetches in its own threads."""
+    import sys
+
+    import trio
+
+    from clearmlfs.config import Settings
+    from clearmlfs.errors import StorageError
+    from clearmlfs.fetcher import Setup
+    from clearmlfs.fs.fetchers import Fetchers
+
+    monkeypatch.setattr(Fetchers, "COMMAND", (sys.executable, "-c", broken))
+    fetchers = Fetchers(Setup(Settings(), tmp_path, "global", 100, None, "WARNING"), processes=2)
+    failures = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(fetchers.run)
+            assert fetchers.available
+            while fetchers.available:
+                with pytest.raises(StorageError) as caught:
+                    await fetchers.fetch_small("s3://127.0.0.1:1/b/x", 1024, None)
+                failures.append(str(caught.value))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(failures) == 3, failures

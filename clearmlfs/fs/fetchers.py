@@ -27,6 +27,7 @@ from .stream import TaskHost
 log = logging.getLogger(__name__)
 
 SmallResult = tuple[Path | None, ObjectInfo] | None  # what CacheContext.fetch_small returns
+MAX_ANSWER = 1 << 20  # a path and an ObjectInfo, or an error message: far smaller
 
 
 class _Process:
@@ -43,6 +44,8 @@ class _Process:
         try:
             await self.process.stdin.send_all(frame(request))
             (size,) = HEADER.unpack(await self._receive(HEADER.size))
+            if size > MAX_ANSWER:  # out of step: not waiting for bytes that will never come
+                raise pickle.UnpicklingError(f"an answer of {size} bytes")
             return pickle.loads(await self._receive(size))  # from our own child, through our own pipe
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, pickle.UnpicklingError) as exc:
             raise StorageError(f"fetcher process {self.process.pid}: {type(exc).__name__}: {exc}") from None
@@ -69,6 +72,9 @@ class _Process:
 
 
 class Fetchers(TaskHost):
+    # -I: nothing from the environment or the current folder (perhaps inside this very mount).
+    COMMAND = (sys.executable, "-I", "-m", "clearmlfs.fetcher")
+
     def __init__(self, setup: Setup, processes: int, idle_seconds: float = 30.0) -> None:
         self.setup, self.processes, self.idle_seconds = setup, processes, idle_seconds
         self._slots = trio.CapacityLimiter(max(1, processes))
@@ -131,9 +137,7 @@ class Fetchers(TaskHost):
     async def _start(self) -> _Process:
         try:
             process = await trio.lowlevel.open_process(
-                # -I: nothing from the environment or the current folder (perhaps inside this very mount).
-                [sys.executable, "-I", "-m", "clearmlfs.fetcher"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                cwd="/",
+                list(self.COMMAND), stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/"
             )
         except OSError as exc:
             self._failures += 1
