@@ -219,13 +219,14 @@ class CacheContext:
 
     def fetch_small(
         self, url: str, backend: Backend, key: str, limit: int, known: ObjectInfo | None = None
-    ) -> tuple[Path | None, ObjectInfo] | None:
+    ) -> tuple[Path | None, ObjectInfo | None] | None:
         """Make the cached copy of a small object current with at most one request and no HEAD: nothing
         if `known` (fresh attributes) matches it, else a conditional GET if a copy is cached, a plain one if not.
 
-        Returns the current copy (None if the object turned out bigger than `limit`) and the object's info.
-        None, without a request, when the usual path must decide: the copy has local changes, was left
-        by the SDK (no ETag recorded), or another process is downloading it.
+        Returns the current copy (None if the object turned out bigger than `limit`) and the object's info as
+        the server gave it (None when `known` matched: nothing was asked). None, without a request, when the
+        usual path must decide: the copy has local changes, was left by the SDK (no ETag recorded), or another
+        process is downloading it.
         """
         final = self.path_for(url)
         state = self.state(url)
@@ -235,7 +236,7 @@ class CacheContext:
         if cached and state is not None and known is not None and known.etag == state.etag:
             with contextlib.suppress(OSError):
                 os.utime(final)
-            return final, known
+            return final, None
         lock_fd = self.try_fetch_lock(url)
         if lock_fd is None:
             return None

@@ -26,7 +26,7 @@ from .stream import TaskHost
 
 log = logging.getLogger(__name__)
 
-SmallResult = tuple[Path | None, ObjectInfo] | None  # what CacheContext.fetch_small returns
+SmallResult = tuple[Path | None, ObjectInfo | None] | None  # what CacheContext.fetch_small returns
 MAX_ANSWER = 1 << 20  # a path and an ObjectInfo, or an error message: far smaller
 
 

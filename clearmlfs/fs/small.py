@@ -108,7 +108,7 @@ class SmallFiles(TaskHost):
         if result is None:
             return None
         path, info = result
-        if info is not known:
+        if info is not None:  # (None: `known` matched the cached copy, nothing was asked of the server)
             self.ns.set_object(node, info)
             if path is not None and self.nursery is not None:
                 # In the background: the file is ready now, and its reader must not wait for evictions.
