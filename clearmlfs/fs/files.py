@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,18 +107,25 @@ class OpenFiles:
             download = await self.downloads.attach(node.url, backend, info)
             if download is not None:
                 return self._streaming(node, download, keep_cache)
-        for attempt in range(3):
-            if path is None:  # to write into it, or while another process downloads it: the whole file first
-                path = await self.workers.transfer(self.cache.fetch, node.url, backend, key, info)
-            try:
-                handle = self._open_cached(node, path, flags)
-                break
-            except FileNotFoundError:  # evicted (a tiny cache, or another process) between fetch and open
-                if attempt == 2:
-                    raise
-                path = None
+
+        async def fetch() -> Path:  # to write into it, or while another process downloads it: the whole file
+            return await self.workers.transfer(self.cache.fetch, node.url, backend, key, info)
+
+        handle = await self._open_prepared(node, flags, path or await fetch(), fetch)
         handle.keep_cache = keep_cache
         return handle
+
+    async def _open_prepared(
+        self, node: Node, flags: int, path: Path, prepare: Callable[[], Awaitable[Path]]
+    ) -> OpenFile:
+        """`_open_cached(path)`; if the entry was evicted (a tiny cache, or another process) between its
+        preparation and our pin, `prepare` it again, twice at most."""
+        for _ in range(2):
+            try:
+                return self._open_cached(node, path, flags)
+            except FileNotFoundError:
+                path = await prepare()
+        return self._open_cached(node, path, flags)
 
     async def _open_small(self, node: Node, flags: int) -> OpenFile | None:
         path = await self.small.current(node)
@@ -159,15 +167,12 @@ class OpenFiles:
 
     async def _open_truncated(self, node: Node, flags: int) -> OpenFile:
         # The old content is about to be dropped: do not download it.
-        path = self.cache.path_for(node.url)
-        for attempt in range(3):
+        async def create() -> Path:
+            path = self.cache.path_for(node.url)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            try:
-                handle = self._open_cached(node, path, flags)
-                break
-            except FileNotFoundError:  # evicted between its creation and our pin
-                if attempt == 2:
-                    raise
+            return path
+
+        handle = await self._open_prepared(node, flags, await create(), create)
         await self._make_dirty(handle)
         os.ftruncate(handle.fd, 0)
         node.size = 0

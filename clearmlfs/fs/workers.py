@@ -19,7 +19,6 @@ class Workers:
         self._metadata = trio.CapacityLimiter(metadata_threads)
         self._transfers = trio.CapacityLimiter(transfer_threads)
         self._streams = trio.CapacityLimiter(stream_threads)
-        self.stream_threads = stream_threads
 
     async def metadata(self, fn: Callable[..., T], *args: object) -> T:
         """A short request: HEAD, LIST, DELETE, small PUT."""
@@ -28,6 +27,10 @@ class Workers:
     async def transfer(self, fn: Callable[..., T], *args: object) -> T:
         """A download or upload of object data."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self._transfers)
+
+    @property
+    def stream_threads(self) -> int:
+        return int(self._streams.total_tokens)
 
     async def stream(self, fn: Callable[..., T], *args: object) -> T:
         """An upload fed while its file is being written (at most `stream_threads` at once)."""
