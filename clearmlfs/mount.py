@@ -25,6 +25,7 @@ from .fs.fetchers import Fetchers
 from .fs.files import OpenFiles
 from .fs.namespace import Namespace
 from .fs.operations import Operations
+from .fs.passthrough import Passthrough
 from .fs.small import SmallFiles, SmallSettings
 from .fs.stream import Downloads, StreamSettings
 from .fs.workers import Workers
@@ -58,6 +59,7 @@ class MountOptions:
     small_file_size: int = 4 * 1024 * 1024
     readahead_files: int = 32
     fetch_processes: int = 2  # helper processes fetching small files ahead (0: threads of the daemon)
+    passthrough: bool = True  # the kernel reads complete cached files itself (fs/passthrough.py)
 
 
 def parse_options(values: list[str]) -> MountOptions:
@@ -103,12 +105,22 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         opts.readahead_files = max(0, int(value))
     elif name == "fetch_processes":
         opts.fetch_processes = max(0, int(value))
+    elif name == "passthrough":
+        opts.passthrough = _on_off(value)
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
             "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=, small_file_size=, "
-            "readahead_files=, fetch_processes=)"
+            "readahead_files=, fetch_processes=, passthrough=on|off)"
         )
+
+
+def _on_off(value: str) -> bool:
+    if value.lower() in ("on", "yes", "true", "1"):
+        return True
+    if value.lower() in ("off", "no", "false", "0"):
+        return False
+    raise ValueError(value)
 
 
 def parse_size(text: str) -> int:
@@ -143,13 +155,18 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     downloads = Downloads(cache, workers, writeback, stream, fetchers)
     small_settings = SmallSettings(opts.small_file_size, opts.readahead_files)
     small = SmallFiles(ns, cache, workers, fetchers, downloads.cleaner, small_settings)
-    ops = Operations(ns, OpenFiles(ns, cache, workers, writeback, downloads, small, opts.read_only), ttl=opts.ttl)
+    passthrough = Passthrough(opts.passthrough)
+    if opts.passthrough and not passthrough.enabled:
+        log.info("kernel passthrough off: this pyfuse3 cannot pass backing files on (scripts/setup.sh builds one "
+                 "that can)")
+    files = OpenFiles(ns, cache, workers, writeback, downloads, small, passthrough, opts.read_only)
+    ops = Operations(ns, files, ttl=opts.ttl)
     fuse_options = set(pyfuse3.default_options) | {"fsname=clearmlfs", "subtype=clearmlfs"}
     fuse_options |= {"allow_other"} if opts.allow_other else set()
     fuse_options |= {"ro"} if opts.read_only else set()
     pyfuse3.init(ops, str(mountpoint), fuse_options)
     try:
-        trio.run(_main, writeback, downloads, small, fetchers, mountpoint, opts.read_ahead_kb, backends)
+        trio.run(_main, writeback, downloads, small, fetchers, passthrough, mountpoint, opts.read_ahead_kb, backends)
     finally:
         pyfuse3.close(unmount=True)
         backends.close()
@@ -196,14 +213,15 @@ def _raise_read_ahead(mountpoint: Path, kb: int) -> None:
 
 
 async def _main(
-    writeback: WriteBack, downloads: Downloads, small: SmallFiles, fetchers: Fetchers, mountpoint: Path,
-    read_ahead_kb: int, backends: BackendPool,
+    writeback: WriteBack, downloads: Downloads, small: SmallFiles, fetchers: Fetchers, passthrough: Passthrough,
+    mountpoint: Path, read_ahead_kb: int, backends: BackendPool,
 ) -> None:
     await writeback.load()  # before the first request: files left dirty must show as they are locally
     async with trio.open_nursery() as nursery:
         await nursery.start(downloads.run)
         await nursery.start(small.run)
         await nursery.start(fetchers.run)
+        await nursery.start(passthrough.run)
         nursery.start_soon(writeback.run)
         nursery.start_soon(_on_signals)
         nursery.start_soon(_when_answering, mountpoint, read_ahead_kb, backends, fetchers)

@@ -187,16 +187,20 @@ def stop_foreground(process: subprocess.Popen[bytes], sig: signal.Signals, timeo
     return process.wait(timeout=timeout)
 
 
-def daemon_running(mountpoint: Path) -> bool:
-    """Whether a `clearmlfs mount` process for `mountpoint` is alive (it uploads what is dirty after unmount)."""
+def daemon_pid(mountpoint: Path) -> int | None:
+    """The `clearmlfs mount` process serving `mountpoint`, if alive (it uploads what is dirty after unmount)."""
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if b"clearmlfs.cli" in argv and b"mount" in argv and os.fsencode(str(mountpoint)) in argv:
-            return True
-    return False
+            return int(proc.name)
+    return None
+
+
+def daemon_running(mountpoint: Path) -> bool:
+    return daemon_pid(mountpoint) is not None
 
 
 def mounts_under(folder: Path) -> list[str]:

@@ -57,6 +57,8 @@ class Backend(ABC):
     url_prefix: str
     stream_threshold: int | None = None  # size from which `upload_stream` is worth it; None: not offered
     stream_limit: int | None = None  # the largest object `upload_stream` can store; None: no limit
+    # A read pinned to an ETag that succeeds proves it is still the current version (as a stat would).
+    pinned_read_is_current: bool = True
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo:

@@ -85,6 +85,8 @@ class GCSBackend(Backend):
         self, cfg: GCSBucket, bucket: str, *, max_concurrency: int = 8, page_size: int | None = None
     ) -> None:
         self.url_prefix = f"gs://{bucket}"
+        # Not here: a bucket that keeps old versions serves a pinned generation after it is overwritten.
+        self.pinned_read_is_current = False
         self._concurrency = max(1, max_concurrency)
         self._page_size = page_size  # None: the service default (1000)
         self._client = _client(cfg, self._concurrency)

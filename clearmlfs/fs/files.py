@@ -23,6 +23,7 @@ from ..cache import CacheContext, Pin
 from ..errors import ReadOnly, StorageError
 from .inodes import Kind, Node
 from .namespace import Namespace
+from .passthrough import DropBehind, Passthrough
 from .small import SmallFiles
 from .stream import Download, Downloads
 from .upload import Stream
@@ -45,6 +46,8 @@ class OpenFile:
     download: Download | None = None  # set while the object is still streaming in
     keep_cache: bool = False  # the kernel's page cache for this inode still holds this content
     writer: bool = False  # opened for writing: registered with the write-back (no fetch replaces the file)
+    backing_id: int = 0  # > 0: the kernel reads `fd`'s file itself (passthrough.py)
+    behind: DropBehind | None = None  # read-only in cached mode, with passthrough on: drops what it read
     # Streaming upload (upload.py): while the file is exactly what this handle wrote in order from byte 0,
     # `appended` is its size, and from `stream_from` bytes on it is uploaded as it is written (`stream`).
     appended: int | None = None
@@ -55,10 +58,10 @@ class OpenFile:
 class OpenFiles:
     def __init__(
         self, ns: Namespace, cache: CacheContext, workers: Workers, writeback: WriteBack, downloads: Downloads,
-        small: SmallFiles, read_only: bool = False,
+        small: SmallFiles, passthrough: Passthrough, read_only: bool = False,
     ) -> None:
         self.ns, self.cache, self.workers, self.writeback = ns, cache, workers, writeback
-        self.downloads, self.small = downloads, small
+        self.downloads, self.small, self.passthrough = downloads, small, passthrough
         self.read_only = read_only
         self._handles: dict[int, OpenFile] = {}
         self._fh = itertools.count(1)
@@ -74,6 +77,24 @@ class OpenFiles:
 
     # -- open / create -----------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> OpenFile:
+        if flags & WRITE_FLAGS:
+            self.passthrough.open_writer(node.inode)  # before anything is truncated or registered
+            try:
+                return await self._open_any(node, flags)
+            except BaseException:
+                self.passthrough.release(node.inode, 0)
+                raise
+        handle = await self._open_any(node, flags)
+        # Complete: the kernel may read the local file itself.
+        handle.backing_id = self.passthrough.assign(node.inode, handle.fd, handle.download is None)
+        if handle.backing_id:
+            handle.keep_cache = False  # the kernel refuses it with passthrough; the FUSE page cache is unused
+            node.kernel_etag = ""  # and whether this open cleared it is the kernel's business: unknown now
+        elif self.passthrough.enabled:
+            handle.behind = DropBehind()
+        return handle
+
+    async def _open_any(self, node: Node, flags: int) -> OpenFile:
         self._check_writable(flags)
         mode_flags = flags & (os.O_ACCMODE | os.O_TRUNC | os.O_APPEND)
         if self.ns.is_local(node):
@@ -180,6 +201,11 @@ class OpenFiles:
         return handle
 
     async def create(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
+        handle = await self._create_any(parent, name, flags, mode)
+        handle.backing_id = self.passthrough.assign(handle.node.inode, handle.fd, eligible=False)
+        return handle
+
+    async def _create_any(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
         self._check_writable(flags | os.O_CREAT)
         if self.ns.is_local(parent):
             path = os.path.join(parent.url, name)
@@ -210,6 +236,8 @@ class OpenFiles:
             return await self.workers.transfer(os.pread, handle.fd, size, offset)
         if handle.download is not None and not handle.download.done.is_set():
             await self.downloads.read(handle.download, offset, size)
+        if handle.behind is not None:
+            self.passthrough.drop_behind(handle.node.inode, handle.behind, offset, size, handle.node.size)
         return os.pread(handle.fd, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -306,8 +334,11 @@ class OpenFiles:
         self._stop_streaming(handle, "closed")  # only without a flush (which ends the stream) before
         if handle.writer:
             self.writeback.close_writer(handle.url)
+        self.passthrough.release(handle.node.inode, handle.backing_id, handle.behind)
         os.close(handle.fd)
         if handle.download is not None:
+            # Its last ranges checked the version as a stat would: a re-open right after needs no stat.
+            self.ns.confirm(handle.node, handle.download.info.etag, handle.download.confirmed)
             await self.downloads.detach(handle.download)
         if handle.pin is not None:
             handle.pin.release()

@@ -82,6 +82,12 @@ class Namespace:
     def set_object(self, node: Node, info: ObjectInfo) -> None:
         node.size, node.mtime, node.etag, node.checked = info.size, info.mtime, info.etag, time.monotonic()
 
+    @staticmethod
+    def confirm(node: Node, etag: str, when: float) -> None:
+        """The server showed `node`'s object at version `etag` at `when` (time.monotonic())."""
+        if node.etag == etag and when > node.checked:
+            node.checked = when
+
     # -- the configured levels ---------------------------------------------------------------------
     def _configured(self, node: Node) -> list[tuple[str, Kind, str]]:
         """(name, kind, url) of the entries clearml.conf puts under a ROOT/SCHEME/HOST node."""

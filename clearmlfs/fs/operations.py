@@ -21,7 +21,7 @@ import pyfuse3
 
 from ..backends import ObjectInfo
 from ..errors import ClearmlfsError, Unsupported, to_errno
-from .files import OpenFiles
+from .files import OpenFile, OpenFiles
 from .inodes import Kind, Node
 from .namespace import Namespace
 
@@ -64,6 +64,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, ns: Namespace, files: OpenFiles, ttl: float = 1.0) -> None:
         super().__init__()
         self.ns, self.files, self.ttl = ns, files, ttl
+        self.enable_passthrough = files.passthrough.enabled  # read by the patched pyfuse3's init
         self.uid, self.gid = os.getuid(), os.getgid()
         self._dirs: dict[int, list[Node]] = {}
         self._dir_fh = itertools.count(1)
@@ -193,14 +194,14 @@ class Operations(pyfuse3.Operations):
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
             node.kernel_size = -1
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=handle.keep_cache)
+        return _file_info(handle)
 
     @_errors
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         handle = await self.files.create(self.ns.table[parent_inode], _name(name), flags, mode)
-        return pyfuse3.FileInfo(fh=handle.fh), await self._entry(handle.node)
+        return _file_info(handle), await self._entry(handle.node)
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -254,6 +255,13 @@ class Operations(pyfuse3.Operations):
     def _writable(self) -> None:
         if self.files.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+
+
+def _file_info(handle: OpenFile) -> pyfuse3.FileInfo:
+    info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=handle.keep_cache)
+    if handle.backing_id:  # only a pyfuse3 with passthrough support has the attribute
+        info.backing_id = handle.backing_id
+    return info
 
 
 def _apply_local(path: str, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> None:

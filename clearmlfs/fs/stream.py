@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,6 +65,8 @@ class Download:
         self._finishing = False
         self._next_expected = 0  # where a sequential reader will read next
         self.readers = 0
+        self.confirmed = 0.0  # time.monotonic() when the last range that arrived was asked for (if it proves
+        # that `info` was still the object's current version then: Backend.pinned_read_is_current)
         self.done = trio.Event()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -146,10 +149,12 @@ class Download:
             async with self._slots:
                 if self._abandoned:
                     return
-                info = self.info
+                info, asked = self.info, time.monotonic()
                 await self.workers.transfer(
                     self.backend.read_to, self.fd, info.key, start, length, info.etag, progress
                 )
+                if self.backend.pinned_read_is_current:
+                    self.confirmed = max(self.confirmed, asked)
         except Exception as exc:  # handed to the waiting readers, who turn it into an errno
             for index in run:
                 self.parts[index] = MISSING

@@ -1,0 +1,175 @@
+"""Kernel passthrough: the kernel reads a complete local file itself, with no request per read.
+
+Since Linux 6.9 a FUSE server may name a "backing file" when it answers an open; the kernel then reads
+and maps that file directly, from the backing file's own page cache. A hot re-read through the FUSE page
+cache runs at about half the speed of a local file (FUSE caches in 4 KiB pages, ext4 and xfs in large
+folios), and every cold read is a request to this daemon; a passthrough read costs what a local read costs.
+
+While an inode is open the kernel keeps it in one I/O mode (fs/fuse/iomode.c): cached (the FUSE page
+cache) or passthrough, with one backing file for all of its opens. An open answered in another mode fails
+with EIO. So this module counts the opens of each inode, and answers:
+- passthrough, for a read-only open of a complete local file, unless the inode has cached-mode opens;
+- passthrough on the same backing file, for any read-only open while the inode has passthrough opens,
+  even when a newer version of the object has arrived meanwhile: it reads the version already open;
+- ETXTBSY, for a writable open while the inode has passthrough opens (the kernel would send its writes
+  to the backing file, past the daemon, so nothing would upload them);
+- cached mode otherwise, as without passthrough.
+Our counts can lag the kernel's (RELEASE reaches us after close(2) has returned), never lead them, so a
+doubt always ends in an answer the kernel accepts.
+
+A passthrough open makes the kernel drop the inode's FUSE page cache first: ~110 ms for a GiB read in
+cached mode while it streamed in. So, with passthrough on, a sequential cached-mode read drops the pages
+it leaves behind as it goes (`DropBehind`), and the last such open drops the rest when it is released:
+the object is then cached once, in its cache file, instead of twice, and the next open is quick.
+
+Needs pyfuse3 built with scripts/pyfuse3-passthrough.patch against libfuse >= 3.16 (scripts/setup.sh
+does both), a kernel that offers passthrough, and CAP_SYS_ADMIN; without them every open is as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import struct
+from collections import Counter
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .stream import TaskHost
+
+log = logging.getLogger(__name__)
+
+# _IOW(229, 1, struct fuse_backing_map {s32 fd; u32 flags; u64 padding}) and _IOW(229, 2, u32), linux/fuse.h
+FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501
+FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502
+# Drop-behind: kept well behind the kernel's read-ahead (4 MiB by default), which runs ahead of what the
+# reader has consumed; dropped in steps, each a request to the kernel.
+DROP_MARGIN = 16 * 1024 * 1024
+DROP_STEP = 16 * 1024 * 1024
+
+
+@dataclass
+class DropBehind:
+    """Where one open file is in its sequential run of reads."""
+
+    start: int = 0  # where the run began (a read far from it begins another)
+    end: int = 0  # the furthest byte it read
+    dropped: int = 0  # its pages before this offset have been dropped
+    tail: int = -1  # where the read of the file's last bytes began
+
+    def advance(self, offset: int, size: int, file_size: int) -> None:
+        if not self.start - DROP_MARGIN <= offset <= self.end + DROP_MARGIN:
+            self.start = self.end = self.dropped = offset  # a jump: pages before it may be read again
+        self.end = max(self.end, offset + size)
+        if offset + size >= file_size:
+            self.tail = offset
+
+    def due(self) -> tuple[int, int] | None:
+        """The (offset, length) of the pages to drop now, if any. At the end of the file, all that the
+        run read before its last request: the file is about to be closed, and then opened again."""
+        if self.tail > self.dropped:
+            return self.dropped, self.tail - self.dropped
+        upto = self.end - DROP_MARGIN
+        return (self.dropped, upto - self.dropped) if upto - self.dropped >= DROP_STEP else None
+
+
+@dataclass
+class _Backing:
+    id: int
+    users: int = 0  # our open files on it
+
+
+def pyfuse3_supports() -> bool:
+    """Whether this pyfuse3 passes backing files on (the patched build scripts/setup.sh makes)."""
+    return hasattr(pyfuse3, "session_fd_number") and hasattr(pyfuse3.FileInfo(), "backing_id")
+
+
+class Passthrough(TaskHost):
+    def __init__(self, wanted: bool) -> None:
+        self.enabled = wanted and pyfuse3_supports()
+        self._backing: dict[int, _Backing] = {}  # inode → its backing file, while passthrough opens exist
+        self._cached: Counter[int] = Counter()  # inode → open files in cached mode
+        self._dropping: set[int] = set()  # inodes with a drop in progress
+
+    def open_writer(self, inode: int) -> None:
+        """A writable open of `inode` begins: counted in cached mode from now on, so that no passthrough
+        open starts while it is being prepared (`release(inode, 0)` ends it). ETXTBSY while `inode` is
+        open in passthrough mode."""
+        if inode in self._backing:
+            raise OSError(errno.ETXTBSY, "open for reading through kernel passthrough; close those first")
+        self._cached[inode] += 1
+
+    def assign(self, inode: int, fd: int, eligible: bool) -> int:
+        """The backing id for a new open of `inode` whose local file is `fd` (0: cached mode); `eligible`:
+        read-only and complete, so the kernel may read `fd` itself."""
+        backing = self._backing.get(inode)
+        if backing is None and eligible and self.enabled and not self._cached[inode]:
+            backing = self._open_backing(inode, fd)
+        if backing is None:
+            self._cached[inode] += 1
+            return 0
+        backing.users += 1
+        return backing.id
+
+    def release(self, inode: int, backing_id: int, behind: DropBehind | None = None) -> None:
+        """An open file of `inode` is released; `behind`: its drop-behind, if it read in cached mode."""
+        if not backing_id:
+            self._cached[inode] -= 1
+            if not self._cached[inode]:
+                del self._cached[inode]
+                if behind is not None and behind.end:
+                    self._drop(inode, 0, 0)  # the rest of its pages: the next open may be a passthrough one
+            return
+        backing = self._backing[inode]
+        backing.users -= 1
+        if not backing.users:
+            del self._backing[inode]
+            try:  # the kernel keeps its own reference while the file is open: this only frees the id
+                self._ioctl(FUSE_DEV_IOC_BACKING_CLOSE, struct.pack("I", backing.id))
+            except OSError as exc:
+                log.debug("closing backing file %d of inode %d: %s", backing.id, inode, exc)
+
+    def drop_behind(self, inode: int, behind: DropBehind, offset: int, size: int, file_size: int) -> None:
+        """A cached-mode read of `size` bytes at `offset`: drop the FUSE pages it left behind."""
+        behind.advance(offset, size, file_size)
+        span = behind.due()
+        if span is not None and self._drop(inode, *span):
+            behind.dropped = sum(span)
+
+    def _drop(self, inode: int, offset: int, length: int) -> bool:
+        """Drop `inode`'s cached pages in the background; False if a drop is still running."""
+        if inode in self._dropping or self.nursery is None:
+            return False
+        self._dropping.add(inode)
+        self.nursery.start_soon(self._dropped, inode, offset, length)
+        return True
+
+    async def _dropped(self, inode: int, offset: int, length: int) -> None:
+        try:  # in a thread: the kernel waits for pages being read, which this loop answers
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode_range, inode, offset, length)
+        except OSError as exc:  # ENOENT: the kernel forgot the inode meanwhile
+            log.debug("dropping cached pages of inode %d: %s", inode, exc)
+        finally:
+            self._dropping.discard(inode)
+
+    def _open_backing(self, inode: int, fd: int) -> _Backing | None:
+        try:
+            backing_id = self._ioctl(FUSE_DEV_IOC_BACKING_OPEN, struct.pack("iIQ", fd, 0, 0))
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):  # not offered by this kernel/mount
+                self.enabled = False
+                log.info("kernel passthrough unavailable (%s): cached files are read through FUSE", exc)
+            else:  # e.g. ELOOP: this file is on a filesystem stacked too deep
+                log.debug("no passthrough for inode %d: %s", inode, exc)
+            return None
+        backing = _Backing(backing_id)
+        self._backing[inode] = backing
+        return backing
+
+    @staticmethod
+    def _ioctl(request: int, arg: bytes) -> int:
+        # A mutable buffer with mutate_flag: fcntl.ioctl returns the ioctl's own result (the backing id).
+        return fcntl.ioctl(pyfuse3.session_fd_number(), request, bytearray(arg), True)

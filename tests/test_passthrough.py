@@ -1,0 +1,222 @@
+"""Kernel passthrough through a real mount: a cached file is read by the kernel itself, not by the daemon.
+
+Whether the daemon read a file's bytes is told by its /proc/<pid>/io: passthrough reads are the reader's.
+The kernel allows one I/O mode per open inode (fs/fuse/iomode.c); a wrong answer would fail an open with
+EIO, so the mixes of opens are tried here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import mmap
+import os
+import platform
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from clearmlfs.fs.passthrough import DROP_MARGIN, DROP_STEP, DropBehind, pyfuse3_supports
+from clearmlfs.urls import url_to_mount_path
+from tests import servers, stores
+from tests.mounting import daemon_pid, mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
+
+MIB = 1024 * 1024
+SIZE = 8 * MIB  # above small_file_size's 4 MiB: streamed in by the daemon on the first open
+
+
+def kernel_offers_passthrough() -> bool:
+    major, minor = (int(part) for part in platform.release().split(".")[:2])
+    return (major, minor) >= (6, 9)
+
+
+@pytest.fixture()
+def mount(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> Iterator[Callable[..., tuple[Path, int]]]:
+    """mount(options) → (the bucket's folder in a new mount, the daemon's pid)."""
+    store = stores.seaweed_store(seaweedfs)
+    conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
+    with contextlib.ExitStack() as stack:
+
+        def mount(options: str = "ttl=30,list_ttl=30") -> tuple[Path, int]:
+            mnt = stack.enter_context(mounted(conf, tmp_path / "mnt", extra_args=["-o", options]))
+            pid = daemon_pid(tmp_path / "mnt")
+            assert pid is not None
+            return mnt / url_to_mount_path(store.root), pid
+
+        yield mount
+
+
+@pytest.fixture()
+def put(seaweedfs: servers.SeaweedFS):
+    client = seaweedfs.client()
+
+    def put(key: str, data: bytes) -> None:
+        client.put_object(Bucket=seaweedfs.bucket, Key=key, Body=data)
+
+    return put
+
+
+def new_key(put, data: bytes) -> str:
+    key = f"passthrough-{uuid.uuid4().hex[:8]}/model.bin"
+    put(key, data)
+    return key
+
+
+def sha(data: bytes) -> str:
+    """Contents are compared by digest: pytest would spend minutes diffing two 8 MiB values that differ."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def daemon_read(pid: int) -> int:
+    """Bytes the daemon has read with read(2)-like calls so far."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no rchar in /proc/{pid}/io")
+
+
+def drop_page_caches() -> None:
+    """Empty the kernel's clean page cache: a later read must be served by someone, not by cached pages."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1")
+
+
+def settle() -> None:
+    """Let the daemon see the RELEASE of files just closed: the kernel sends it after close(2) returns."""
+    time.sleep(0.3)
+
+
+def read_through(path: Path, pid: int) -> tuple[bytes, int]:
+    """(content, bytes the daemon read meanwhile)."""
+    before = daemon_read(pid)
+    data = path.read_bytes()
+    return data, daemon_read(pid) - before
+
+
+# -- the setup gives the mount what passthrough needs -------------------------------------------------
+def test_the_installed_pyfuse3_can_pass_backing_files_on() -> None:
+    assert pyfuse3_supports(), "pyfuse3 without the passthrough patch: run scripts/setup.sh"
+
+
+# -- reads ----------------------------------------------------------------------------------------------
+def test_a_cached_file_is_read_by_the_kernel_not_by_the_daemon(mount, put) -> None:
+    folder, pid = mount()
+    data = os.urandom(SIZE)
+    path = folder / new_key(put, data)
+    first, _ = read_through(path, pid)
+    assert sha(first) == sha(data)
+    drop_page_caches()  # neither the FUSE page cache nor the cache file's pages hold it now
+    again, daemon_bytes = read_through(path, pid)
+    assert sha(again) == sha(data)
+    if kernel_offers_passthrough():
+        assert daemon_bytes < MIB, f"the daemon read {daemon_bytes} bytes of a cached file"
+    else:  # an older kernel: the mount works as before, through the daemon
+        assert daemon_bytes >= SIZE
+
+
+def test_with_passthrough_off_the_daemon_serves_every_read(mount, put) -> None:
+    folder, pid = mount("ttl=30,list_ttl=30,passthrough=off")
+    data = os.urandom(SIZE)
+    path = folder / new_key(put, data)
+    assert sha(read_through(path, pid)[0]) == sha(data)
+    drop_page_caches()
+    again, daemon_bytes = read_through(path, pid)
+    assert sha(again) == sha(data)
+    assert daemon_bytes >= SIZE
+
+
+def test_a_cached_file_maps_and_reads_in_pieces(mount, put) -> None:
+    folder, _ = mount()
+    data = os.urandom(SIZE)
+    path = folder / new_key(put, data)
+    assert sha(path.read_bytes()) == sha(data)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        assert sha(view[SIZE - 4096:]) == sha(data[SIZE - 4096:])
+        assert sha(view[:]) == sha(data)
+        f.seek(3 * MIB + 17)
+        assert sha(f.read(MIB)) == sha(data[3 * MIB + 17:4 * MIB + 17])
+
+
+# -- mixes of opens of one file -------------------------------------------------------------------------
+def test_an_open_made_while_a_streaming_one_is_open_is_served_too(mount, put) -> None:
+    folder, _ = mount()
+    data = os.urandom(SIZE)
+    path = folder / new_key(put, data)
+    with open(path, "rb") as streaming:  # not cached yet: the daemon streams it in (the kernel's cached mode)
+        assert sha(streaming.read(MIB)) == sha(data[:MIB])
+        assert sha(streaming.read()) == sha(data[MIB:])  # complete now
+        with open(path, "rb") as second:  # complete, but must join the cached mode: no EIO
+            assert sha(second.read()) == sha(data)
+    with open(path, "rb") as third, open(path, "rb") as fourth:  # passthrough, sharing one backing file
+        assert sha(third.read()) == sha(data)
+        assert sha(fourth.read()) == sha(data)
+
+
+def test_a_writer_waits_for_passthrough_readers_to_close(mount, put) -> None:
+    folder, _ = mount()
+    data = os.urandom(SIZE)
+    path = folder / new_key(put, data)
+    assert sha(path.read_bytes()) == sha(data)  # cached
+    settle()  # or the next open joins the cached mode of the one just closed
+    reader = open(path, "rb")  # noqa: SIM115 - held open across the writer's attempt
+    try:
+        assert sha(reader.read(MIB)) == sha(data[:MIB])
+        if kernel_offers_passthrough():
+            with pytest.raises(OSError) as refused:
+                open(path, "r+b")  # noqa: SIM115
+            assert refused.value.errno == errno.ETXTBSY
+        assert sha(reader.read()) == sha(data[MIB:])  # the refused writer changed nothing
+    finally:
+        reader.close()
+    with open(path, "r+b") as writer:  # the reader is gone
+        writer.write(b"new head")
+    settle()
+    assert sha(path.read_bytes()) == sha(b"new head" + data[8:])
+
+
+def test_an_open_while_the_object_changed_reads_the_version_already_open(mount, put) -> None:
+    folder, _ = mount("ttl=0.2,list_ttl=0.2")
+    old, new = os.urandom(SIZE), os.urandom(SIZE)
+    key = new_key(put, old)
+    path = folder / key
+    assert sha(path.read_bytes()) == sha(old)
+    settle()
+    with open(path, "rb") as held:
+        put(key, new)
+        time.sleep(0.5)  # past the ttl: the next open sees the new version on the server
+        with open(path, "rb") as during:  # no EIO; the kernel allows one backing file while `held` is open
+            content = during.read()
+        assert sha(content) == sha(old if kernel_offers_passthrough() else new)
+        assert sha(held.read()) == sha(old)
+    settle()
+    assert sha(path.read_bytes()) == sha(new)  # once the old version is closed
+
+
+# -- dropping the FUSE pages a sequential cached-mode read leaves behind ---------------------------------
+def test_drop_behind_follows_a_sequential_run_at_a_distance() -> None:
+    behind, size = DropBehind(), 1 << 40
+    spans = []
+    for offset in range(0, DROP_MARGIN + 3 * DROP_STEP, MIB):
+        behind.advance(offset, MIB, size)
+        span = behind.due()
+        if span is not None:
+            spans.append(span)
+            behind.dropped = sum(span)
+    assert spans == [(0, DROP_STEP), (DROP_STEP, DROP_STEP), (2 * DROP_STEP, DROP_STEP)]
+
+
+def test_drop_behind_starts_over_after_a_jump_and_drops_all_but_the_tail_at_the_end() -> None:
+    behind, size = DropBehind(), 10 * DROP_MARGIN
+    behind.advance(0, MIB, size)
+    behind.advance(5 * DROP_MARGIN, MIB, size)  # a jump: nothing before it is dropped
+    assert behind.due() is None
+    behind.advance(size - MIB, MIB, size)  # another jump, to the last bytes
+    assert behind.due() is None
+    behind = DropBehind()
+    for offset in range(0, 3 * MIB, MIB):
+        behind.advance(offset, MIB, 3 * MIB)
+    assert behind.due() == (0, 2 * MIB)  # the whole run but its last request
