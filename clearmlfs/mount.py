@@ -155,7 +155,7 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     downloads = Downloads(cache, workers, writeback, stream, fetchers)
     small_settings = SmallSettings(opts.small_file_size, opts.readahead_files)
     small = SmallFiles(ns, cache, workers, fetchers, downloads.cleaner, small_settings)
-    passthrough = Passthrough(opts.passthrough)
+    passthrough = Passthrough(opts.passthrough, cache.folder)
     if opts.passthrough and not passthrough.enabled:
         log.info("kernel passthrough off: this pyfuse3 cannot pass backing files on (scripts/setup.sh builds one "
                  "that can)")
@@ -173,9 +173,12 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     log.info("unmounted %s", mountpoint)
 
 
-async def _when_answering(mountpoint: Path, read_ahead_kb: int, backends: BackendPool, fetchers: Fetchers) -> None:
+async def _when_answering(
+    mountpoint: Path, read_ahead_kb: int, backends: BackendPool, fetchers: Fetchers, passthrough: Passthrough
+) -> None:
     # stat() of the mount point is served by this very loop: from a thread, once pyfuse3.main runs.
     await trio.to_thread.run_sync(_raise_read_ahead, mountpoint, read_ahead_kb)
+    await trio.to_thread.run_sync(passthrough.probe)  # the kernel's INIT is done: it can say now
     # Ready means fast: the SDK clients take ~100 ms each to create, and the fetcher processes ~0.4 s of CPU
     # each; neither on the time of the first open, nor on the CPU of the first reads (measured: they cost a
     # cold read started right after the mount 20 % of its speed).
@@ -224,7 +227,7 @@ async def _main(
         await nursery.start(passthrough.run)
         nursery.start_soon(writeback.run)
         nursery.start_soon(_on_signals)
-        nursery.start_soon(_when_answering, mountpoint, read_ahead_kb, backends, fetchers)
+        nursery.start_soon(_when_answering, mountpoint, read_ahead_kb, backends, fetchers, passthrough)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     _notify_systemd(b"STOPPING=1")

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -34,18 +35,24 @@ def kernel_offers_passthrough() -> bool:
     return (major, minor) >= (6, 9)
 
 
+class Mount(NamedTuple):
+    root: Path
+    bucket: Path  # the bucket's folder in it
+    pid: int  # the daemon's
+
+
 @pytest.fixture()
-def mount(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> Iterator[Callable[..., tuple[Path, int]]]:
-    """mount(options) → (the bucket's folder in a new mount, the daemon's pid)."""
+def mount(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """mount(options) → a new mount."""
     store = stores.seaweed_store(seaweedfs)
     conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
     with contextlib.ExitStack() as stack:
 
-        def mount(options: str = "ttl=30,list_ttl=30") -> tuple[Path, int]:
+        def mount(options: str = "ttl=30,list_ttl=30") -> Mount:
             mnt = stack.enter_context(mounted(conf, tmp_path / "mnt", extra_args=["-o", options]))
             pid = daemon_pid(tmp_path / "mnt")
             assert pid is not None
-            return mnt / url_to_mount_path(store.root), pid
+            return Mount(mnt, mnt / url_to_mount_path(store.root), pid)
 
         yield mount
 
@@ -103,8 +110,10 @@ def test_the_installed_pyfuse3_can_pass_backing_files_on() -> None:
 
 
 # -- reads ----------------------------------------------------------------------------------------------
-def test_a_cached_file_is_read_by_the_kernel_not_by_the_daemon(mount, put) -> None:
-    folder, pid = mount()
+def test_a_cached_file_is_read_by_the_kernel_not_by_the_daemon(mount, put, tmp_path) -> None:
+    folder, pid = mount()[1:]
+    said = "kernel passthrough on" if kernel_offers_passthrough() else "kernel passthrough off"
+    assert said in (tmp_path / "mnt.mount.log").read_text()  # what the mount found, at once
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
     first, _ = read_through(path, pid)
@@ -119,7 +128,7 @@ def test_a_cached_file_is_read_by_the_kernel_not_by_the_daemon(mount, put) -> No
 
 
 def test_with_passthrough_off_the_daemon_serves_every_read(mount, put) -> None:
-    folder, pid = mount("ttl=30,list_ttl=30,passthrough=off")
+    folder, pid = mount("ttl=30,list_ttl=30,passthrough=off")[1:]
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
     assert sha(read_through(path, pid)[0]) == sha(data)
@@ -130,7 +139,7 @@ def test_with_passthrough_off_the_daemon_serves_every_read(mount, put) -> None:
 
 
 def test_a_cached_file_maps_and_reads_in_pieces(mount, put) -> None:
-    folder, _ = mount()
+    folder = mount().bucket
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
     assert sha(path.read_bytes()) == sha(data)
@@ -143,7 +152,7 @@ def test_a_cached_file_maps_and_reads_in_pieces(mount, put) -> None:
 
 # -- mixes of opens of one file -------------------------------------------------------------------------
 def test_an_open_made_while_a_streaming_one_is_open_is_served_too(mount, put) -> None:
-    folder, _ = mount()
+    folder = mount().bucket
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
     with open(path, "rb") as streaming:  # not cached yet: the daemon streams it in (the kernel's cached mode)
@@ -157,7 +166,7 @@ def test_an_open_made_while_a_streaming_one_is_open_is_served_too(mount, put) ->
 
 
 def test_a_writer_waits_for_passthrough_readers_to_close(mount, put) -> None:
-    folder, _ = mount()
+    folder = mount().bucket
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
     assert sha(path.read_bytes()) == sha(data)  # cached
@@ -179,7 +188,7 @@ def test_a_writer_waits_for_passthrough_readers_to_close(mount, put) -> None:
 
 
 def test_an_open_while_the_object_changed_reads_the_version_already_open(mount, put) -> None:
-    folder, _ = mount("ttl=0.2,list_ttl=0.2")
+    folder = mount("ttl=0.2,list_ttl=0.2").bucket
     old, new = os.urandom(SIZE), os.urandom(SIZE)
     key = new_key(put, old)
     path = folder / key
@@ -194,6 +203,25 @@ def test_an_open_while_the_object_changed_reads_the_version_already_open(mount, 
         assert sha(held.read()) == sha(old)
     settle()
     assert sha(path.read_bytes()) == sha(new)  # once the old version is closed
+
+
+def test_a_direct_access_file_is_read_and_written_by_the_kernel_while_readers_have_it_open(mount, tmp_path) -> None:
+    root, _, pid = mount()
+    local = tmp_path / "local" / "data.bin"
+    local.parent.mkdir()
+    data = os.urandom(SIZE)
+    local.write_bytes(data)
+    through = root / url_to_mount_path(f"file://{local}")
+    drop_page_caches()
+    with open(through, "rb") as reader:
+        before = daemon_read(pid)
+        assert sha(reader.read()) == sha(data)
+        with open(through, "ab") as writer:  # no ETXTBSY: its writes belong in the local file
+            writer.write(b"appended")
+        if kernel_offers_passthrough():
+            assert daemon_read(pid) - before < MIB
+            assert reader.read() == b"appended"  # the kernel reads the file itself, at its current size
+    assert local.read_bytes()[-8:] == b"appended"
 
 
 # -- dropping the FUSE pages a sequential cached-mode read leaves behind ---------------------------------

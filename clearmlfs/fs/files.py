@@ -77,7 +77,8 @@ class OpenFiles:
 
     # -- open / create -----------------------------------------------------------------------------
     async def open(self, node: Node, flags: int) -> OpenFile:
-        if flags & WRITE_FLAGS:
+        local = self.ns.is_local(node)
+        if flags & WRITE_FLAGS and not local:
             self.passthrough.open_writer(node.inode)  # before anything is truncated or registered
             try:
                 return await self._open_any(node, flags)
@@ -85,8 +86,8 @@ class OpenFiles:
                 self.passthrough.release(node.inode, 0)
                 raise
         handle = await self._open_any(node, flags)
-        # Complete: the kernel may read the local file itself.
-        handle.backing_id = self.passthrough.assign(node.inode, handle.fd, handle.download is None)
+        # Complete, or direct access (whose writes belong in the file anyway): the kernel may use it itself.
+        handle.backing_id = self.passthrough.assign(node.inode, handle.fd, local or handle.download is None)
         if handle.backing_id:
             handle.keep_cache = False  # the kernel refuses it with passthrough; the FUSE page cache is unused
             node.kernel_etag = ""  # and whether this open cleared it is the kernel's business: unknown now
@@ -202,7 +203,7 @@ class OpenFiles:
 
     async def create(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
         handle = await self._create_any(parent, name, flags, mode)
-        handle.backing_id = self.passthrough.assign(handle.node.inode, handle.fd, eligible=False)
+        handle.backing_id = self.passthrough.assign(handle.node.inode, handle.fd, self.ns.is_local(parent))
         return handle
 
     async def _create_any(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:

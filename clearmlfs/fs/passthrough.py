@@ -8,11 +8,13 @@ folios), and every cold read is a request to this daemon; a passthrough read cos
 While an inode is open the kernel keeps it in one I/O mode (fs/fuse/iomode.c): cached (the FUSE page
 cache) or passthrough, with one backing file for all of its opens. An open answered in another mode fails
 with EIO. So this module counts the opens of each inode, and answers:
-- passthrough, for a read-only open of a complete local file, unless the inode has cached-mode opens;
+- passthrough, for a read-only open of a complete cached file or any open of a direct-access file, unless
+  the inode has cached-mode opens;
 - passthrough on the same backing file, for any read-only open while the inode has passthrough opens,
   even when a newer version of the object has arrived meanwhile: it reads the version already open;
-- ETXTBSY, for a writable open while the inode has passthrough opens (the kernel would send its writes
-  to the backing file, past the daemon, so nothing would upload them);
+- ETXTBSY, for a writable open of an object while the inode has passthrough opens (the kernel would send
+  its writes to the backing file, past the daemon, so nothing would upload them); a direct-access file's
+  writers, whose writes belong in that file, are passthrough opens like its readers;
 - cached mode otherwise, as without passthrough.
 Our counts can lag the kernel's (RELEASE reaches us after close(2) has returned), never lead them, so a
 doubt always ends in an answer the kernel accepts.
@@ -32,8 +34,10 @@ import errno
 import fcntl
 import logging
 import struct
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -88,8 +92,9 @@ def pyfuse3_supports() -> bool:
 
 
 class Passthrough(TaskHost):
-    def __init__(self, wanted: bool) -> None:
+    def __init__(self, wanted: bool, folder: Path) -> None:
         self.enabled = wanted and pyfuse3_supports()
+        self.folder = folder  # where backing files live (the cache), for `probe`
         self._backing: dict[int, _Backing] = {}  # inode → its backing file, while passthrough opens exist
         self._cached: Counter[int] = Counter()  # inode → open files in cached mode
         self._dropping: set[int] = set()  # inodes with a drop in progress
@@ -104,15 +109,31 @@ class Passthrough(TaskHost):
 
     def assign(self, inode: int, fd: int, eligible: bool) -> int:
         """The backing id for a new open of `inode` whose local file is `fd` (0: cached mode); `eligible`:
-        read-only and complete, so the kernel may read `fd` itself."""
+        the kernel may use `fd`'s file itself (read-only and complete, or a direct-access file)."""
         backing = self._backing.get(inode)
         if backing is None and eligible and self.enabled and not self._cached[inode]:
-            backing = self._open_backing(inode, fd)
+            backing_id = self._backing_id(fd)
+            if backing_id:
+                backing = self._backing[inode] = _Backing(backing_id)
         if backing is None:
             self._cached[inode] += 1
             return 0
         backing.users += 1
         return backing.id
+
+    def probe(self) -> None:
+        """Ask the kernel, once the mount answers, whether it takes backing files at all: otherwise
+        drop-behind would empty the FUSE page cache that every later read depends on."""
+        if self.enabled:
+            try:
+                with tempfile.TemporaryFile(dir=self.folder) as probe:
+                    backing_id = self._backing_id(probe.fileno())
+            except OSError as exc:  # no probe; the first open finds out instead
+                log.debug("passthrough probe in %s: %s", self.folder, exc)
+                backing_id = 0
+            if backing_id:
+                self._close(backing_id)
+        log.info("kernel passthrough %s", "on" if self.enabled else "off")
 
     def release(self, inode: int, backing_id: int, behind: DropBehind | None = None) -> None:
         """An open file of `inode` is released; `behind`: its drop-behind, if it read in cached mode."""
@@ -127,10 +148,7 @@ class Passthrough(TaskHost):
         backing.users -= 1
         if not backing.users:
             del self._backing[inode]
-            try:  # the kernel keeps its own reference while the file is open: this only frees the id
-                self._ioctl(FUSE_DEV_IOC_BACKING_CLOSE, struct.pack("I", backing.id))
-            except OSError as exc:
-                log.debug("closing backing file %d of inode %d: %s", backing.id, inode, exc)
+            self._close(backing.id)
 
     def drop_behind(self, inode: int, behind: DropBehind, offset: int, size: int, file_size: int) -> None:
         """A cached-mode read of `size` bytes at `offset`: drop the FUSE pages it left behind."""
@@ -155,19 +173,24 @@ class Passthrough(TaskHost):
         finally:
             self._dropping.discard(inode)
 
-    def _open_backing(self, inode: int, fd: int) -> _Backing | None:
+    def _backing_id(self, fd: int) -> int:
+        """A backing id for `fd`'s file; 0 if the kernel refuses it (and, if it refuses every file, from
+        now on passthrough is off)."""
         try:
-            backing_id = self._ioctl(FUSE_DEV_IOC_BACKING_OPEN, struct.pack("iIQ", fd, 0, 0))
+            return self._ioctl(FUSE_DEV_IOC_BACKING_OPEN, struct.pack("iIQ", fd, 0, 0))
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):  # not offered by this kernel/mount
                 self.enabled = False
                 log.info("kernel passthrough unavailable (%s): cached files are read through FUSE", exc)
             else:  # e.g. ELOOP: this file is on a filesystem stacked too deep
-                log.debug("no passthrough for inode %d: %s", inode, exc)
-            return None
-        backing = _Backing(backing_id)
-        self._backing[inode] = backing
-        return backing
+                log.debug("no passthrough for fd %d: %s", fd, exc)
+            return 0
+
+    def _close(self, backing_id: int) -> None:
+        try:  # the kernel keeps its own reference while a file is open on it: this only frees the id
+            self._ioctl(FUSE_DEV_IOC_BACKING_CLOSE, struct.pack("I", backing_id))
+        except OSError as exc:
+            log.debug("closing backing file %d: %s", backing_id, exc)
 
     @staticmethod
     def _ioctl(request: int, arg: bytes) -> int:
