@@ -156,9 +156,6 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     small_settings = SmallSettings(opts.small_file_size, opts.readahead_files)
     small = SmallFiles(ns, cache, workers, fetchers, downloads.cleaner, small_settings)
     passthrough = Passthrough(opts.passthrough, cache.folder)
-    if opts.passthrough and not passthrough.enabled:
-        log.info("kernel passthrough off: this pyfuse3 cannot pass backing files on (scripts/setup.sh builds one "
-                 "that can)")
     files = OpenFiles(ns, cache, workers, writeback, downloads, small, passthrough, opts.read_only)
     ops = Operations(ns, files, ttl=opts.ttl)
     fuse_options = set(pyfuse3.default_options) | {"fsname=clearmlfs", "subtype=clearmlfs"}

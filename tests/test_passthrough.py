@@ -21,7 +21,9 @@ from typing import NamedTuple
 
 import pytest
 
+from clearmlfs.errors import ConfigError
 from clearmlfs.fs.passthrough import DROP_MARGIN, DROP_STEP, DropBehind, pyfuse3_supports
+from clearmlfs.mount import parse_options
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
 from tests.mounting import daemon_pid, mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
@@ -222,6 +224,14 @@ def test_a_direct_access_file_is_read_and_written_by_the_kernel_while_readers_ha
             assert daemon_read(pid) - before < MIB
             assert reader.read() == b"appended"  # the kernel reads the file itself, at its current size
     assert local.read_bytes()[-8:] == b"appended"
+
+
+def test_the_mount_option_is_on_or_off() -> None:
+    assert parse_options([]).passthrough is True
+    assert parse_options(["ro,passthrough=off"]).passthrough is False
+    assert parse_options(["passthrough=on"]).passthrough is True
+    with pytest.raises(ConfigError, match="passthrough=maybe"):
+        parse_options(["passthrough=maybe"])
 
 
 # -- dropping the FUSE pages a sequential cached-mode read leaves behind ---------------------------------

@@ -94,6 +94,8 @@ def pyfuse3_supports() -> bool:
 class Passthrough(TaskHost):
     def __init__(self, wanted: bool, folder: Path) -> None:
         self.enabled = wanted and pyfuse3_supports()
+        self._off = "" if self.enabled else "passthrough=off" if not wanted else (
+            "this pyfuse3 cannot pass backing files on; scripts/setup.sh builds one that can")
         self.folder = folder  # where backing files live (the cache), for `probe`
         self._backing: dict[int, _Backing] = {}  # inode → its backing file, while passthrough opens exist
         self._cached: Counter[int] = Counter()  # inode → open files in cached mode
@@ -133,7 +135,7 @@ class Passthrough(TaskHost):
                 backing_id = 0
             if backing_id:
                 self._close(backing_id)
-        log.info("kernel passthrough %s", "on" if self.enabled else "off")
+        log.info("kernel passthrough %s", "on" if self.enabled else f"off ({self._off})")
 
     def release(self, inode: int, backing_id: int, behind: DropBehind | None = None) -> None:
         """An open file of `inode` is released; `behind`: its drop-behind, if it read in cached mode."""
@@ -181,7 +183,8 @@ class Passthrough(TaskHost):
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EOPNOTSUPP):  # not offered by this kernel/mount
                 self.enabled = False
-                log.info("kernel passthrough unavailable (%s): cached files are read through FUSE", exc)
+                self._off = f"the kernel refuses backing files: {exc}; cached files are read through FUSE"
+                log.info("kernel passthrough %s", self._off)
             else:  # e.g. ELOOP: this file is on a filesystem stacked too deep
                 log.debug("no passthrough for fd %d: %s", fd, exc)
             return 0
