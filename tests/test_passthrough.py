@@ -258,3 +258,7 @@ def test_drop_behind_starts_over_after_a_jump_and_drops_all_but_the_tail_at_the_
     for offset in range(0, 3 * MIB, MIB):
         behind.advance(offset, MIB, 3 * MIB)
     assert behind.due() == (0, 2 * MIB)  # the whole run but its last request
+    behind, size = DropBehind(), 10 * DROP_MARGIN
+    behind.advance(size - MIB, MIB, size)  # the last bytes first (a zip's directory), then back to the start:
+    behind.advance(0, MIB, size)  # a new run, and nothing ahead of it is dropped
+    assert behind.due() is None

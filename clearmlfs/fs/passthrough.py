@@ -67,6 +67,7 @@ class DropBehind:
     def advance(self, offset: int, size: int, file_size: int) -> None:
         if not self.start - DROP_MARGIN <= offset <= self.end + DROP_MARGIN:
             self.start = self.end = self.dropped = offset  # a jump: pages before it may be read again
+            self.tail = -1
         self.end = max(self.end, offset + size)
         if offset + size >= file_size:
             self.tail = offset
