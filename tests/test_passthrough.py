@@ -13,6 +13,7 @@ import hashlib
 import mmap
 import os
 import platform
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,8 +34,9 @@ SIZE = 8 * MIB  # above small_file_size's 4 MiB: streamed in by the daemon on th
 
 
 def kernel_offers_passthrough() -> bool:
-    major, minor = (int(part) for part in platform.release().split(".")[:2])
-    return (major, minor) >= (6, 9)
+    version = re.match(r"(\d+)\.(\d+)", platform.release())  # "6.18.44-fc", "6.9-rc1"
+    assert version, platform.release()
+    return (int(version[1]), int(version[2])) >= (6, 9)
 
 
 class Mount(NamedTuple):
