@@ -12,6 +12,7 @@ prefixes match whole path segments (an entry for ``bucket`` does not capture
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -241,11 +242,20 @@ def _get(tree: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     return default if node is None else node
 
 
+def parse_bool(text: str) -> bool:
+    """true/yes/on/1 or false/no/off/0, in any case; ValueError for anything else."""
+    word = text.strip().lower()
+    if word in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return word in ("true", "yes", "on", "1")
+    raise ValueError(text)
+
+
 def _bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-        return value.strip().lower() in ("true", "yes", "on", "1")
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return parse_bool(value)
     raise ConfigError(f"{name} must be true or false, not {value!r}")
 
 

@@ -18,7 +18,7 @@ import trio
 
 from .backends import BackendPool
 from .cache import CacheContext
-from .config import Settings
+from .config import Settings, parse_bool
 from .errors import ConfigError
 from .fetcher import Setup
 from .fs.fetchers import Fetchers
@@ -106,21 +106,13 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
     elif name == "fetch_processes":
         opts.fetch_processes = max(0, int(value))
     elif name == "passthrough":
-        opts.passthrough = _on_off(value)
+        opts.passthrough = parse_bool(value)
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
             "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=, small_file_size=, "
             "readahead_files=, fetch_processes=, passthrough=on|off)"
         )
-
-
-def _on_off(value: str) -> bool:
-    if value.lower() in ("on", "yes", "true", "1"):
-        return True
-    if value.lower() in ("off", "no", "false", "0"):
-        return False
-    raise ValueError(value)
 
 
 def parse_size(text: str) -> int:
