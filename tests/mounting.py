@@ -11,6 +11,7 @@ folders survived anyway: a leaked FUSE mount would hang the next `ls` or `rm -rf
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -187,16 +188,44 @@ def stop_foreground(process: subprocess.Popen[bytes], sig: signal.Signals, timeo
     return process.wait(timeout=timeout)
 
 
+def _processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process still there when looked at."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                yield int(proc.name), (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile
+                continue
+
+
 def daemon_pid(mountpoint: Path) -> int | None:
     """The `clearmlfs mount` process serving `mountpoint`, if alive (it uploads what is dirty after unmount)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for pid, argv in _processes():
         if b"clearmlfs.cli" in argv and b"mount" in argv and os.fsencode(str(mountpoint)) in argv:
-            return int(proc.name)
+            return pid
     return None
+
+
+def fetchers_of(mountpoint: Path) -> set[int]:
+    """The fetcher processes of the daemon serving `mountpoint`."""
+    daemon = daemon_pid(mountpoint)
+    found = set()
+    for pid, argv in _processes():
+        try:
+            if b"clearmlfs.fetcher" in argv and _parent(pid) == daemon:
+                found.add(pid)
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def digest(data: bytes) -> str:
+    """Contents are compared by digest: pytest would spend minutes diffing two MiB-sized values that differ."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def daemon_running(mountpoint: Path) -> bool:

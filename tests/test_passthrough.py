@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import mmap
 import os
 import platform
@@ -27,7 +26,7 @@ from clearmlfs.fs.passthrough import DROP_MARGIN, DROP_STEP, DropBehind, pyfuse3
 from clearmlfs.mount import parse_options
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
-from tests.mounting import daemon_pid, mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
+from tests.mounting import daemon_pid, digest, mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
 
 MIB = 1024 * 1024
 SIZE = 8 * MIB  # above small_file_size's 4 MiB: streamed in by the daemon on the first open
@@ -77,11 +76,6 @@ def new_key(put, data: bytes) -> str:
     return key
 
 
-def sha(data: bytes) -> str:
-    """Contents are compared by digest: pytest would spend minutes diffing two 8 MiB values that differ."""
-    return hashlib.sha256(data).hexdigest()
-
-
 def daemon_read(pid: int) -> int:
     """Bytes the daemon has read with read(2)-like calls so far."""
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
@@ -121,10 +115,10 @@ def test_a_cached_file_is_read_by_the_kernel_not_by_the_daemon(mount, put, tmp_p
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
     first, _ = read_through(path, pid)
-    assert sha(first) == sha(data)
+    assert digest(first) == digest(data)
     drop_page_caches()  # neither the FUSE page cache nor the cache file's pages hold it now
     again, daemon_bytes = read_through(path, pid)
-    assert sha(again) == sha(data)
+    assert digest(again) == digest(data)
     if kernel_offers_passthrough():
         assert daemon_bytes < MIB, f"the daemon read {daemon_bytes} bytes of a cached file"
     else:  # an older kernel: the mount works as before, through the daemon
@@ -135,10 +129,10 @@ def test_with_passthrough_off_the_daemon_serves_every_read(mount, put) -> None:
     folder, pid = mount("ttl=30,list_ttl=30,passthrough=off")[1:]
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
-    assert sha(read_through(path, pid)[0]) == sha(data)
+    assert digest(read_through(path, pid)[0]) == digest(data)
     drop_page_caches()
     again, daemon_bytes = read_through(path, pid)
-    assert sha(again) == sha(data)
+    assert digest(again) == digest(data)
     assert daemon_bytes >= SIZE
 
 
@@ -146,12 +140,12 @@ def test_a_cached_file_maps_and_reads_in_pieces(mount, put) -> None:
     folder = mount().bucket
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
-    assert sha(path.read_bytes()) == sha(data)
+    assert digest(path.read_bytes()) == digest(data)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        assert sha(view[SIZE - 4096:]) == sha(data[SIZE - 4096:])
-        assert sha(view[:]) == sha(data)
+        assert digest(view[SIZE - 4096:]) == digest(data[SIZE - 4096:])
+        assert digest(view[:]) == digest(data)
         f.seek(3 * MIB + 17)
-        assert sha(f.read(MIB)) == sha(data[3 * MIB + 17:4 * MIB + 17])
+        assert digest(f.read(MIB)) == digest(data[3 * MIB + 17:4 * MIB + 17])
 
 
 # -- mixes of opens of one file -------------------------------------------------------------------------
@@ -160,35 +154,35 @@ def test_an_open_made_while_a_streaming_one_is_open_is_served_too(mount, put) ->
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
     with open(path, "rb") as streaming:  # not cached yet: the daemon streams it in (the kernel's cached mode)
-        assert sha(streaming.read(MIB)) == sha(data[:MIB])
-        assert sha(streaming.read()) == sha(data[MIB:])  # complete now
+        assert digest(streaming.read(MIB)) == digest(data[:MIB])
+        assert digest(streaming.read()) == digest(data[MIB:])  # complete now
         with open(path, "rb") as second:  # complete, but must join the cached mode: no EIO
-            assert sha(second.read()) == sha(data)
+            assert digest(second.read()) == digest(data)
     with open(path, "rb") as third, open(path, "rb") as fourth:  # passthrough, sharing one backing file
-        assert sha(third.read()) == sha(data)
-        assert sha(fourth.read()) == sha(data)
+        assert digest(third.read()) == digest(data)
+        assert digest(fourth.read()) == digest(data)
 
 
 def test_a_writer_waits_for_passthrough_readers_to_close(mount, put) -> None:
     folder = mount().bucket
     data = os.urandom(SIZE)
     path = folder / new_key(put, data)
-    assert sha(path.read_bytes()) == sha(data)  # cached
+    assert digest(path.read_bytes()) == digest(data)  # cached
     settle()  # or the next open joins the cached mode of the one just closed
     reader = open(path, "rb")  # noqa: SIM115 - held open across the writer's attempt
     try:
-        assert sha(reader.read(MIB)) == sha(data[:MIB])
+        assert digest(reader.read(MIB)) == digest(data[:MIB])
         if kernel_offers_passthrough():
             with pytest.raises(OSError) as refused:
                 open(path, "r+b")  # noqa: SIM115
             assert refused.value.errno == errno.ETXTBSY
-        assert sha(reader.read()) == sha(data[MIB:])  # the refused writer changed nothing
+        assert digest(reader.read()) == digest(data[MIB:])  # the refused writer changed nothing
     finally:
         reader.close()
     with open(path, "r+b") as writer:  # the reader is gone
         writer.write(b"new head")
     settle()
-    assert sha(path.read_bytes()) == sha(b"new head" + data[8:])
+    assert digest(path.read_bytes()) == digest(b"new head" + data[8:])
 
 
 def test_an_open_while_the_object_changed_reads_the_version_already_open(mount, put) -> None:
@@ -196,17 +190,17 @@ def test_an_open_while_the_object_changed_reads_the_version_already_open(mount, 
     old, new = os.urandom(SIZE), os.urandom(SIZE)
     key = new_key(put, old)
     path = folder / key
-    assert sha(path.read_bytes()) == sha(old)
+    assert digest(path.read_bytes()) == digest(old)
     settle()
     with open(path, "rb") as held:
         put(key, new)
         time.sleep(0.5)  # past the ttl: the next open sees the new version on the server
         with open(path, "rb") as during:  # no EIO; the kernel allows one backing file while `held` is open
             content = during.read()
-        assert sha(content) == sha(old if kernel_offers_passthrough() else new)
-        assert sha(held.read()) == sha(old)
+        assert digest(content) == digest(old if kernel_offers_passthrough() else new)
+        assert digest(held.read()) == digest(old)
     settle()
-    assert sha(path.read_bytes()) == sha(new)  # once the old version is closed
+    assert digest(path.read_bytes()) == digest(new)  # once the old version is closed
 
 
 def test_a_direct_access_file_is_read_and_written_by_the_kernel_while_readers_have_it_open(mount, tmp_path) -> None:
@@ -219,7 +213,7 @@ def test_a_direct_access_file_is_read_and_written_by_the_kernel_while_readers_ha
     drop_page_caches()
     with open(through, "rb") as reader:
         before = daemon_read(pid)
-        assert sha(reader.read()) == sha(data)
+        assert digest(reader.read()) == digest(data)
         with open(through, "ab") as writer:  # no ETXTBSY: its writes belong in the local file
             writer.write(b"appended")
         if kernel_offers_passthrough():

@@ -16,7 +16,7 @@ import pytest
 
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
-from tests.mounting import mounted, no_mounts_left, poll  # noqa: F401 - session fixture, used by being imported
+from tests.mounting import fetchers_of, mounted, no_mounts_left, poll  # noqa: F401 - session fixture, used by being imported
 from tests.proxy import Proxy
 
 KIB, MIB = 1024, 1024 * 1024
@@ -45,21 +45,6 @@ def proxied(seaweedfs: servers.SeaweedFS, tmp_path: Path, request) -> Iterator[t
             started = poll(lambda: len(fetchers_of(tmp_path / "mnt")) == request.param, 10)
             assert started, f"not {request.param} fetcher processes: {fetchers_of(tmp_path / 'mnt')}"
             yield proxy, mnt / url_to_mount_path(store.root)
-
-
-def fetchers_of(mountpoint: Path) -> set[int]:
-    """The fetcher processes of the daemon serving `mountpoint`."""
-    found = set()
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or b"clearmlfs.fetcher" not in (proc / "cmdline").read_bytes():
-                continue
-            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            if str(mountpoint).encode() in Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0"):
-                found.add(int(proc.name))
-        except OSError:  # gone meanwhile
-            continue
-    return found
 
 
 def test_a_directory_read_in_name_order_costs_one_get_per_file_and_no_head(folder, proxied) -> None:

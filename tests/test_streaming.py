@@ -13,7 +13,7 @@ import pytest
 
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
-from tests.mounting import mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
+from tests.mounting import digest, mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
 from tests.proxy import Proxy
 
 MIB, GIB = 1024 * 1024, 1024 * 1024 * 1024
@@ -40,10 +40,6 @@ def proxied_mount(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> Iterator[tupl
         conf = stores.write_conf(tmp_path / "clearml.conf", tmp_path / "cache", store)
         with mounted(conf, tmp_path / "mnt") as mnt:
             yield proxy, mnt / url_to_mount_path(store.root)
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def test_reading_the_tail_of_a_huge_object_fetches_only_a_small_part(big_object, proxied_mount) -> None:
@@ -75,16 +71,16 @@ def test_first_bytes_are_readable_before_the_object_is_down(big_object, proxied_
 def test_concurrent_readers_share_one_download_and_the_result_is_cached(big_object, proxied_mount) -> None:
     key, local = big_object
     proxy, bucket = proxied_mount
-    expected = _sha(local.read_bytes())
+    expected = digest(local.read_bytes())
     proxy.reset()
     results: list[str] = []
 
     def read_all() -> None:
-        digest = hashlib.sha256()
+        hasher = hashlib.sha256()
         with open(bucket / key, "rb") as f:
             while chunk := f.read(4 * MIB):
-                digest.update(chunk)
-        results.append(digest.hexdigest())
+                hasher.update(chunk)
+        results.append(hasher.hexdigest())
 
     readers = [threading.Thread(target=read_all) for _ in range(8)]
     for reader in readers:
@@ -96,5 +92,5 @@ def test_concurrent_readers_share_one_download_and_the_result_is_cached(big_obje
     assert sent <= 1.05 * GIB, f"8 readers caused {sent / GIB:.2f} GiB of downloads"
     proxy.reset()
     with open(bucket / key, "rb") as f:  # complete in the cache now: served without a download
-        assert _sha(f.read()) == expected
+        assert digest(f.read()) == expected
     assert proxy.bytes_sent(path_contains=key) == 0
