@@ -7,6 +7,7 @@ Layout (the SDK's, so a file fetched by either tool is found by the other)::
     <base>/storage_manager/<context>/<entry>_<time>.partially       downloads in progress
     <base>/clearmlfs/<context>/<entry>.json                         our per-entry state
     <base>/clearmlfs/<context>/<entry>.fetch                        download-once lock
+    <base>/clearmlfs/<context>/<entry>.upload                       a multipart upload in progress
 
 Our state lives outside the SDK's folder because the SDK counts and deletes
 everything it finds there. Pins use the SDK's lock-file convention so its cleaner
@@ -133,18 +134,7 @@ class CacheContext:
 
     def save_state(self, state: EntryState, durable: bool = True) -> None:
         """Record `state` (write, rename; fsync when `durable`: a dirty flag must survive a crash)."""
-        path = self._state_path(self.path_for(state.url).name)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            data = memoryview(json.dumps(asdict(state)).encode())
-            while data:  # (one write, in practice: the buffered text layer cost more than the write)
-                data = data[os.write(fd, data):]
-            if durable or state.dirty:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        _replace_file(self._state_path(self.path_for(state.url).name), asdict(state), durable or state.dirty)
 
     def dirty_entries(self) -> list[EntryState]:
         states = []
@@ -154,6 +144,31 @@ class CacheContext:
                 if state.dirty:
                     states.append(state)
         return states
+
+    # -- multipart uploads in progress (Backend.multipart_watch) ------------------------------------
+    # Kept apart from the entry's state, which the daemon updates meanwhile (its version), and left alone
+    # by eviction: the next mount aborts whatever a crash left here.
+    def _upload_path(self, url: str) -> Path:
+        return self.state_folder / f"{self.path_for(url).name}.upload"
+
+    def note_upload(self, url: str, upload_id: str) -> None:
+        _replace_file(self._upload_path(url), {"url": url, "upload_id": upload_id}, durable=True)
+
+    def forget_upload(self, url: str, upload_id: str | None = None) -> None:
+        """The upload of `url` has ended; with `upload_id`, only if that is the one noted (not a newer one)."""
+        path = self._upload_path(url)
+        with contextlib.suppress(OSError, ValueError):
+            if upload_id is None or json.loads(_read_small_file(path)).get("upload_id") == upload_id:
+                path.unlink()
+
+    def unfinished_uploads(self) -> list[tuple[str, str]]:
+        """(url, upload id) of each multipart upload noted and not forgotten: cut short by a crash."""
+        found = []
+        for path in self.state_folder.glob("*.upload"):
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                record = json.loads(path.read_text())
+                found.append((str(record["url"]), str(record["upload_id"])))
+        return found
 
     def forget(self, url: str) -> None:
         """Drop the cached copy and state of `url` (the object was deleted)."""
@@ -481,6 +496,22 @@ def _sdk_copy_matches(path: Path, info: ObjectInfo) -> bool:
                 digest.update(chunk)
         return digest.hexdigest() == info.etag
     return st.st_mtime >= info.mtime
+
+
+def _replace_file(path: Path, record: dict[str, object], durable: bool) -> None:
+    """Write `record` as JSON to `path` all at once (a temporary file renamed over it; fsync'd if `durable`),
+    so that a reader, or a crash, finds either the old record or the new one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        data = memoryview(json.dumps(record).encode())
+        while data:  # (one write, in practice: the buffered text layer cost more than the write)
+            data = data[os.write(fd, data):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def _read_small_file(path: Path) -> bytes:

@@ -97,6 +97,17 @@ def state_of(cache: Path, url: str) -> dict[str, Any] | None:
         return None
 
 
+def upload_record(cache: Path, url: str) -> Path:
+    """Where the mount notes a multipart upload of `url` in progress (CacheContext.note_upload)."""
+    return cache / "clearmlfs" / "global" / f"{entry_name(url)}.upload"
+
+
+def unfinished_uploads(client: Any, bucket: str, key: str) -> list[str]:
+    """Multipart uploads of `key` started and neither completed nor aborted, as the server lists them."""
+    uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
+    return [u["UploadId"] for u in uploads if u["Key"] == key]
+
+
 def errno_of(action: Callable[[], object]) -> int | None:
     try:
         action()
@@ -386,6 +397,8 @@ def test_upload_interrupted_by_kill_9_is_completed_by_the_next_mount(
     assert state_of(cache, url) is not None and state_of(cache, url)["dirty"], "no durable dirty record"
 
     client = seaweedfs.client()
+    assert unfinished_uploads(client, seaweedfs.bucket, key), "the kill left no multipart upload to clean up"
+    assert upload_record(cache, url).exists(), "the multipart upload was not noted when it began"
 
     def uploaded() -> bool:
         try:
@@ -400,6 +413,12 @@ def test_upload_interrupted_by_kill_9_is_completed_by_the_next_mount(
         for chunk in body.iter_chunks(4 * MIB):
             digest.update(chunk)
         assert digest.hexdigest() == expected, "the object uploaded after the crash differs from what was written"
+        # The multipart upload the kill cut short was noted when it began, and the new mount aborted it: its
+        # parts would otherwise stay on the server, billed, for ever.
+        assert poll(lambda: not unfinished_uploads(client, seaweedfs.bucket, key), 30, 0.2), (
+            f"unfinished multipart uploads of {key} left: {unfinished_uploads(client, seaweedfs.bucket, key)}")
+        assert "aborted the multipart upload" in (tmp_path / "mnt2.mount.log").read_text()
+        assert not upload_record(cache, url).exists()
 
 
 def _size_or_0(path: Path) -> int:

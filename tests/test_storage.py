@@ -368,6 +368,26 @@ def test_file_limit_evicts_least_recently_used_but_never_pinned(seaweedfs, tmp_p
     assert StorageManager.set_cache_file_limit(10) == 10
 
 
+def test_a_noted_multipart_upload_is_forgotten_only_by_its_own_id(tmp_path: Path) -> None:
+    """A new mount aborts what an earlier one left (CacheContext.unfinished_uploads) and then forgets it by id:
+    a newer upload of the same URL, noted meanwhile, must stay noted."""
+    from clearmlfs.cache import CacheContext
+
+    cache = CacheContext(tmp_path / "cache")
+    url = "s3://bucket/a/model.bin"
+    cache.note_upload(url, "old-id")
+    cache.note_upload("s3://bucket/other.bin", "other-id")
+    assert sorted(cache.unfinished_uploads()) == [("s3://bucket/a/model.bin", "old-id"),
+                                                  ("s3://bucket/other.bin", "other-id")]
+    cache.note_upload(url, "new-id")  # this mount's own upload of the same file began
+    cache.forget_upload(url, "old-id")  # the abort of the old one is done
+    assert ("s3://bucket/a/model.bin", "new-id") in cache.unfinished_uploads()
+    cache.forget_upload(url)  # the new upload's call ended
+    assert cache.unfinished_uploads() == [("s3://bucket/other.bin", "other-id")]
+    cache.clear(include_dirty=True)  # eviction leaves the notes alone: only an abort may end them
+    assert cache.unfinished_uploads() == [("s3://bucket/other.bin", "other-id")]
+
+
 _PIN = """
 import sys, time
 from pathlib import Path

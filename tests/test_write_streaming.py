@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from tests import servers, stores
 from tests.mounting import (  # noqa: F401 - no_mounts_left is a session fixture, used by being imported
@@ -25,7 +24,17 @@ from tests.mounting import (  # noqa: F401 - no_mounts_left is a session fixture
 )
 from tests.proxy import Proxy
 from tests.stores import Store
-from tests.test_reliability import at, conf_for, errno_of, key_of, random_bytes, server_bytes, state_of
+from tests.test_reliability import (
+    at,
+    conf_for,
+    errno_of,
+    key_of,
+    random_bytes,
+    server_bytes,
+    state_of,
+    unfinished_uploads,
+    upload_record,
+)
 
 MIB = 1024 * 1024
 STARTED_DEADLINE = 30.0  # parts of a few MiB to a local server: seconds at most, even on a loaded machine
@@ -39,11 +48,6 @@ def part_uploads(proxy: Proxy, key: str) -> int:
 def multipart_starts(proxy: Proxy, key: str) -> int:
     """CreateMultipartUpload requests for `key` (POST ?uploads)."""
     return sum(1 for r in proxy.requests if r.method == "POST" and "uploads" in r.query and r.path.endswith(key))
-
-
-def unfinished_uploads(client: Any, bucket: str, key: str) -> list[str]:
-    uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=key).get("Uploads", [])
-    return [u["UploadId"] for u in uploads if u["Key"] == key]
 
 
 def append(fd: int, data: bytes, chunk: int = MIB) -> None:
@@ -100,6 +104,7 @@ def test_parts_are_uploaded_before_close_and_close_completes_the_object(
     assert part_uploads(seaweedfs_proxy, s.key) == 6
     assert s.unfinished() == []
     assert not (state_of(s.cache, s.url) or {}).get("dirty")
+    assert not upload_record(s.cache, s.url).exists(), "the upload ended, but its note stayed"
 
 
 def test_patching_the_header_after_parts_went_up_still_stores_the_right_bytes(
@@ -122,6 +127,7 @@ def test_patching_the_header_after_parts_went_up_still_stores_the_right_bytes(
         data[100 : 100 + len(b"patched header")] = b"patched header"
         assert s.on_server() == bytes(data)
         assert s.unfinished() == [], "the abandoned streaming upload was not aborted"
+        assert not upload_record(s.cache, s.url).exists(), "the uploads ended, but a note stayed"
 
 
 def test_fsync_in_the_middle_stores_what_was_written_so_far_and_close_the_rest(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 
 from ..config import S3Credentials, Settings
 from ..errors import ClearmlfsError
@@ -24,6 +25,14 @@ class BackendPool:
         self._backends: dict[tuple[str, object], Backend] = {}
         self._s3_clients: dict[object, object] = {}  # one connection pool per S3 credentials entry
         self._lock = threading.Lock()
+        self._multipart_watch: Callable[[str, str | None], None] | None = None
+
+    def watch_multipart(self, watch: Callable[[str, str | None], None]) -> None:
+        """Give every backend, now and to come, this `Backend.multipart_watch`."""
+        with self._lock:
+            self._multipart_watch = watch
+            for backend in self._backends.values():
+                backend.multipart_watch = watch
 
     def get(self, url: StorageURL) -> Backend:
         """The backend for `url`'s bucket, with the credentials clearml.conf gives that URL.
@@ -35,6 +44,7 @@ class BackendPool:
             backend = self._backends.get((url.root, creds))
             if backend is None:
                 backend = self._backends[(url.root, creds)] = self._create(url, creds)
+                backend.multipart_watch = self._multipart_watch
             return backend
 
     def _credentials(self, url: StorageURL) -> object:

@@ -59,6 +59,11 @@ class Backend(ABC):
     stream_limit: int | None = None  # the largest object `upload_stream` can store; None: no limit
     # A read pinned to an ETag that succeeds proves it is still the current version (as a stat would).
     pinned_read_is_current: bool = True
+    # Told (url, upload id) when an upload, a stream or a copy starts a multipart upload on the server, and
+    # (url, None) when that call ends, either way: one a crash cuts short stays on the server (and is
+    # billed) until someone aborts it. Only S3 has such uploads (Azure drops uncommitted blocks after a
+    # week, GCS its unfinished resumable uploads likewise).
+    multipart_watch: Callable[[str, str | None], None] | None = None
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo:
@@ -123,6 +128,10 @@ class Backend(ABC):
         Offered only where `stream_threshold` is set.
         """
         raise Unsupported(f"{self.url_prefix}: no streaming uploads")
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload that `multipart_watch` was told of; one already gone is no error."""
+        raise Unsupported(f"{self.url_prefix}: no multipart uploads to abort")
 
     @abstractmethod
     def delete(self, key: str) -> None:

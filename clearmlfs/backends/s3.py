@@ -7,6 +7,7 @@ botocore's errors become clearmlfs errors.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import email.utils
 import logging
@@ -249,6 +250,24 @@ class S3Backend(Backend):
             self.stream_limit = MAX_PARTS * settings.multipart_chunksize
         self._stream_transfer = _stream_config(self._transfer)
         self._plain = PlainGet.for_client(self._client, bucket)
+        # The transfer manager starts multipart uploads itself: their ids are learnt from the responses.
+        self._client.meta.events.register("after-call.s3.CreateMultipartUpload", self._multipart_started)
+
+    def _multipart_started(self, parsed: dict[str, Any], **_: Any) -> None:
+        watch = self.multipart_watch
+        # The client is shared by the buckets of a credentials entry: each backend hears its own.
+        if watch is not None and parsed.get("Bucket") == self.bucket and parsed.get("UploadId"):
+            watch(self._url(parsed["Key"]), parsed["UploadId"])
+
+    @contextlib.contextmanager
+    def _multipart_ends(self, key: str) -> Iterator[None]:
+        """Around a call that may start a multipart upload of `key`: at its end, the upload is complete or
+        (the transfer manager's failure cleanup) aborted."""
+        try:
+            yield
+        finally:
+            if self.multipart_watch is not None:
+                self.multipart_watch(self._url(key), None)
 
     def _url(self, key: str) -> str:
         return f"{self.url_prefix}/{key}"
@@ -398,7 +417,10 @@ class S3Backend(Backend):
     def upload(self, src: Path, key: str) -> ObjectInfo:
         try:
             # client.upload_file, but with request bodies that never end short of their Content-Length.
-            with S3Transfer(self._client, self._transfer, osutil=_WholeChunks()) as transfer:
+            with (
+                self._multipart_ends(key),
+                S3Transfer(self._client, self._transfer, osutil=_WholeChunks()) as transfer,
+            ):
                 transfer.upload_file(str(src), self.bucket, key)
         except Exception as exc:
             raise _translate(exc, self._url(key)) from None
@@ -408,7 +430,8 @@ class S3Backend(Backend):
         # The transfer manager reads a non-seekable source part by part and uploads the parts in parallel;
         # if the reader raises, it aborts the multipart upload (failure cleanup), so nothing is left behind.
         try:
-            self._client.upload_fileobj(reader, self.bucket, key, Config=self._stream_transfer)
+            with self._multipart_ends(key):
+                self._client.upload_fileobj(reader, self.bucket, key, Config=self._stream_transfer)
         except Exception as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)
@@ -425,10 +448,20 @@ class S3Backend(Backend):
     @retry()
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
         try:
-            self._client.copy({"Bucket": self.bucket, "Key": src_key}, self.bucket, dst_key, Config=self._transfer)
+            with self._multipart_ends(dst_key):
+                self._client.copy({"Bucket": self.bucket, "Key": src_key}, self.bucket, dst_key, Config=self._transfer)
         except Exception as exc:
             raise _translate(exc, self._url(src_key)) from None
         return self.stat(dst_key)
+
+    @retry()
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:
+            error = _translate(exc, self._url(key))
+            if not isinstance(error, NotFound):  # NoSuchUpload: completed or aborted already
+                raise error from None
 
     def close(self) -> None:
         if self._owns_client:

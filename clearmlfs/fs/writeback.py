@@ -37,10 +37,36 @@ class WriteBack:
         self.writers: dict[str, int] = {}  # URLs open for writing here → handles: a fetch must not replace their file
         self._streams: dict[str, Stream] = {}  # uploads of files still being written, by URL
         self._nursery: trio.Nursery | None = None  # where streams run, while `run` does
+        self._crashed_uploads: list[tuple[str, str]] = []  # (url, upload id) cut short by an earlier mount
+        backends.watch_multipart(self._multipart)
 
     async def load(self) -> None:
-        """Learn what earlier mounts left dirty (called once at start)."""
+        """Learn what earlier mounts left dirty, or half-uploaded (called once at start, before any upload)."""
         self.pending |= {s.url for s in await self.workers.metadata(self.cache.dirty_entries)}
+        self._crashed_uploads = await self.workers.metadata(self.cache.unfinished_uploads)
+
+    def _multipart(self, url: str, upload_id: str | None) -> None:
+        # From the SDK's threads: a multipart upload started (noted durably) or its call ended.
+        if upload_id:
+            self.cache.note_upload(url, upload_id)
+        else:
+            self.cache.forget_upload(url)
+
+    async def _abort_crashed_uploads(self) -> None:
+        """Abort the multipart uploads an earlier mount started and did not end (it was killed): their parts
+        stay on the server, and are billed, until someone does. The files themselves are still dirty, and
+        are uploaded again."""
+        for url, upload_id in self._crashed_uploads:
+            parsed = parse_url(url)
+            try:
+                await self.workers.transfer(self.backends.get(parsed).abort_upload, parsed.key, upload_id)
+            except ClearmlfsError as exc:
+                log.warning("could not abort the unfinished multipart upload of %s (%s); the next mount tries "
+                            "again", url, exc)
+                continue
+            await self.workers.metadata(self.cache.forget_upload, url, upload_id)
+            log.info("aborted the multipart upload of %s left unfinished by an earlier mount", url)
+        self._crashed_uploads = []
 
     async def mark_dirty(self, url: str) -> None:
         self.pending.add(url)
@@ -177,6 +203,7 @@ class WriteBack:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
+                nursery.start_soon(self._abort_crashed_uploads)
                 while True:
                     await self.upload_pending()
                     await trio.sleep(interval)
