@@ -136,11 +136,21 @@ class CacheContext:
         """Record `state` (write, rename; fsync when `durable`: a dirty flag must survive a crash)."""
         _replace_file(self._state_path(self.path_for(state.url).name), asdict(state), durable or state.dirty)
 
+    def _records(self, suffix: str) -> Iterator[dict[str, object]]:
+        """Each readable JSON record `<entry><suffix>` of the state folder (one being replaced is skipped)."""
+        for path in self.state_folder.glob(f"*{suffix}"):
+            try:
+                record = json.loads(_read_small_file(path))
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict):
+                yield record
+
     def dirty_entries(self) -> list[EntryState]:
         states = []
-        for path in self.state_folder.glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                state = EntryState(**json.loads(path.read_text()))
+        for record in self._records(".json"):
+            with contextlib.suppress(TypeError):
+                state = EntryState(**record)
                 if state.dirty:
                     states.append(state)
         return states
@@ -163,12 +173,8 @@ class CacheContext:
 
     def unfinished_uploads(self) -> list[tuple[str, str]]:
         """(url, upload id) of each multipart upload noted and not forgotten: cut short by a crash."""
-        found = []
-        for path in self.state_folder.glob("*.upload"):
-            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-                record = json.loads(path.read_text())
-                found.append((str(record["url"]), str(record["upload_id"])))
-        return found
+        records = self._records(".upload")
+        return [(str(r["url"]), str(r["upload_id"])) for r in records if "url" in r and "upload_id" in r]
 
     def forget(self, url: str) -> None:
         """Drop the cached copy and state of `url` (the object was deleted)."""

@@ -15,6 +15,7 @@ import pytest
 
 from clearmlfs import StorageManager
 from clearmlfs.backends import BackendPool, ObjectInfo, Prefix
+from clearmlfs.cache import CacheContext
 from clearmlfs.config import load_settings
 from clearmlfs.errors import AccessDenied, Changed, NotFound
 from clearmlfs.urls import parse_url
@@ -371,8 +372,6 @@ def test_file_limit_evicts_least_recently_used_but_never_pinned(seaweedfs, tmp_p
 def test_a_noted_multipart_upload_is_forgotten_only_by_its_own_id(tmp_path: Path) -> None:
     """A new mount aborts what an earlier one left (CacheContext.unfinished_uploads) and then forgets it by id:
     a newer upload of the same URL, noted meanwhile, must stay noted."""
-    from clearmlfs.cache import CacheContext
-
     cache = CacheContext(tmp_path / "cache")
     url = "s3://bucket/a/model.bin"
     cache.note_upload(url, "old-id")
