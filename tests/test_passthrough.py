@@ -1,4 +1,5 @@
 """Kernel passthrough through a real mount: a cached file is read by the kernel itself, not by the daemon.
+Write-only opens, the other I/O mode the mount picks per open, are at the end.
 
 Whether the daemon read a file's bytes is told by its /proc/<pid>/io: passthrough reads are the reader's.
 The kernel allows one I/O mode per open inode (fs/fuse/iomode.c); a wrong answer would fail an open with
@@ -8,6 +9,7 @@ EIO, so the mixes of opens are tried here too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -228,6 +230,45 @@ def test_the_mount_option_is_on_or_off() -> None:
     assert parse_options(["passthrough=on"]).passthrough is True
     with pytest.raises(ConfigError, match="passthrough=maybe"):
         parse_options(["passthrough=maybe"])
+
+
+# -- write-only opens: writes go straight to the daemon, not through the kernel's page cache ------------
+def resident_bytes(fd: int, size: int) -> int:
+    """How much of `fd`'s first `size` bytes the page cache holds (mincore(2) of a mapping of `fd`; mapping
+    an open descriptor asks the daemon nothing, and a new open could empty the cache)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        pages = (ctypes.c_ubyte * (size // mmap.PAGESIZE))()
+        assert libc.mincore(address, size, pages) == 0, os.strerror(ctypes.get_errno())
+        return sum(page & 1 for page in pages) * mmap.PAGESIZE
+    finally:
+        libc.munmap(address, size)
+
+
+def test_a_write_only_open_bypasses_the_page_cache_and_readers_see_its_writes(mount, put) -> None:
+    folder = mount("ttl=30,list_ttl=30,passthrough=off").bucket  # readers in the kernel's cached mode
+    old, new = os.urandom(SIZE), os.urandom(SIZE)
+    path = folder / new_key(put, old)
+    with open(path, "rb") as reader:
+        assert digest(reader.read()) == digest(old)
+        assert resident_bytes(reader.fileno(), SIZE) == SIZE
+        with open(path, "r+b") as writer:  # may be read back: writes through the page cache, as before
+            writer.write(new[:MIB])
+        assert resident_bytes(reader.fileno(), SIZE) == SIZE
+        with open(path, "wb") as writer:
+            writer.write(new)
+            # Only the 8 MiB it wrote, straight to the daemon; the kernel dropped the pages they replaced.
+            assert resident_bytes(reader.fileno(), SIZE) == 0
+        reader.seek(0)
+        assert digest(reader.read()) == digest(new)
+    settle()
+    assert digest(path.read_bytes()) == digest(new)
 
 
 # -- dropping the FUSE pages a sequential cached-mode read leaves behind ---------------------------------

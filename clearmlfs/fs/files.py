@@ -47,6 +47,9 @@ class OpenFile:
     keep_cache: bool = False  # the kernel's page cache for this inode still holds this content
     writer: bool = False  # opened for writing: registered with the write-back (no fetch replaces the file)
     backing_id: int = 0  # > 0: the kernel reads `fd`'s file itself (passthrough.py)
+    # Write-only: the kernel hands writes straight to us (FOPEN_DIRECT_IO) instead of first copying them into
+    # its page cache, where nobody reads them (a write-only descriptor cannot be read or mmapped).
+    direct_io: bool = False
     behind: DropBehind | None = None  # read-only in cached mode, with passthrough on: drops what it read
     # Streaming upload (upload.py): while the file is exactly what this handle wrote in order from byte 0,
     # `appended` is its size, and from `stream_from` bytes on it is uploaded as it is written (`stream`).
@@ -81,7 +84,7 @@ class OpenFiles:
         if flags & WRITE_FLAGS and not local:
             self.passthrough.open_writer(node.inode)  # before anything is truncated or registered
             try:
-                return await self._open_any(node, flags)
+                return self._direct_writes(await self._open_any(node, flags), flags)
             except BaseException:
                 self.passthrough.release(node.inode, 0)
                 raise
@@ -93,6 +96,12 @@ class OpenFiles:
             node.kernel_etag = ""  # and whether this open cleared it is the kernel's business: unknown now
         elif self.passthrough.enabled:
             handle.behind = DropBehind()
+        return self._direct_writes(handle, flags)
+
+    @staticmethod
+    def _direct_writes(handle: OpenFile, flags: int) -> OpenFile:
+        # Not with passthrough (a direct-access file): the kernel writes to the file itself then.
+        handle.direct_io = flags & os.O_ACCMODE == os.O_WRONLY and not handle.backing_id
         return handle
 
     async def _open_any(self, node: Node, flags: int) -> OpenFile:
@@ -204,7 +213,7 @@ class OpenFiles:
     async def create(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
         handle = await self._create_any(parent, name, flags, mode)
         handle.backing_id = self.passthrough.assign(handle.node.inode, handle.fd, self.ns.is_local(parent))
-        return handle
+        return self._direct_writes(handle, flags)
 
     async def _create_any(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
         self._check_writable(flags | os.O_CREAT)
@@ -318,7 +327,8 @@ class OpenFiles:
             log.error("upload of %s failed: %s (kept in the cache, will retry)", handle.url, exc)
             raise OSError(errno.EIO, str(exc)) from None
         handle.dirty = False
-        handle.node.kernel_etag = info.etag  # the page cache holds exactly what was uploaded
+        # The page cache holds exactly what was uploaded, unless the writes bypassed it.
+        handle.node.kernel_etag = "" if handle.direct_io else info.etag
         if not any(h.dirty and h.url == handle.url for h in self._handles.values()):
             self.writeback.busy.discard(handle.url)
         self.ns.set_object(handle.node, info)
