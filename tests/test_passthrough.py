@@ -175,9 +175,10 @@ def test_a_writer_waits_for_passthrough_readers_to_close(mount, put) -> None:
     try:
         assert digest(reader.read(MIB)) == digest(data[:MIB])
         if kernel_offers_passthrough():
-            with pytest.raises(OSError) as refused:
-                open(path, "r+b")  # noqa: SIM115
-            assert refused.value.errno == errno.ETXTBSY
+            for mode in ("r+b", "ab"):  # a write-only open too, though it would bypass the page cache
+                with pytest.raises(OSError) as refused:
+                    open(path, mode)  # noqa: SIM115
+                assert refused.value.errno == errno.ETXTBSY
         assert digest(reader.read()) == digest(data[MIB:])  # the refused writer changed nothing
     finally:
         reader.close()
@@ -269,6 +270,20 @@ def test_a_write_only_open_bypasses_the_page_cache_and_readers_see_its_writes(mo
         assert digest(reader.read()) == digest(new)
     settle()
     assert digest(path.read_bytes()) == digest(new)
+
+
+def test_a_reader_opened_beside_a_write_only_open_reads_through_the_daemon(mount, put) -> None:
+    folder = mount().bucket  # passthrough on: the reader must not be handed the file being written
+    data = os.urandom(SIZE)
+    path = folder / new_key(put, os.urandom(SIZE))
+    with open(path, "wb") as writer:
+        writer.write(data[:MIB])
+        writer.flush()
+        with open(path, "rb") as reader:  # no EIO: cached mode beside the writer's direct I/O
+            assert digest(reader.read()) == digest(data[:MIB])
+        writer.write(data[MIB:])
+    settle()
+    assert digest(path.read_bytes()) == digest(data)
 
 
 # -- dropping the FUSE pages a sequential cached-mode read leaves behind ---------------------------------

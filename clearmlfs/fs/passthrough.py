@@ -16,6 +16,9 @@ with EIO. So this module counts the opens of each inode, and answers:
   its writes to the backing file, past the daemon, so nothing would upload them); a direct-access file's
   writers, whose writes belong in that file, are passthrough opens like its readers;
 - cached mode otherwise, as without passthrough.
+A write-only open bypasses the page cache (FOPEN_DIRECT_IO, files.py), which the kernel allows beside
+cached-mode opens but not beside passthrough ones; it is counted as a cached-mode open here, so that no
+reader passes through to a file still being written.
 Our counts can lag the kernel's (RELEASE reaches us after close(2) has returned), never lead them, so a
 doubt always ends in an answer the kernel accepts.
 
