@@ -344,9 +344,9 @@ class Bench:
                     self.measure_once(group, subject, run, group_metrics)
 
     def warm_up(self, group: str) -> None:
-        """One unmeasured baseline run of `group` first. The server's first run of a workload is its slowest,
-        whoever makes it (the first clearmlfs write was the slowest of its three in every full run), and with
-        three rounds of four subjects the rotation hands that run to the first tool every time."""
+        """One unmeasured baseline run of `group` first. The server's first run of a workload tends to be its
+        slowest, whoever makes it (clearmlfs's first write was the slowest of its three in every full run without
+        this), and with three rounds of four subjects the rotation hands that run to the first tool every time."""
         try:
             values = self.measure(group, "baseline")
         except (BenchError, OSError, subprocess.SubprocessError) as exc:
