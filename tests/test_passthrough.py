@@ -273,14 +273,16 @@ def test_a_write_only_open_bypasses_the_page_cache_and_readers_see_its_writes(mo
 
 
 def test_a_reader_opened_beside_a_write_only_open_reads_through_the_daemon(mount, put) -> None:
-    folder = mount().bucket  # passthrough on: the reader must not be handed the file being written
+    _, folder, pid = mount()  # passthrough on: the reader must not be handed the file being written
     data = os.urandom(SIZE)
     path = folder / new_key(put, os.urandom(SIZE))
     with open(path, "wb") as writer:
         writer.write(data[:MIB])
         writer.flush()
-        with open(path, "rb") as reader:  # no EIO: cached mode beside the writer's direct I/O
-            assert digest(reader.read()) == digest(data[:MIB])
+        # No EIO: cached mode beside the writer's direct I/O, its reads served by the daemon.
+        content, daemon_bytes = read_through(path, pid)
+        assert digest(content) == digest(data[:MIB])
+        assert daemon_bytes >= MIB
         writer.write(data[MIB:])
     settle()
     assert digest(path.read_bytes()) == digest(data)
