@@ -140,6 +140,9 @@ class BenchError(RuntimeError):
     """One measurement went wrong (short read, wrong listing, ...); recorded, the bench goes on."""
 
 
+MEASURE_ERRORS = (BenchError, OSError, subprocess.SubprocessError)  # a failed measurement, not a failed bench
+
+
 def timed(cmd: list[str], timeout: float = 3600.0) -> tuple[float, str, str]:
     t0 = time.perf_counter()
     done = lib.run(cmd, timeout=timeout)
@@ -349,10 +352,10 @@ class Bench:
         this), and with three rounds of four subjects the rotation hands that run to the first tool every time."""
         try:
             values = self.measure(group, "baseline")
-        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+        except MEASURE_ERRORS as exc:
             log(f"[{group} warm-up] baseline: error: {exc}")
             return
-        log(f"[{group} warm-up] baseline (not counted): " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
+        log(f"[{group} warm-up] baseline (not counted): {_summary(values)}")
 
     def measure_once(self, group: str, subject: str, run: int, group_metrics: list[str]) -> None:
         if subject in self.results.unavailable:
@@ -364,7 +367,7 @@ class Bench:
             self.results.unavailable[subject] = f"mount failed: {exc}"
             log(f"{tag}: n/a ({exc})")
             return
-        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+        except MEASURE_ERRORS as exc:
             for key in group_metrics:
                 self.results.error(key, subject, str(exc))
             log(f"{tag}: error: {exc}")
@@ -376,7 +379,11 @@ class Bench:
                     log(f"{tag}: unmount: {problem}")
         for key, value in values.items():
             self.results.add(key, subject, value)
-        log(f"{tag}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
+        log(f"{tag}: {_summary(values)}")
+
+
+def _summary(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in values.items())
 
 
 # ---------------------------------------------------------------------------------------------------------
