@@ -43,14 +43,16 @@ fi
 # file; it needs libfuse >= 3.16, newer than Debian 12's 3.14, and two things pyfuse3 3.5 does not pass
 # on (scripts/pyfuse3-passthrough.patch). So: Debian 13's libfuse source (checked against the hash in
 # its .dsc), built into the venv, and pyfuse3 built against it. Without passthrough the mount works as
-# before, through the FUSE page cache.
+# before, through the FUSE page cache. A second patch (scripts/pyfuse3-write-views.patch) hands write
+# handlers a view of libfuse's buffer instead of a copy of each write.
+PYFUSE3_PATCHES=(scripts/pyfuse3-passthrough.patch scripts/pyfuse3-write-views.patch)
 LIBFUSE_VERSION=3.17.2
 LIBFUSE_SHA256=3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f
 LIBFUSE_URL="https://deb.debian.org/debian/pool/main/f/fuse3/fuse3_${LIBFUSE_VERSION}.orig.tar.gz"
 PYFUSE3_VERSION=3.5.0
 LIBFUSE_PREFIX="$VENV/libfuse-$LIBFUSE_VERSION"
 PYFUSE3_STAMP="$VENV/.pyfuse3-passthrough-stamp"
-pyfuse3_want="$(cat scripts/pyfuse3-passthrough.patch <(echo "$LIBFUSE_VERSION $PYFUSE3_VERSION") | sha256sum | cut -d' ' -f1)"
+pyfuse3_want="$(cat "${PYFUSE3_PATCHES[@]}" <(echo "$LIBFUSE_VERSION $PYFUSE3_VERSION") | sha256sum | cut -d' ' -f1)"
 build_pyfuse3() {
     local work="$ROOT/.tools/build"
     rm -rf "$work" && mkdir -p "$work"
@@ -66,12 +68,12 @@ build_pyfuse3() {
             -Dbuildtype=release -Dutils=false -Dexamples=false -Dtests=false >"$work/meson.log"
         PATH="$work/tools/bin:$PATH" ninja -C build install >"$work/ninja.log"
     )
-    log "pyfuse3 $PYFUSE3_VERSION, patched for passthrough, against it"
+    log "pyfuse3 $PYFUSE3_VERSION, patched (${PYFUSE3_PATCHES[*]}), against it"
     "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: "pyfuse3==$PYFUSE3_VERSION" -d "$work" </dev/null
     tar xzf "$work/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$work"
     (
         cd "$work/pyfuse3-$PYFUSE3_VERSION"
-        patch -p1 -s <"$ROOT/scripts/pyfuse3-passthrough.patch"
+        for p in "${PYFUSE3_PATCHES[@]}"; do patch -p1 -s <"$ROOT/$p"; done
         rm -f src/pyfuse3/__init__.c  # generated from the unpatched .pyx: Cython makes it again
     )
     PKG_CONFIG_PATH="$LIBFUSE_PREFIX/lib/pkgconfig" LDFLAGS="-Wl,-rpath,$LIBFUSE_PREFIX/lib" \
@@ -79,7 +81,7 @@ build_pyfuse3() {
     rm -rf "$work"
 }
 if [ ! -f "$PYFUSE3_STAMP" ] || [ "$(cat "$PYFUSE3_STAMP")" != "$pyfuse3_want" ] \
-    || ! "$VENV/bin/python" -c "import pyfuse3; pyfuse3.session_fd_number" 2>/dev/null; then
+    || ! "$VENV/bin/python" -c "import pyfuse3; pyfuse3.session_fd_number; pyfuse3.Operations.write_views" 2>/dev/null; then
     build_pyfuse3
     echo "$pyfuse3_want" >"$PYFUSE3_STAMP"
 else

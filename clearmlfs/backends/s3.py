@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import email.utils
+import io
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.utils
-from boto3.s3.transfer import S3Transfer, TransferConfig
+from boto3.s3.transfer import S3Transfer, TransferConfig, create_transfer_manager
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from s3transfer.utils import OSUtils, ReadFileChunk
@@ -172,10 +173,48 @@ class _WholeChunk(ReadFileChunk):
         return data
 
 
-class _WholeChunks(OSUtils):
+class _PartInMemory:
+    """A part the transfer manager read from a stream into memory, read back as views of that memory.
+
+    The transfer manager wraps such a part in a BytesIO, whose every read copies: once for the SigV4 payload
+    hash, once more to send. Views cost nothing, and the part is never written to, so no copy is needed.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    def read(self, amount: int | None = -1) -> memoryview:
+        end = len(self._data) if amount is None or amount < 0 else min(len(self._data), self._pos + amount)
+        view = self._data[self._pos:end]
+        self._pos = max(self._pos, end)
+        return view
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        pass  # the memory goes with the last view of it
+
+
+class _Bodies(OSUtils):
+    """Request bodies for the transfer manager: parts of a file raise if the file shrank (`_WholeChunk`);
+    parts of a stream, already in memory, are sent without copies (`_PartInMemory`)."""
+
     def open_file_chunk_reader_from_fileobj(
         self, fileobj: Any, chunk_size: int, full_file_size: int, callbacks: Any, close_callbacks: Any = None
     ) -> ReadFileChunk:
+        if isinstance(fileobj, io.BytesIO):
+            # getvalue() of a BytesIO made from bytes and not written to is those bytes, not a copy.
+            return ReadFileChunk(
+                _PartInMemory(fileobj.getvalue()), chunk_size, full_file_size, callbacks=callbacks,
+                enable_callbacks=False, close_callbacks=close_callbacks,
+            )
         return _WholeChunk(
             fileobj, chunk_size, full_file_size, callbacks=callbacks, enable_callbacks=False,
             close_callbacks=close_callbacks,
@@ -419,7 +458,7 @@ class S3Backend(Backend):
             # client.upload_file, but with request bodies that never end short of their Content-Length.
             with (
                 self._multipart_ends(key),
-                S3Transfer(self._client, self._transfer, osutil=_WholeChunks()) as transfer,
+                S3Transfer(self._client, self._transfer, osutil=_Bodies()) as transfer,
             ):
                 transfer.upload_file(str(src), self.bucket, key)
         except Exception as exc:
@@ -430,8 +469,11 @@ class S3Backend(Backend):
         # The transfer manager reads a non-seekable source part by part and uploads the parts in parallel;
         # if the reader raises, it aborts the multipart upload (failure cleanup), so nothing is left behind.
         try:
-            with self._multipart_ends(key):
-                self._client.upload_fileobj(reader, self.bucket, key, Config=self._stream_transfer)
+            with (
+                self._multipart_ends(key),
+                create_transfer_manager(self._client, self._stream_transfer, osutil=_Bodies()) as manager,
+            ):
+                manager.upload(reader, self.bucket, key).result()
         except Exception as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)

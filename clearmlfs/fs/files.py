@@ -250,7 +250,7 @@ class OpenFiles:
             self.passthrough.drop_behind(handle.node.inode, handle.behind, offset, size, handle.node.size)
         return os.pread(handle.fd, size, offset)
 
-    async def write(self, fh: int, offset: int, data: bytes) -> int:
+    async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         handle = self._handles[fh]
         if not handle.url:
             return await self.workers.transfer(os.pwrite, handle.fd, data, offset)

@@ -60,6 +60,9 @@ def _name(raw: bytes) -> str:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
+    # The patched pyfuse3 (scripts/pyfuse3-write-views.patch) hands `write` a view of libfuse's buffer, not a
+    # copy: valid until `write` returns, which `OpenFiles.write` never outlives (it writes before returning).
+    write_views = True
 
     def __init__(self, ns: Namespace, files: OpenFiles, ttl: float = 1.0) -> None:
         super().__init__()
@@ -208,7 +211,7 @@ class Operations(pyfuse3.Operations):
         return await self.files.read(fh, off, size)
 
     @_errors
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes | memoryview) -> int:
         return await self.files.write(fh, off, buf)
 
     @_errors
