@@ -11,7 +11,9 @@ folders survived anyway: a leaked FUSE mount would hang the next `ls` or `rm -rf
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import mmap
 import os
 import signal
 import subprocess
@@ -226,6 +228,24 @@ def _parent(pid: int) -> int:
 def digest(data: bytes) -> str:
     """Contents are compared by digest: pytest would spend minutes diffing two MiB-sized values that differ."""
     return hashlib.sha256(data).hexdigest()
+
+
+def resident_bytes(fd: int, size: int) -> int:
+    """How much of `fd`'s first `size` bytes the page cache holds (mincore(2) of a mapping of `fd`). For a file
+    in a mount: mapping an open descriptor asks the daemon nothing, and a new open could empty the cache."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        pages = (ctypes.c_ubyte * (size // mmap.PAGESIZE))()
+        assert libc.mincore(address, size, pages) == 0, os.strerror(ctypes.get_errno())
+        return sum(page & 1 for page in pages) * mmap.PAGESIZE
+    finally:
+        libc.munmap(address, size)
 
 
 def daemon_running(mountpoint: Path) -> bool:

@@ -9,7 +9,6 @@ EIO, so the mixes of opens are tried here too.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -28,7 +27,7 @@ from clearmlfs.fs.passthrough import DROP_MARGIN, DROP_STEP, DropBehind, pyfuse3
 from clearmlfs.mount import parse_options
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
-from tests.mounting import daemon_pid, digest, mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
+from tests.mounting import daemon_pid, digest, mounted, no_mounts_left, resident_bytes  # noqa: F401 - session fixture, used by being imported
 
 MIB = 1024 * 1024
 SIZE = 8 * MIB  # above small_file_size's 4 MiB: streamed in by the daemon on the first open
@@ -234,24 +233,6 @@ def test_the_mount_option_is_on_or_off() -> None:
 
 
 # -- write-only opens: writes go straight to the daemon, not through the kernel's page cache ------------
-def resident_bytes(fd: int, size: int) -> int:
-    """How much of `fd`'s first `size` bytes the page cache holds (mincore(2) of a mapping of `fd`; mapping
-    an open descriptor asks the daemon nothing, and a new open could empty the cache)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
-    try:
-        pages = (ctypes.c_ubyte * (size // mmap.PAGESIZE))()
-        assert libc.mincore(address, size, pages) == 0, os.strerror(ctypes.get_errno())
-        return sum(page & 1 for page in pages) * mmap.PAGESIZE
-    finally:
-        libc.munmap(address, size)
-
-
 def test_a_write_only_open_bypasses_the_page_cache_and_readers_see_its_writes(mount, put) -> None:
     folder = mount("ttl=30,list_ttl=30,passthrough=off").bucket  # readers in the kernel's cached mode
     old, new = os.urandom(SIZE), os.urandom(SIZE)

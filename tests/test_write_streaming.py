@@ -12,20 +12,29 @@ import errno
 import os
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 
+import pytest
+
+from clearmlfs.backends.s3 import S3Backend, make_client
+from clearmlfs.config import S3Credentials, S3Settings
+from clearmlfs.fs.upload import GrowingFile
 from tests import servers, stores
 from tests.mounting import (  # noqa: F401 - no_mounts_left is a session fixture, used by being imported
     clearmlfs,
+    digest,
     mounted,
     no_mounts_left,
     poll,
+    resident_bytes,
     stop_foreground,
 )
 from tests.proxy import Proxy
 from tests.stores import Store
 from tests.test_reliability import (
     at,
+    cache_entry,
     conf_for,
     errno_of,
     key_of,
@@ -105,6 +114,65 @@ def test_parts_are_uploaded_before_close_and_close_completes_the_object(
     assert s.unfinished() == []
     assert not (state_of(s.cache, s.url) or {}).get("dirty")
     assert not upload_record(s.cache, s.url).exists(), "the upload ended, but its note stayed"
+
+
+def test_the_parts_the_upload_has_read_leave_the_page_cache_and_nothing_is_lost(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    """A big checkpoint written through the mount must not stay in memory, dirty, until the kernel's writeback:
+    once the upload has read a part, the cache file's pages of it go to disk and leave the page cache."""
+    s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
+    first_part = 8 * MIB
+    data = random_bytes(128 * MIB, 8)
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path, fd = s.create(mnt)
+        try:
+            written = 24 * MIB
+            append(fd, data[:written])
+            s.wait_for_parts()
+            cached = os.open(cache_entry(s.cache, s.url), os.O_RDONLY)
+            try:
+                # Each part the upload reads drops what has reached the disk by then: write on until the first
+                # part is gone (its writeback takes milliseconds), or the data runs out.
+                while resident_bytes(cached, first_part) and written < len(data):
+                    append(fd, data[written : written + MIB])
+                    written += MIB
+                left = resident_bytes(cached, first_part)
+            finally:
+                os.close(cached)
+            append(fd, data[written:])
+        finally:
+            os.close(fd)
+        assert left == 0, f"{left} bytes of the first part still in the page cache after {written // MIB} MiB"
+        assert digest(s.on_server() or b"") == digest(data)
+        assert digest(path.read_bytes()) == digest(data), "the cache file lost what left the page cache"
+    assert s.unfinished() == []
+
+
+@pytest.mark.parametrize("checksums", ["when required (ours)", "botocore's default, CRC32 on every part"])
+def test_parts_sent_from_memory_reach_the_server_whole(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path, checksums: str
+) -> None:
+    """A stream's parts are sent as views of the memory the SDK read them into, not copies: the SigV4 payload
+    hash, a CRC32 checksum (botocore adds one to every part unless told otherwise, as for AWS) and the body
+    itself all read those views."""
+    creds = S3Credentials(host=seaweedfs.host, key=seaweedfs.admin[0], secret=seaweedfs.admin[1], secure=False)
+    settings = S3Settings(multipart_threshold=8 * MIB, multipart_chunksize=8 * MIB)
+    client = make_client(creds, settings) if checksums.startswith("when") else seaweedfs.client()
+    backend = S3Backend(creds, settings, seaweedfs.bucket, client=client)
+    for size in (20 * MIB + 12345, 8 * MIB + 1):  # a short last part; a single byte after one whole part
+        data = random_bytes(size, 9)
+        src = tmp_path / "src.bin"
+        src.write_bytes(data)
+        stream = GrowingFile(os.open(src, os.O_RDONLY), size)
+        stream.finish()
+        key = f"from-memory/{uuid.uuid4().hex}.bin"
+        try:
+            info = backend.upload_stream(stream, key)
+        finally:
+            stream.close()
+        assert info.size == size
+        assert digest(server_bytes(seaweedfs.client(), seaweedfs.bucket, key) or b"") == digest(data)
 
 
 def test_patching_the_header_after_parts_went_up_still_stores_the_right_bytes(

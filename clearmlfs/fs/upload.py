@@ -57,7 +57,22 @@ class GrowingFile:
         if len(data) != count:  # cannot happen unless the file was cut behind our back
             raise StreamAborted(f"read {len(data)} of {count} bytes at {self._pos}")
         self._pos += count
+        self._drop_behind()
         return data
+
+    def _drop_behind(self) -> None:
+        """Let the kernel write what the SDK has read to disk, and drop it from the page cache once written.
+
+        The SDK holds each part in memory until it is sent, and the cache file keeps it on disk. In the page
+        cache it would only sit, dirty, until the kernel's writeback (30 s later): a GiB of memory per GiB
+        written, pushing out the pages of files being read. Dropped, its memory is reused for the next parts.
+        That matters more on VMs that return freed memory to the host (virtio-balloon free page reporting, as
+        on the development machine), where the first touch of a page the host took back costs far more than
+        the copy into it: 1 GiB written into a new file took 1.1 CPU-s ten seconds after memory was freed,
+        0.2 s right after. POSIX_FADV_DONTNEED starts writeback of the range's dirty pages and drops only the
+        clean ones (written back since an earlier call): data not on disk yet is never dropped.
+        """
+        os.posix_fadvise(self._fd, 0, self._pos, os.POSIX_FADV_DONTNEED)
 
     def grow(self, size: int) -> None:
         """The writer has appended up to `size` bytes."""
