@@ -9,6 +9,7 @@ SDK then aborts its multipart upload, and flush uploads the whole file as it doe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -72,7 +73,8 @@ class GrowingFile:
         0.2 s right after. POSIX_FADV_DONTNEED starts writeback of the range's dirty pages and drops only the
         clean ones (written back since an earlier call): data not on disk yet is never dropped.
         """
-        os.posix_fadvise(self._fd, 0, self._pos, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # advice: a cache folder whose filesystem will not take it keeps its pages
+            os.posix_fadvise(self._fd, 0, self._pos, os.POSIX_FADV_DONTNEED)
 
     def grow(self, size: int) -> None:
         """The writer has appended up to `size` bytes."""
