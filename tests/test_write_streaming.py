@@ -160,7 +160,8 @@ def test_parts_sent_from_memory_reach_the_server_whole(
     settings = S3Settings(multipart_threshold=8 * MIB, multipart_chunksize=8 * MIB)
     client = make_client(creds, settings) if checksums.startswith("when") else seaweedfs.client()
     backend = S3Backend(creds, settings, seaweedfs.bucket, client=client)
-    for size in (20 * MIB + 12345, 8 * MIB + 1):  # a short last part; a single byte after one whole part
+    # A short last part; a single byte after one whole part; less than a part, sent in one PUT.
+    for size in (20 * MIB + 12345, 8 * MIB + 1, 5 * MIB):
         data = random_bytes(size, 9)
         src = tmp_path / "src.bin"
         src.write_bytes(data)
