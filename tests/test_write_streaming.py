@@ -3,19 +3,23 @@ its last parts; anything but a plain append from the first byte falls back to up
 
 Every test writes through a real mount of SeaweedFS behind the counting `Proxy` (multipart threshold and part
 size: clearml.conf's defaults, 8 MiB) and checks the server through boto3: the bytes, and that no unfinished
-multipart upload is left behind.
+multipart upload is left behind. The last ones do the same on Azurite, where the SDK stages 8 MiB blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
+from azure.core.exceptions import ResourceNotFoundError
 
 from clearmlfs.backends.s3 import S3Backend, make_client
 from clearmlfs.config import S3Credentials, S3Settings
@@ -309,3 +313,109 @@ def test_without_multipart_a_large_file_is_one_put_at_close(
         assert s.on_server() == data
     uploads = [r for r in seaweedfs_proxy.requests if r.method in ("PUT", "POST") and r.path.endswith(s.key)]
     assert [(r.method, r.query) for r in uploads] == [("PUT", "")]
+
+
+# -- Azure: the SDK stages blocks as the file grows, and commits them at close ----------------------------------
+
+
+class AzureSetup:
+    """A mount's clearml.conf over Azurite through a counting proxy, and the blob under test."""
+
+    def __init__(self, azurite: servers.Azurite, proxy: Proxy, tmp_path: Path) -> None:
+        self.store = stores.azure_store(dataclasses.replace(azurite, endpoint=f"{proxy.url}/{azurite.account_name}"))
+        self.proxy = proxy
+        self.url = f"{self.store.fresh_prefix()}/model.bin"
+        self.key = key_of(self.store, self.url)
+        self.blob = azurite.service_client().get_container_client(azurite.container).get_blob_client(self.key)
+        self.conf, self.cache = conf_for(tmp_path, "c", self.store)
+
+    def block_puts(self) -> int:
+        """Put Block requests for the blob the server answered (Put Block List is `comp=blocklist`)."""
+        return sum(
+            1 for r in self.proxy.requests
+            if r.method == "PUT" and parse_qs(r.query).get("comp") == ["block"] and r.path.endswith(self.key)
+        )
+
+    def staged(self) -> int:
+        """Blocks uploaded and not committed yet."""
+        try:
+            return len(self.blob.get_block_list("uncommitted")[1])
+        except ResourceNotFoundError:
+            return 0
+
+    def on_server(self) -> bytes | None:
+        try:
+            return bytes(self.blob.download_blob().readall())
+        except ResourceNotFoundError:
+            return None
+
+
+@pytest.fixture()
+def azurite_proxy(azurite: servers.Azurite) -> Iterator[Proxy]:
+    with Proxy(upstream=azurite.endpoint.rsplit("/", 1)[0]) as proxy:
+        yield proxy
+
+
+def test_azure_blocks_go_up_while_the_file_is_written_and_close_commits_them(
+    azurite: servers.Azurite, azurite_proxy: Proxy, tmp_path: Path
+) -> None:
+    s = AzureSetup(azurite, azurite_proxy, tmp_path)
+    data = random_bytes(36 * MIB + 12345, 10)  # 8 MiB blocks: the last one is short
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path = at(mnt, s.url)
+        path.parent.mkdir(parents=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            append(fd, data[: 28 * MIB])
+            assert poll(lambda: s.staged() > 0, STARTED_DEADLINE), "no block staged while the file is open"
+            assert s.on_server() is None, "the blob is committed although the file is still open"
+            append(fd, data[28 * MIB :])
+        finally:
+            os.close(fd)
+        assert digest(s.on_server() or b"") == digest(data)
+        assert digest(path.read_bytes()) == digest(data)
+    assert s.block_puts() == 5, "uploaded more than once"
+    assert not (state_of(s.cache, s.url) or {}).get("dirty")
+
+
+def test_azure_patching_the_header_after_blocks_went_up_still_stores_the_right_bytes(
+    azurite: servers.Azurite, azurite_proxy: Proxy, tmp_path: Path
+) -> None:
+    """The stream stops uncommitted; the whole file goes up at close, and its commit drops the stale blocks."""
+    s = AzureSetup(azurite, azurite_proxy, tmp_path)
+    data = bytearray(random_bytes(32 * MIB, 11))
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path = at(mnt, s.url)
+        path.parent.mkdir(parents=True)
+        with path.open("wb") as f:
+            f.write(data[: 24 * MIB])
+            f.flush()
+            assert poll(lambda: s.staged() > 0, STARTED_DEADLINE), "no block staged while the file is open"
+            f.seek(100)
+            f.write(b"patched header")
+            f.seek(24 * MIB)
+            f.write(data[24 * MIB :])
+        data[100 : 100 + len(b"patched header")] = b"patched header"
+        assert digest(s.on_server() or b"") == digest(bytes(data))
+        assert s.staged() == 0, "blocks of the stopped stream are still staged"
+        assert not upload_record(s.cache, s.url).exists(), "the uploads ended, but a note stayed"
+
+
+@pytest.mark.parametrize("left_by", ["a file upload (12-character block IDs)", "a stream (64 characters)"])
+def test_azure_blocks_another_upload_left_uncommitted_do_not_stop_a_new_one(
+    azurite: servers.Azurite, azurite_proxy: Proxy, tmp_path: Path, left_by: str
+) -> None:
+    """Azure refuses a block whose ID length differs from the blob's uncommitted blocks (400
+    InvalidBlobOrBlock) until they are committed over or a week has passed, and the SDK names blocks in 12
+    characters or in 64, depending on what it uploads from. Whatever an earlier, failed upload left, the file
+    still reaches the server, and its commit drops the stale blocks."""
+    s = AzureSetup(azurite, azurite_proxy, tmp_path)
+    # stage_block sends the ID base64-encoded: 9 or 48 characters make 12 or 64.
+    s.blob.stage_block("x" * (9 if left_by.startswith("a file") else 48), b"stale")
+    data = random_bytes(28 * MIB, 12)
+    with mounted(s.conf, tmp_path / "mnt") as mnt:
+        path = at(mnt, s.url)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        assert digest(s.on_server() or b"") == digest(data)
+    assert s.staged() == 0

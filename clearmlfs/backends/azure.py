@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import requests
 import urllib3
@@ -43,9 +43,10 @@ from ..errors import (
     Transient,
 )
 from ..urls import parse_url
-from .base import Backend, ObjectInfo, Prefix, paged, retry
+from .base import Backend, ObjectInfo, Prefix, Reader, paged, retry
 
 BLOCK_SIZE = 8 * 1024 * 1024  # block and ranged-GET size: fast, yet cheap to retry
+MAX_BLOCKS = 50_000  # committed blocks per block blob
 COPY_TIMEOUT = 30 * 60.0  # a server-side copy inside one account is fast; give large blobs room anyway
 
 # What an SDK call can raise besides our own errors. Local file errors (OSError) are included so that a
@@ -77,6 +78,9 @@ _Page = list[ObjectInfo | Prefix]
 
 class AzureBackend(Backend):
     """One Azure Blob container."""
+
+    stream_threshold = BLOCK_SIZE  # up to it, one Put Blob at close; beyond, blocks either way
+    stream_limit = MAX_BLOCKS * BLOCK_SIZE
 
     def __init__(
         self, cfg: AzureContainer, container: str, *, max_concurrency: int = 8, page_size: int | None = None
@@ -130,13 +134,35 @@ class AzureBackend(Backend):
     def upload(self, src: Path, key: str) -> ObjectInfo:
         with open(src, "rb") as data:  # a missing source is the caller's OSError, not a storage error
             size = os.fstat(data.fileno()).st_size
+            blob = self._blob(key)
             try:
-                result = self._blob(key).upload_blob(
-                    data, length=size, overwrite=True, max_concurrency=self._concurrency
-                )
+                try:
+                    result = blob.upload_blob(data, length=size, overwrite=True, max_concurrency=self._concurrency)
+                except HttpResponseError as exc:
+                    if _code(exc) != "InvalidBlobOrBlock":
+                        raise
+                    # Blocks an earlier upload left uncommitted (a stopped stream's, another tool's) whose IDs
+                    # are not as long as ours: Azure will not mix lengths in one blob. The SDK names a file's
+                    # blocks in 12 characters and a stream's in 64; uploaded as a stream, ours match theirs.
+                    data.seek(0)
+                    result = blob.upload_blob(
+                        _Unseekable(data), length=size, overwrite=True, max_concurrency=self._concurrency
+                    )
             except _CAUGHT as exc:
                 raise _translate(exc, self._url(key)) from None
         return ObjectInfo(key, size, result["last_modified"].timestamp(), _etag(result["etag"]))
+
+    def upload_stream(self, reader: Reader, key: str) -> ObjectInfo:
+        # Given no length, the SDK reads the stream a block at a time and stages up to `max_concurrency` blocks
+        # at once. If the reader raises, nothing is committed: the blob is as it was, and the staged blocks
+        # go with the next commit to it (the whole-file upload that follows) or, unused, after a week.
+        try:
+            self._blob(key).upload_blob(reader, length=None, overwrite=True, max_concurrency=self._concurrency)
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+        except Exception as exc:  # the reader abandoned the upload
+            raise StorageError(f"{self._url(key)}: upload stopped: {exc}") from None
+        return self.stat(key)
 
     @retry()
     def delete(self, key: str) -> None:
@@ -248,8 +274,7 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
     whole exception text: transport errors can quote request URLs, which may carry a SAS token.
     """
     status = getattr(exc, "status_code", None)
-    code = getattr(exc, "error_code", None)
-    code = getattr(code, "value", code)  # the SDK gives a StorageErrorCode enum for known codes
+    code = _code(exc)
     reason = _reason(exc, status, code)
     if isinstance(exc, ResourceNotFoundError) or status == 404:
         return NotFound(f"{url}: not found ({reason})")
@@ -269,6 +294,22 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
 
 # Query strings (a SAS token) and AccountKey=/SharedAccessSignature= pairs of a connection string.
 _SECRETS = re.compile(r"\?[^\s'\"]*|(AccountKey|SharedAccessSignature|sig)=[^\s;&'\"]*", re.IGNORECASE)
+
+
+def _code(exc: BaseException) -> str | None:
+    """The service's error code ("BlobNotFound"), if the exception carries one."""
+    code = getattr(exc, "error_code", None)
+    return getattr(code, "value", code)  # the SDK gives a StorageErrorCode enum for known codes
+
+
+class _Unseekable:
+    """A file the SDK must read in order, as it reads a stream (and names the blocks it stages likewise)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.read = file.read
+
+    def seekable(self) -> bool:
+        return False
 
 
 def _reason(exc: BaseException, status: Any, code: Any) -> str:

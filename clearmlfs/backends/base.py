@@ -124,7 +124,8 @@ class Backend(ABC):
         """Store as `key` what `reader` yields until it returns b'', uploading parts while it is being produced.
 
         `reader.read(n)` may block until n bytes exist, and raises to abandon the upload, which must then leave
-        nothing behind (no object, no unfinished multipart upload). Never retried: a stream cannot be replayed.
+        no object and nothing a later upload of `key` would trip on (no unfinished S3 multipart upload; Azure's
+        uncommitted blocks go with the next commit). Never retried: a stream cannot be replayed.
         Offered only where `stream_threshold` is set.
         """
         raise Unsupported(f"{self.url_prefix}: no streaming uploads")
