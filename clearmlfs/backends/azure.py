@@ -43,7 +43,7 @@ from ..errors import (
     Transient,
 )
 from ..urls import parse_url
-from .base import Backend, ObjectInfo, Prefix, Reader, paged, retry
+from .base import STREAM_PARTS_IN_MEMORY, Backend, ObjectInfo, Prefix, Reader, paged, retry
 
 BLOCK_SIZE = 8 * 1024 * 1024  # block and ranged-GET size: fast, yet cheap to retry
 MAX_BLOCKS = 50_000  # committed blocks per block blob
@@ -154,10 +154,12 @@ class AzureBackend(Backend):
 
     def upload_stream(self, reader: Reader, key: str) -> ObjectInfo:
         # Given no length, the SDK reads the stream a block at a time and stages up to `max_concurrency` blocks
-        # at once. If the reader raises, nothing is committed: the blob is as it was, and the staged blocks
-        # go with the next commit to it (the whole-file upload that follows) or, unused, after a week.
+        # at once, each held in memory until sent. If the reader raises, nothing is committed: the blob is as
+        # it was, and the staged blocks go with the next commit to it (the whole-file upload that follows) or,
+        # unused, after a week.
+        threads = max(1, min(self._concurrency, STREAM_PARTS_IN_MEMORY - 1))  # (and one block being read)
         try:
-            self._blob(key).upload_blob(reader, length=None, overwrite=True, max_concurrency=self._concurrency)
+            self._blob(key).upload_blob(reader, length=None, overwrite=True, max_concurrency=threads)
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         except Exception as exc:  # the reader abandoned the upload

@@ -27,6 +27,8 @@ from ..errors import Transient, Unsupported
 
 log = logging.getLogger(__name__)
 
+STREAM_PARTS_IN_MEMORY = 8  # parts (blocks) an `upload_stream` holds in memory at most: 64 MiB of 8 MiB ones
+
 
 @dataclass(frozen=True)
 class ObjectInfo:

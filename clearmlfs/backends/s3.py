@@ -30,12 +30,11 @@ from s3transfer.utils import OSUtils, ReadFileChunk
 from .. import __version__
 from ..config import S3Credentials, S3Settings
 from ..errors import AccessDenied, Changed, ClearmlfsError, NotFound, StorageError, Transient
-from .base import Backend, ObjectInfo, Prefix, Reader, retry
+from .base import STREAM_PARTS_IN_MEMORY, Backend, ObjectInfo, Prefix, Reader, retry
 
 log = logging.getLogger(__name__)
 
 MAX_PARTS = 10_000  # S3's limit on the parts of one object
-STREAM_PARTS_IN_MEMORY = 8  # per streaming upload: 64 MiB with the default 8 MiB parts
 READ_PIECE = 1024 * 1024  # body bytes read and written at a time
 USER_AGENT = f"clearmlfs/{__version__}"
 SINGLE_PUT_LIMIT = 5 * 1024**3  # S3's largest single PUT; `multipart: false` uploads up to it in one request
