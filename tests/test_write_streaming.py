@@ -14,8 +14,9 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qs
 
 import pytest
@@ -91,10 +92,50 @@ class Setup:
         return unfinished_uploads(self.client, self.bucket, self.key)
 
     def create(self, mnt: Path) -> tuple[Path, int]:
-        """The file under test, created in the mount and open for writing, as `open(path, "wb")` does."""
-        path = at(mnt, self.url)
-        path.parent.mkdir(parents=True)
-        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        return create(mnt, self.url)
+
+
+def create(mnt: Path, url: str) -> tuple[Path, int]:
+    """`url`'s file, created in the mount and open for writing, as `open(path, "wb")` does."""
+    path = at(mnt, url)
+    path.parent.mkdir(parents=True)
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+class Uploading(Protocol):
+    def create(self, mnt: Path) -> tuple[Path, int]: ...
+    def wait_for_parts(self) -> None: ...
+    def on_server(self) -> bytes | None: ...
+
+
+def write_while_uploading(s: Uploading, mnt: Path, data: bytes, first: int) -> Path:
+    """Create the file under test and write `data`: its `first` bytes, then (once some of them are on the
+    server and the object is not) the rest. Returns the file's path, closed."""
+    path, fd = s.create(mnt)
+    try:
+        append(fd, data[:first])
+        s.wait_for_parts()
+        assert s.on_server() is None, "the object is complete although the file is still open"
+        append(fd, data[first:])
+    finally:
+        os.close(fd)
+    return path
+
+
+def write_then_patch_header(path: Path, data: bytes, wait_for_upload: Callable[[], None]) -> bytes:
+    """Write `data` to the new file `path`, going back once its upload has started to patch bytes near the start,
+    like a zip or tar writer filling in a header once it knows the sizes. Returns what the file then holds."""
+    patch = b"patched header"
+    path.parent.mkdir(parents=True)
+    with path.open("wb") as f:
+        f.write(data[: 24 * MIB])
+        f.flush()
+        wait_for_upload()
+        f.seek(100)
+        f.write(patch)
+        f.seek(24 * MIB)
+        f.write(data[24 * MIB :])
+    return data[:100] + patch + data[100 + len(patch) :]
 
 
 def test_parts_are_uploaded_before_close_and_close_completes_the_object(
@@ -103,14 +144,7 @@ def test_parts_are_uploaded_before_close_and_close_completes_the_object(
     s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
     data = random_bytes(44 * MIB + 12345, 1)  # not a whole number of parts: the last one is short
     with mounted(s.conf, tmp_path / "mnt") as mnt:
-        path, fd = s.create(mnt)
-        try:
-            append(fd, data[: 24 * MIB])
-            s.wait_for_parts()
-            assert s.on_server() is None, "the object is complete although the file is still open"
-            append(fd, data[24 * MIB :])
-        finally:
-            os.close(fd)
+        path = write_while_uploading(s, mnt, data, 24 * MIB)
         assert s.on_server() == data
         assert path.read_bytes() == data
     assert multipart_starts(seaweedfs_proxy, s.key) == 1, "uploaded more than once"
@@ -185,20 +219,9 @@ def test_patching_the_header_after_parts_went_up_still_stores_the_right_bytes(
 ) -> None:
     """Like a zip or tar writer that goes back to fill in a header once it knows the sizes."""
     s = Setup(seaweedfs, seaweedfs_proxy, tmp_path)
-    data = bytearray(random_bytes(32 * MIB, 2))
     with mounted(s.conf, tmp_path / "mnt") as mnt:
-        path = at(mnt, s.url)
-        path.parent.mkdir(parents=True)
-        with path.open("wb") as f:
-            f.write(data[: 24 * MIB])
-            f.flush()
-            s.wait_for_parts()
-            f.seek(100)
-            f.write(b"patched header")
-            f.seek(24 * MIB)
-            f.write(data[24 * MIB :])
-        data[100 : 100 + len(b"patched header")] = b"patched header"
-        assert s.on_server() == bytes(data)
+        data = write_then_patch_header(at(mnt, s.url), random_bytes(32 * MIB, 2), s.wait_for_parts)
+        assert s.on_server() == data
         assert s.unfinished() == [], "the abandoned streaming upload was not aborted"
         assert not upload_record(s.cache, s.url).exists(), "the uploads ended, but a note stayed"
 
@@ -336,6 +359,12 @@ class AzureSetup:
             if r.method == "PUT" and parse_qs(r.query).get("comp") == ["block"] and r.path.endswith(self.key)
         )
 
+    def create(self, mnt: Path) -> tuple[Path, int]:
+        return create(mnt, self.url)
+
+    def wait_for_parts(self) -> None:
+        assert poll(lambda: self.staged() > 0, STARTED_DEADLINE), "no block staged while the file is open"
+
     def staged(self) -> int:
         """Blocks uploaded and not committed yet."""
         try:
@@ -362,16 +391,7 @@ def test_azure_blocks_go_up_while_the_file_is_written_and_close_commits_them(
     s = AzureSetup(azurite, azurite_proxy, tmp_path)
     data = random_bytes(36 * MIB + 12345, 10)  # 8 MiB blocks: the last one is short
     with mounted(s.conf, tmp_path / "mnt") as mnt:
-        path = at(mnt, s.url)
-        path.parent.mkdir(parents=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            append(fd, data[: 28 * MIB])
-            assert poll(lambda: s.staged() > 0, STARTED_DEADLINE), "no block staged while the file is open"
-            assert s.on_server() is None, "the blob is committed although the file is still open"
-            append(fd, data[28 * MIB :])
-        finally:
-            os.close(fd)
+        path = write_while_uploading(s, mnt, data, 28 * MIB)
         assert digest(s.on_server() or b"") == digest(data)
         assert digest(path.read_bytes()) == digest(data)
     assert s.block_puts() == 5, "uploaded more than once"
@@ -383,20 +403,9 @@ def test_azure_patching_the_header_after_blocks_went_up_still_stores_the_right_b
 ) -> None:
     """The stream stops uncommitted; the whole file goes up at close, and its commit drops the stale blocks."""
     s = AzureSetup(azurite, azurite_proxy, tmp_path)
-    data = bytearray(random_bytes(32 * MIB, 11))
     with mounted(s.conf, tmp_path / "mnt") as mnt:
-        path = at(mnt, s.url)
-        path.parent.mkdir(parents=True)
-        with path.open("wb") as f:
-            f.write(data[: 24 * MIB])
-            f.flush()
-            assert poll(lambda: s.staged() > 0, STARTED_DEADLINE), "no block staged while the file is open"
-            f.seek(100)
-            f.write(b"patched header")
-            f.seek(24 * MIB)
-            f.write(data[24 * MIB :])
-        data[100 : 100 + len(b"patched header")] = b"patched header"
-        assert digest(s.on_server() or b"") == digest(bytes(data))
+        data = write_then_patch_header(at(mnt, s.url), random_bytes(32 * MIB, 11), s.wait_for_parts)
+        assert digest(s.on_server() or b"") == digest(data)
         assert s.staged() == 0, "blocks of the stopped stream are still staged"
         assert not upload_record(s.cache, s.url).exists(), "the uploads ended, but a note stayed"
 
