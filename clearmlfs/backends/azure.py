@@ -163,7 +163,7 @@ class AzureBackend(Backend):
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         except Exception as exc:  # the reader abandoned the upload
-            raise StorageError(f"{self._url(key)}: upload stopped: {exc}") from None
+            raise StorageError(f"{self._url(key)}: upload stopped: {_reason(exc, None, None)}") from None
         return self.stat(key)
 
     @retry()
