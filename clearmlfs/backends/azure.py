@@ -171,7 +171,7 @@ class AzureBackend(Backend):
         try:
             self._blob(key).delete_blob()
         except ResourceNotFoundError as exc:
-            if getattr(exc, "error_code", None) == "ContainerNotFound":
+            if _code(exc) == "ContainerNotFound":
                 raise _translate(exc, self._url(key)) from None  # a missing container is still an error
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
