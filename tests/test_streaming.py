@@ -13,7 +13,7 @@ import pytest
 
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
-from tests.mounting import digest, mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
+from tests.mounting import daemon_pid, digest, mounted, no_mounts_left  # noqa: F401 - session fixture, used by being imported
 from tests.proxy import Proxy
 
 MIB, GIB = 1024 * 1024, 1024 * 1024 * 1024
@@ -94,3 +94,28 @@ def test_concurrent_readers_share_one_download_and_the_result_is_cached(big_obje
     with open(bucket / key, "rb") as f:  # complete in the cache now: served without a download
         assert digest(f.read()) == expected
     assert proxy.bytes_sent(path_contains=key) == 0
+
+
+def _file_backed_resident(pid: int) -> int:
+    """The bytes of mapped files resident in `pid`'s memory (RssFile): a mapping of a cache file counts there."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no RssFile in /proc/{pid}/status")
+
+
+def test_streaming_a_huge_object_does_not_keep_its_pages_in_the_daemon(big_object, proxied_mount, tmp_path) -> None:
+    # Replies are sent from a mapping of the cache file while it streams in: only the pages of the reply in
+    # hand may stay mapped, or the daemon's resident memory would grow to the object's size.
+    key, local = big_object
+    _, bucket = proxied_mount
+    pid = daemon_pid(tmp_path / "mnt")
+    assert pid is not None
+    before, peak = _file_backed_resident(pid), 0
+    hasher = hashlib.sha256()
+    with open(bucket / key, "rb") as f:
+        while chunk := f.read(16 * MIB):
+            hasher.update(chunk)
+            peak = max(peak, _file_backed_resident(pid))
+    assert hasher.hexdigest() == digest(local.read_bytes())
+    assert peak - before < 64 * MIB, f"the daemon held {(peak - before) / MIB:.0f} MiB of mapped files while streaming"

@@ -240,15 +240,17 @@ class OpenFiles:
         return handle
 
     # -- data --------------------------------------------------------------------------------------
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self._handles[fh]
         if not handle.url:  # direct access: may be NFS, keep it off the event loop
             return await self.workers.transfer(os.pread, handle.fd, size, offset)
+        view = None
         if handle.download is not None and not handle.download.done.is_set():
             await self.downloads.read(handle.download, offset, size)
+            view = handle.download.view(offset, size)
         if handle.behind is not None:
             self.passthrough.drop_behind(handle.node.inode, handle.behind, offset, size, handle.node.size)
-        return os.pread(handle.fd, size, offset)
+        return view if view is not None else os.pread(handle.fd, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         handle = self._handles[fh]

@@ -207,7 +207,7 @@ class Operations(pyfuse3.Operations):
         return _file_info(handle), await self._entry(handle.node)
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         return await self.files.read(fh, off, size)
 
     @_errors
