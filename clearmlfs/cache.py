@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .backends.base import Backend, ObjectInfo
+from .config import parse_size
+from .errors import ConfigError, NoSpace
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,26 @@ LOCK_PREFIX = ".lock."
 LOCK_SUFFIX = ".clearml"
 PARTIAL_SUFFIX = ".partially"
 STALE_PARTIAL_SECONDS = 24 * 3600
+SERVED_OFFLINE = "served_offline"  # the counter of opens served from the cache, the server unreachable
+STATS_FILE = "counters.stats"  # (not *.json: the entries' records are)
+# The free space the cache leaves on its disk unless told otherwise: 10 % of the filesystem, at most 1 GiB,
+# so that a dataset fills the disk's room instead of an arbitrary count, and the disk never fills up.
+DEFAULT_MIN_FREE_FRACTION = 0.10
+DEFAULT_MIN_FREE_BYTES = 1024**3
+
+
+def min_free_bytes(folder: Path, spec: str = "") -> int:
+    """What `spec` ("2G", "5%", "0"; "" for the default) asks to keep free on the filesystem of `folder`."""
+    st = os.statvfs(folder)
+    size = st.f_blocks * st.f_frsize
+    try:
+        if not spec:
+            return min(int(size * DEFAULT_MIN_FREE_FRACTION), DEFAULT_MIN_FREE_BYTES)
+        if spec.strip().endswith("%"):
+            return int(size * float(spec.strip()[:-1]) / 100)
+        return parse_size(spec)
+    except ValueError:
+        raise ConfigError(f"cache_min_free: {spec!r} is neither a size (2G) nor a percentage (5%)") from None
 
 
 def entry_name(url: str, max_name_length: int = 255) -> str:
@@ -101,7 +123,8 @@ class CacheContext:
     """One cache context (``global`` by default) under the configured base folder."""
 
     def __init__(
-        self, base_dir: Path, context: str = DEFAULT_CONTEXT, file_limit: int = 100, byte_limit: int | None = None
+        self, base_dir: Path, context: str = DEFAULT_CONTEXT, file_limit: int = 100, byte_limit: int | None = None,
+        min_free: str = "",
     ) -> None:
         self.context = context
         self.folder = Path(base_dir).expanduser() / STORAGE_MANAGER_FOLDER / context
@@ -111,6 +134,7 @@ class CacheContext:
         for folder in (self.folder, self.state_folder):
             private_dirs(folder)
         self._name_max = os.statvfs(self.folder).f_namemax
+        self.min_free = min_free_bytes(self.folder, min_free)  # bytes left free on the cache's filesystem
 
     # -- naming -------------------------------------------------------------------------------------
     def path_for(self, url: str) -> Path:
@@ -236,7 +260,12 @@ class CacheContext:
             if cached is not None:
                 return cached
             self.clean()
-            return self._download(url, backend, key)
+            try:
+                return self._download(url, backend, key)
+            except NoSpace:
+                if not self.make_room(info.size if info else 0):
+                    raise
+                return self._download(url, backend, key)
 
     def fetch_small(
         self, url: str, backend: Backend, key: str, limit: int, known: ObjectInfo | None = None
@@ -265,7 +294,12 @@ class CacheContext:
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                info = backend.read_small(fd, key, limit, state.etag if cached and state else None)
+                try:
+                    info = backend.read_small(fd, key, limit, state.etag if cached and state else None)
+                except NoSpace:
+                    if not self.make_room(limit):
+                        raise
+                    info = backend.read_small(fd, key, limit, state.etag if cached and state else None)
             finally:
                 os.close(fd)
             if info is None:  # unchanged since we cached it
@@ -375,29 +409,64 @@ class CacheContext:
         self.file_limit = max(self.file_limit, int(limit))
         return self.file_limit
 
-    def clean(self, headroom: float = 0.0) -> list[Path]:
-        """Evict least-recently-used entries beyond the count and byte limits, never pinned or dirty ones.
+    def clean(self, headroom: float = 0.0, need: int = 0) -> list[Path]:
+        """Evict least-recently-used entries beyond the count and byte limits, and while the disk has less than
+        `min_free` (plus `need`) bytes free; never pinned or dirty ones.
 
         `headroom`: the fraction of each limit to free beyond it, so that many additions need one scan.
         """
         found, locks = self._scan()
         file_limit = int(self.file_limit * (1 - headroom))
-        if len(found) <= file_limit and self.byte_limit is None:
+        short = self._space_short(need)
+        if len(found) <= file_limit and self.byte_limit is None and short <= 0:
             return []  # (without a single stat: the listing's file types are enough)
-        entries = sorted(found, key=_last_used, reverse=True)
+        entries = sorted(found, key=_last_used)  # least recently used first
         byte_limit = None if self.byte_limit is None else int(self.byte_limit * (1 - headroom))
         total = sum(_size(e) for e in entries) if byte_limit is not None else 0
         evicted = []
         for index, entry in enumerate(entries):
-            over_count = index >= file_limit
+            over_count = index < len(entries) - file_limit
             over_bytes = byte_limit is not None and total > byte_limit
-            if not (over_count or over_bytes) or not self._evictable(entry.name, locks.get(entry.name, [])):
+            wanted = over_count or over_bytes or short > 0
+            if not wanted or not self._evictable(entry.name, locks.get(entry.name, [])):
                 continue
             size, path = _size(entry), Path(entry.path)
             if self._evict(path, locks.get(entry.name, [])):
-                total -= size
+                total, short = total - size, short - size
                 evicted.append(path)
         return evicted
+
+    def make_room(self, need: int) -> bool:
+        """The disk is full: evict what nobody uses until `need` bytes and `min_free` are free. Whether anything
+        was evicted (so that the failed write is worth trying again)."""
+        evicted = self.clean(need=need)
+        if evicted:
+            log.info("cache disk full: evicted %d unused entries", len(evicted))
+        return bool(evicted)
+
+    def short_of_space(self) -> bool:
+        """Whether the cache's filesystem has less than `min_free` bytes free."""
+        return self._space_short() > 0
+
+    def _space_short(self, need: int = 0) -> int:
+        """Bytes to free on the cache's filesystem so that `need` more fit and `min_free` stay free."""
+        st = os.statvfs(self.folder)
+        return self.min_free + need - st.f_bavail * st.f_frsize
+
+    # -- counters the CLI reports (`clearmlfs cache stats`) -----------------------------------------
+    def count(self, name: str) -> None:
+        """Add one to the counter `name` (kept in the state folder; not durable, a count is no data)."""
+        counts = self.counters()
+        counts[name] = counts.get(name, 0) + 1
+        with contextlib.suppress(OSError):
+            _replace_file(self.state_folder / STATS_FILE, dict(counts), durable=False)
+
+    def counters(self) -> dict[str, int]:
+        try:
+            record = json.loads(_read_small_file(self.state_folder / STATS_FILE))
+        except (OSError, ValueError):
+            return {}
+        return {str(k): int(v) for k, v in record.items()} if isinstance(record, dict) else {}
 
     def _evict(self, path: Path, known_locks: list[Path]) -> bool:
         """Remove an entry nobody pins, without racing a process that pins and opens it right now.

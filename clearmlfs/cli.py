@@ -52,6 +52,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     for g in s.gcs:
         print(f"gs: {g.prefix}")
     print("direct access: " + ", ".join(s.direct_access))
+    t = s.timeouts
+    print(f"timeouts: connect {t.connect:g} s, read {t.read:g} s, operation {t.operation:g} s, "
+          f"revalidate {t.revalidate:g} s; offline reads {'on' if s.offline_reads else 'off'}")
     return 0
 
 
@@ -129,14 +132,19 @@ def cmd_put(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     """stats / prune / clear of the managed cache (the `global` context the mount uses)."""
-    from .cache import DEFAULT_CONTEXT, CacheContext
+    from .cache import DEFAULT_CONTEXT, SERVED_OFFLINE, CacheContext
 
     settings = _settings(args)
-    cache = CacheContext(settings.cache_dir, DEFAULT_CONTEXT, settings.cache_file_limit)
+    cache = CacheContext(
+        settings.cache_dir, DEFAULT_CONTEXT, settings.cache_file_limit, min_free=settings.cache_min_free
+    )
     if args.action == "stats":
         files, size = cache.stats()
         dirty = cache.dirty_entries()
         print(f"folder: {cache.folder}\nfiles: {files}\nbytes: {size}\nfile limit: {cache.file_limit}")
+        print(f"kept free on its disk: {cache.min_free}")
+        print(f"served offline: {cache.counters().get(SERVED_OFFLINE, 0)} (opens of cached files the server could "
+              "not confirm)")
         print(f"dirty (not yet uploaded): {len(dirty)}")
         for state in dirty:
             print(f"  {state.url}")
@@ -208,7 +216,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     opts = mount.parse_options(args.options)
     mountpoint = Path(args.mountpoint).absolute()
-    settings = load_settings(args.config or opts.config)
+    settings = mount.with_options(load_settings(args.config or opts.config), opts)  # (checks them, too)
     _warn_if_readable(settings)  # (the background child warns again into the log)
     mount.check_mountpoint(mountpoint)
     if args.foreground:
@@ -325,7 +333,7 @@ def _daemons_of(mountpoint: Path) -> list[int]:
 
 
 def _byte_size(text: str) -> int:
-    from .mount import parse_size
+    from .config import parse_size
 
     return parse_size(text)
 
@@ -366,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground (systemd, debugging)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                   help="allow_other, ro, config=FILE, cache_dir=DIR, cache_max_bytes=N, cache_files=N, ttl=SECONDS")
+                   help="allow_other, ro, config=FILE, cache_dir=DIR, cache_max_bytes=N, cache_files=N, ttl=SECONDS, "
+                   "op_timeout=SECONDS, offline=on|off, cache_min_free=SIZE|PCT%% (README: mount options)")
     p.add_argument("--log-file", metavar="FILE", help="log here instead of stderr")
     p = add("umount", cmd_umount, "unmount MOUNTPOINT (after uploading what is dirty)")
     p.add_argument("mountpoint")

@@ -96,6 +96,24 @@ class GCSBucket:
 
 
 @dataclass(frozen=True)
+class Timeouts:
+    """How long clearmlfs waits for a server (seconds). A stalled server costs a caller `operation` at most."""
+
+    connect: float = 10.0  # to open a connection
+    read: float = 20.0  # without a byte from the server, once a request is sent
+    operation: float = 20.0  # all the remote calls of one filesystem operation, retries included
+    revalidate: float = 3.0  # checking that a cached copy or listing is still current, before using it anyway
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "read", "operation", "revalidate"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} timeout must be a positive number of seconds, not {getattr(self, name)!r}")
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path | None = None  # the file read, if any
     s3: S3Settings = S3Settings()
@@ -105,6 +123,9 @@ class Settings:
     cache_dir: Path = Path(DEFAULT_CACHE_DIR).expanduser()
     cache_file_limit: int = DEFAULT_CACHE_FILE_LIMIT
     direct_access: tuple[str, ...] = ("file://*",)
+    timeouts: Timeouts = DEFAULT_TIMEOUTS
+    offline_reads: bool = True  # serve a cached copy when the server cannot say whether it is current
+    cache_min_free: str = ""  # free space the cache leaves on its disk (cache.min_free_bytes); "" = default
 
     # -- resolution -------------------------------------------------------------------------------
     def s3_for(self, url: StorageURL) -> S3Credentials:
@@ -200,8 +221,9 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
     path = find_config_file(explicit)
     tree = _parse(path) if path else {}
     sdk = tree.get("sdk", tree) if isinstance(tree, Mapping) else {}
+    own = tree.get(OWN_SECTION, {}) if isinstance(tree, Mapping) else {}
     try:
-        return _settings_from(sdk, path)
+        return _settings_from(sdk, path, own)
     except ConfigError:
         raise
     except (TypeError, ValueError, AttributeError, InvalidURL) as exc:
@@ -242,6 +264,15 @@ def _get(tree: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
     return default if node is None else node
 
 
+def parse_size(text: str) -> int:
+    """`20G`, `512MiB`, `1048576` → bytes."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    text = text.strip().lower().rstrip("b").rstrip("i")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
 def parse_bool(text: str) -> bool:
     """true/yes/on/1 or false/no/off/0, in any case; ValueError for anything else."""
     word = text.strip().lower()
@@ -267,7 +298,24 @@ def _verify(value: Any) -> bool | str | None:
     return str(value)  # a CA bundle path, as boto3 accepts
 
 
-def _settings_from(sdk: Mapping[str, Any], path: Path | None) -> Settings:
+# The top-level section for clearmlfs's own settings: the ClearML SDK reads only `api`, `sdk` and `agent`, so
+# one clearml.conf serves both. Its keys are the mount options of the same name.
+OWN_SECTION = "clearmlfs"
+
+
+def _timeouts(own: Mapping[str, Any], boto3: Mapping[str, Any]) -> Timeouts:
+    """clearmlfs's own keys first, then the SDK's boto3 ones (which it applies to S3 alone), then defaults."""
+    base = Timeouts()
+    return Timeouts(
+        connect=float(own.get("connect_timeout", boto3.get("connect_timeout", base.connect))),
+        read=float(own.get("read_timeout", boto3.get("read_timeout", base.read))),
+        operation=float(own.get("op_timeout", base.operation)),
+        revalidate=float(own.get("revalidate_timeout", base.revalidate)),
+    )
+
+
+def _settings_from(sdk: Mapping[str, Any], path: Path | None, own: Mapping[str, Any] | None = None) -> Settings:
+    own = own if isinstance(own, Mapping) else {}
     cache_dir = os.environ.get("CLEARML_CACHE_DIR") or _get(sdk, "storage.cache.default_base_dir", DEFAULT_CACHE_DIR)
     direct = tuple(
         str(e["url"]) for e in _get(sdk, "storage.direct_access", []) if isinstance(e, Mapping) and e.get("url")
@@ -281,6 +329,9 @@ def _settings_from(sdk: Mapping[str, Any], path: Path | None) -> Settings:
         cache_dir=Path(os.path.expandvars(str(cache_dir))).expanduser(),
         cache_file_limit=int(_get(sdk, "storage.cache.default_cache_manager_size", DEFAULT_CACHE_FILE_LIMIT)),
         direct_access=direct or ("file://*",),
+        timeouts=_timeouts(own, _get(sdk, "aws.boto3", {})),
+        offline_reads=_bool(own.get("offline", True), f"{OWN_SECTION}.offline"),
+        cache_min_free=str(own.get("cache_min_free", "")),
     )
 
 

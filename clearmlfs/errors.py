@@ -41,6 +41,10 @@ class Transient(StorageError):
     """A failure worth retrying: throttling, 5xx, reset or timed-out connection, short body."""
 
 
+class TimedOut(StorageError):
+    """No answer within the time allowed (an operation's budget, or a request's timeout after its retries)."""
+
+
 class Changed(StorageError):
     """The object changed on the server while a version of it was being read."""
 
@@ -72,6 +76,7 @@ _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (AlreadyExists, errno.EEXIST),
     (NoSpace, errno.ENOSPC),
     (Changed, errno.ESTALE),
+    (TimedOut, errno.ETIMEDOUT),
     (Unsupported, errno.ENOTSUP),
     (NotEmpty, errno.ENOTEMPTY),
     (CrossDevice, errno.EXDEV),
@@ -83,6 +88,12 @@ _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (FileNotFoundError, errno.ENOENT),
     (PermissionError, errno.EACCES),
 )
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the server could not answer (connection refused or reset, 5xx, timed out), as
+    opposed to an answer that settles the question (not found, denied)."""
+    return isinstance(exc, (Transient, TimedOut))
 
 
 def to_errno(exc: BaseException) -> int:

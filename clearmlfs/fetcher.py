@@ -78,7 +78,9 @@ def main() -> None:
     setup_logging(setup.log_level, None)  # stderr: the daemon's, so its log
     backends = BackendPool(setup.settings)
     backends.warm_up()
-    cache = CacheContext(setup.base_dir, setup.context, setup.file_limit, setup.byte_limit)
+    cache = CacheContext(
+        setup.base_dir, setup.context, setup.file_limit, setup.byte_limit, setup.settings.cache_min_free
+    )
     answers.write(frame(("ready", None)))
     answers.flush()
     while (request := _read_frame(requests)) is not None:

@@ -6,6 +6,7 @@ the same command as a detached child and returns once the mount answers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import trio
 
 from .backends import BackendPool
 from .cache import CacheContext
-from .config import Settings, parse_bool
+from .config import Settings, Timeouts, parse_bool, parse_size
 from .errors import ConfigError
 from .fetcher import Setup
 from .fs.fetchers import Fetchers
@@ -60,6 +61,13 @@ class MountOptions:
     readahead_files: int = 32
     fetch_processes: int = 2  # helper processes fetching small files ahead (0: threads of the daemon)
     passthrough: bool = True  # the kernel reads complete cached files itself (fs/passthrough.py)
+    # Unset: as clearml.conf says (its `clearmlfs` section; config.Timeouts for the defaults).
+    connect_timeout: float | None = None
+    read_timeout: float | None = None
+    op_timeout: float | None = None
+    revalidate_timeout: float | None = None
+    offline: bool | None = None  # serve cached files while the server cannot say whether they are current
+    cache_min_free: str | None = None  # a size or a percentage of the cache's filesystem
 
 
 def parse_options(values: list[str]) -> MountOptions:
@@ -107,21 +115,19 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         opts.fetch_processes = max(0, int(value))
     elif name == "passthrough":
         opts.passthrough = parse_bool(value)
+    elif name in ("connect_timeout", "read_timeout", "op_timeout", "revalidate_timeout"):
+        setattr(opts, name, float(value))
+    elif name == "offline":
+        opts.offline = parse_bool(value)
+    elif name == "cache_min_free":
+        opts.cache_min_free = value
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
             "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=, small_file_size=, "
-            "readahead_files=, fetch_processes=, passthrough=on|off)"
+            "readahead_files=, fetch_processes=, passthrough=on|off, connect_timeout=, read_timeout=, op_timeout=, "
+            "revalidate_timeout=, offline=on|off, cache_min_free=)"
         )
-
-
-def parse_size(text: str) -> int:
-    """`20G`, `512MiB`, `1048576` → bytes."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    text = text.strip().lower().rstrip("b").rstrip("i")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -131,13 +137,31 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise ConfigError(f"{mountpoint} is already a mount point (unmount it first: clearmlfs umount {mountpoint})")
 
 
+def with_options(settings: Settings, opts: MountOptions) -> Settings:
+    """`settings` with what the mount options say instead (they win over clearml.conf)."""
+    t = settings.timeouts
+    timeouts = Timeouts(
+        connect=opts.connect_timeout or t.connect, read=opts.read_timeout or t.read,
+        operation=opts.op_timeout or t.operation, revalidate=opts.revalidate_timeout or t.revalidate,
+    )
+    return dataclasses.replace(
+        settings, timeouts=timeouts,
+        offline_reads=settings.offline_reads if opts.offline is None else opts.offline,
+        cache_min_free=settings.cache_min_free if opts.cache_min_free is None else opts.cache_min_free,
+    )
+
+
 def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     """Mount, serve until unmounted or signalled, upload what is still dirty, unmount."""
     check_mountpoint(mountpoint)
+    settings = with_options(settings, opts)
     cache_dir = opts.cache_dir or settings.cache_dir
-    cache = CacheContext(cache_dir, "global", opts.cache_files or settings.cache_file_limit, opts.cache_max_bytes)
+    cache = CacheContext(
+        cache_dir, "global", opts.cache_files or settings.cache_file_limit, opts.cache_max_bytes,
+        settings.cache_min_free,
+    )
     backends = BackendPool(settings)
-    workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency))
+    workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency), timeouts=settings.timeouts)
     writeback = WriteBack(backends, cache, workers)
     ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl)
     setup = Setup(settings, cache_dir, cache.context, cache.file_limit, cache.byte_limit,

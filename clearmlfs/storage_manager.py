@@ -43,7 +43,9 @@ class _Runtime:
         name = name or DEFAULT_CONTEXT
         with self.lock:
             if name not in self.contexts:
-                self.contexts[name] = CacheContext(self.settings.cache_dir, name, self.settings.cache_file_limit)
+                self.contexts[name] = CacheContext(
+                    self.settings.cache_dir, name, self.settings.cache_file_limit, min_free=self.settings.cache_min_free
+                )
             return self.contexts[name]
 
     def close(self) -> None:

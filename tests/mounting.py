@@ -25,6 +25,7 @@ from typing import IO
 
 import pytest
 
+from clearmlfs.urls import url_to_mount_path
 from tests import servers
 
 MOUNT_TIMEOUT = 30.0
@@ -267,3 +268,8 @@ def no_mounts_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     for target in reversed(left):  # innermost first
         subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True, timeout=30)
     assert not left, f"mounts left behind under {base} (now lazily unmounted): {left}"
+
+
+def at(mnt: Path, url: str) -> Path:
+    """Where `url` is inside the mount at `mnt`."""
+    return mnt / url_to_mount_path(url)

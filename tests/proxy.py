@@ -1,7 +1,7 @@
 """A counting, fault-injecting HTTP reverse proxy for tests (stdlib only).
 
 Put it between a client and one upstream server to count what the client really sends (how many GETs, how
-many bytes were downloaded) and to inject failures (503s, connection resets, truncated bodies).
+many bytes were downloaded) and to inject failures (503s, connection resets, truncated bodies, stalls).
 
     with Proxy(upstream=seaweedfs.endpoint) as proxy:
         client = seaweedfs.client(endpoint=proxy.url)
@@ -10,6 +10,13 @@ many bytes were downloaded) and to inject failures (503s, connection resets, tru
 
 The Host header is forwarded exactly as the client sent it: S3 SigV4 signs it, and the client signed the
 proxy's host:port, so rewriting it would break every signature.
+
+A stalled request is read whole and never answered, like a server that hangs: it is held until
+``stall_seconds`` pass, or ``resume()``, ``reset()`` or ``stop()`` comes, then its connection is reset.
+
+    proxy.stall()   # every request from now on hangs
+    ...
+    proxy.resume()  # held requests are reset at once; new ones are forwarded again
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger(__name__)
@@ -42,7 +51,9 @@ HOP_BY_HOP = {
     "upgrade",
     "expect",
 }
-FAULT_KINDS = ("503", "reset", "truncate")
+FAULT_KINDS = ("503", "reset", "truncate")  # what fail_rate() injects by default
+KNOWN_FAULT_KINDS = (*FAULT_KINDS, "stall")  # a stall costs a client its read timeout: only on request
+STALL_SECONDS = 30.0
 COPY_CHUNK = 256 * 1024
 UPSTREAM_TIMEOUT = 120.0
 
@@ -63,8 +74,16 @@ class RequestRecord:
     status: int  # 0 when no response was sent: the connection was reset, or the client hung up mid-body
     request_bytes: int  # request body bytes received from the client
     response_bytes: int  # response body bytes sent to the client
-    fault: str | None = None  # injected: "reset", "truncate", or the status as a string ("503")
+    fault: str | None = None  # injected: "reset", "truncate", "stall", or the status as a string ("503")
     agent: str = ""  # the request's User-Agent
+
+
+class _Draw(NamedTuple):
+    """What to do with one request."""
+
+    fault: str | None
+    status: int = 0
+    stall_generation: int = 0  # for a stall: the resume() it waits for, drawn atomically with the fault
 
 
 class Proxy:
@@ -81,12 +100,21 @@ class Proxy:
         self._fail_status = 503
         self._fail_rate = 0.0
         self._fail_kinds: tuple[str, ...] = FAULT_KINDS
+        self.stall_seconds: float = STALL_SECONDS  # how long a stalled request is held at most
+        # Held requests wait on this, under the same lock as the fault draws: a request that draws a stall
+        # before resume() is released by it, one drawn after it is not stalled (unless by fail_rate).
+        self._released = threading.Condition(self._lock)
+        self._stall_all = False
+        self._stall_generation = 0  # bumped by resume(): everything held before it is released
+        self._stopped = False
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> Proxy:
+        with self._lock:
+            self._stopped = False
         server = _Server(("127.0.0.1", 0), _make_handler(self))
         server.daemon_threads = True  # idle keep-alive connections must not block stop()
         self._server = server
@@ -97,6 +125,10 @@ class Proxy:
         return self
 
     def stop(self) -> None:
+        # Held requests first: they must never outlive the proxy (shutdown() does not wait for handlers).
+        with self._released:
+            self._stopped = True
+            self._released.notify_all()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -128,16 +160,17 @@ class Proxy:
 
     @property
     def requests(self) -> list[RequestRecord]:
-        """A snapshot of the requests seen so far, in completion order."""
+        """A snapshot of the requests seen so far, in completion order (a stalled one: when its hold began)."""
         with self._lock:
             return list(self._records)
 
     def reset(self) -> None:
-        """Forget the counted requests and any pending faults."""
+        """Forget the counted requests and any pending faults; ends a stall."""
         with self._lock:
             self._records.clear()
             self._fail_next = 0
             self._fail_rate = 0.0
+        self.resume()
 
     def count(self, method: str | None = None, path_contains: str | None = None) -> int:
         return len(self._matching(method, path_contains))
@@ -169,25 +202,48 @@ class Proxy:
     def fail_rate(self, rate: float, kinds: Iterable[str] = FAULT_KINDS, seed: int | None = None) -> None:
         """Inject a fault of a random kind into a ``rate`` fraction of requests (seeded, so runs repeat)."""
         kinds = tuple(kinds)
-        unknown = set(kinds) - set(FAULT_KINDS)
+        unknown = set(kinds) - set(KNOWN_FAULT_KINDS)
         if unknown:
-            raise ValueError(f"unknown fault kinds {unknown}; known: {FAULT_KINDS}")
+            raise ValueError(f"unknown fault kinds {unknown}; known: {KNOWN_FAULT_KINDS}")
         with self._lock:
             self._fail_rate = rate
             self._fail_kinds = kinds
             if seed is not None:
                 self._rng.seed(seed)
 
-    def _next_fault(self) -> tuple[str | None, int]:
+    def stall(self) -> None:
+        """Hold every request from now on (new connections and kept-alive ones) unanswered, until resume()."""
+        with self._lock:
+            self._stall_all = True
+
+    def resume(self) -> None:
+        """End a stall: every held request has its connection reset at once, so its client retries now."""
+        with self._released:
+            self._stall_all = False
+            self._stall_generation += 1
+            self._released.notify_all()
+
+    def _hold(self, generation: int) -> None:
+        """Block a stalled request's handler until stall_seconds pass or resume()/stop() releases it."""
+        deadline = time.monotonic() + self.stall_seconds
+        with self._released:
+            while self._stall_generation == generation and not self._stopped:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._released.wait(remaining)
+
+    def _next_fault(self) -> _Draw:
         """What to do with the next request; under the lock so draws happen in a repeatable order."""
         with self._lock:
+            if self._stall_all:
+                return _Draw("stall", 0, self._stall_generation)
             if self._fail_next > 0:
                 self._fail_next -= 1
-                return "status", self._fail_status
+                return _Draw("status", self._fail_status)
             if self._fail_rate > 0 and self._rng.random() < self._fail_rate:
-                kind = self._rng.choice(self._fail_kinds)
-                return kind, 503
-            return None, 0
+                return _Draw(self._rng.choice(self._fail_kinds), 503, self._stall_generation)
+            return _Draw(None)
 
 
 class _Server(ThreadingHTTPServer):
@@ -225,7 +281,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                                              agent=agent))
             self.close_connection = True
             return
-        fault, status = self.owner._next_fault()
+        fault, status, stall_generation = self.owner._next_fault()
 
         # Called before the last byte reaches the client, so a test that got its response sees the record.
         def done(status: int, sent: int, fault: str | None = fault) -> None:
@@ -241,6 +297,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self._send_error_status(status, lambda sent: done(status, sent, str(status)))
             elif fault == "reset":
                 done(0, 0)
+                self._reset_connection()
+            elif fault == "stall":
+                done(0, 0)  # recorded when the hold begins: a test can see that a request is being held
+                self.owner._hold(stall_generation)
                 self._reset_connection()
             else:
                 self._forward(body, fault == "truncate", done)

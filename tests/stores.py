@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tests import servers
 
 
@@ -76,3 +78,15 @@ def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
             into[key] = into[key] + value
         else:
             into[key] = value
+
+
+def conf_for(tmp_path: Path, name: str, *stores: Store, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """A private clearml.conf with its own (not yet existing) cache folder: (conf, cache)."""
+    cache = tmp_path / f"{name}-cache"
+    conf = write_conf(tmp_path / f"{name}.conf", cache, *stores, extra=extra)
+    conf.chmod(0o600)  # it holds credentials; the mount warns about a readable one
+    return conf, cache
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).bytes(size)

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
 from tests.mounting import (  # noqa: F401 - no_mounts_left is a session fixture, used by being imported
     MountError,
+    at,
     clearmlfs,
     mount_options,
     mounted,
@@ -142,10 +142,6 @@ def cat_to(src: Path, dest: Path) -> Path:
         done = subprocess.run(["cat", str(src)], stdout=out, stderr=subprocess.PIPE, timeout=300)
     assert done.returncode == 0, f"cat {src}: {done.stderr.decode(errors='replace').strip()}"
     return dest
-
-
-def at(mnt: Path, url: str) -> Path:
-    return mnt / url_to_mount_path(url)
 
 
 def cache_file(cache_dir: Path, url: str) -> Path:

@@ -34,9 +34,9 @@ import pytest
 from clearmlfs.backends.s3 import S3Backend, make_client
 from clearmlfs.cache import entry_name
 from clearmlfs.config import S3Credentials, S3Settings
-from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
 from tests.mounting import (
+    at,
     clearmlfs,
     daemon_running,
     mounted,
@@ -45,7 +45,7 @@ from tests.mounting import (
     unmount,
 )
 from tests.proxy import Proxy
-from tests.stores import Store
+from tests.stores import Store, conf_for, random_bytes
 
 KIB, MIB = 1024, 1024 * 1024
 SERVER_DEADLINE = 60.0
@@ -56,28 +56,12 @@ SERVER_DEADLINE = 60.0
 # ---------------------------------------------------------------------------------------------------------
 
 
-def conf_for(tmp_path: Path, name: str, *stores_: Store, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """A private clearml.conf with its own (not yet existing) cache folder: (conf, cache)."""
-    cache = tmp_path / f"{name}-cache"
-    conf = stores.write_conf(tmp_path / f"{name}.conf", cache, *stores_, extra=extra)
-    conf.chmod(0o600)
-    return conf, cache
-
-
-def random_bytes(size: int, seed: int) -> bytes:
-    return np.random.default_rng(seed).bytes(size)
-
-
 def write_random_file(path: Path, size: int, chunk: int, seed: int) -> Path:
     """`size` bytes of seeded random data, generated `chunk` bytes at a time (seeds seed, seed+1, ...)."""
     with path.open("wb") as f:
         for i in range(size // chunk):
             f.write(random_bytes(chunk, seed + i))
     return path
-
-
-def at(mnt: Path, url: str) -> Path:
-    return mnt / url_to_mount_path(url)
 
 
 def key_of(store: Store, url: str) -> str:
@@ -153,8 +137,10 @@ def run_cli(*args: str | os.PathLike[str], timeout: float = 120) -> subprocess.C
 N_OPS = 1000
 WORKERS = 4
 FILES_PER_WORKER = 8
-FAULT_RATE = 0.10
+FAULT_RATE = 0.10  # over all kinds together
+INJECTED_KINDS = ("503", "reset", "truncate", "stall")
 FAULT_SEED = 20240601
+STALL_SECONDS = 5.0  # a stalled request costs the mount its 1 s read timeout, then a retry; held at most this long
 
 
 @dataclass
@@ -174,6 +160,7 @@ class FileModel:
 class Tally:
     ops: int = 0
     errors: int = 0
+    read_errors: int = 0  # reads and range reads that raised: a retry could have served every one
     reads_checked: int = 0
     wrong_reads: int = 0
     wrong_bytes: int = 0
@@ -237,7 +224,7 @@ def _one_op(mnt: Path, model: FileModel, rng: random.Random, tally: Tally) -> No
                 f.seek(start)
                 got = f.read(length)
         except OSError as exc:
-            tally.add(errors=1)
+            tally.add(errors=1, read_errors=1)
             tally.note(f"{kind} {model.url}: {exc}")
             return
         want = model.current[start:] if length < 0 else model.current[start : start + length]
@@ -293,11 +280,14 @@ def test_faults_never_give_wrong_bytes_nor_lose_acknowledged_writes(
     conf, _ = conf_for(tmp_path, "run", store)
     tally = Tally()
     started = time.monotonic()
-    # A small file limit makes opens for writing evict, so reads download again under faults.
-    with mounted(conf, tmp_path / "mnt", extra_args=["-o", "cache_files=8"]) as mnt:
+    # A small file limit makes opens for writing evict, so reads download again under faults. Short request
+    # timeouts: a stalled request is given up after 1 s and retried, not waited for until the proxy resets it.
+    options = ["-o", "cache_files=8", "-o", "read_timeout=1,connect_timeout=1"]
+    seaweedfs_proxy.stall_seconds = STALL_SECONDS
+    with mounted(conf, tmp_path / "mnt", extra_args=options) as mnt:
         for d in range(3):
             (at(mnt, base) / f"d{d}").mkdir(parents=True, exist_ok=True)
-        seaweedfs_proxy.fail_rate(FAULT_RATE, kinds=("503", "reset", "truncate"), seed=FAULT_SEED)
+        seaweedfs_proxy.fail_rate(FAULT_RATE, kinds=INJECTED_KINDS, seed=FAULT_SEED)
         with ThreadPoolExecutor(WORKERS) as pool:
             runs = [
                 pool.submit(_worker, mnt, own, FAULT_SEED + w, N_OPS // WORKERS, tally) for w, own in enumerate(models)
@@ -328,7 +318,8 @@ def test_faults_never_give_wrong_bytes_nor_lose_acknowledged_writes(
                 tally.add(unacked=1)
     print(
         f"\n[faults] ops={tally.ops} requests={requests} injected_faults={faults} errors_seen={tally.errors} "
-        f"reads_checked={tally.reads_checked} wrong_reads={tally.wrong_reads} wrong_bytes={tally.wrong_bytes} "
+        f"read_errors={tally.read_errors} reads_checked={tally.reads_checked} wrong_reads={tally.wrong_reads} "
+        f"wrong_bytes={tally.wrong_bytes} "
         f"files_checked={checked} lost_writes={len(lost)} unacked_files={tally.unacked} "
         f"unacked_mismatch={len(pending_mismatch)} run_seconds={run_seconds:.1f}"
     )
@@ -338,6 +329,9 @@ def test_faults_never_give_wrong_bytes_nor_lose_acknowledged_writes(
     assert tally.wrong_bytes == 0, f"{tally.wrong_reads} reads returned wrong bytes: {tally.notes}"
     assert lost == [], f"acknowledged writes lost (server differs after a clean unmount): {lost}"
     assert pending_mismatch == [], f"writes whose close failed were never uploaded, even at unmount: {pending_mismatch}"
+    assert tally.read_errors == 0, (
+        f"no EIO on reads that a retry could serve: {tally.read_errors} reads failed: {tally.notes}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

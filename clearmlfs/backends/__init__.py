@@ -58,7 +58,7 @@ class BackendPool:
 
     def _create(self, url: StorageURL, creds: object) -> Backend:
         # Imported lazily: a user of one provider needs none of the others' SDK import time.
-        transfers = self.settings.s3.max_multipart_concurrency
+        transfers, timeouts = self.settings.s3.max_multipart_concurrency, self.settings.timeouts
         if url.scheme == "s3":
             from .s3 import S3Backend
 
@@ -66,11 +66,11 @@ class BackendPool:
         if url.scheme == "azure":
             from .azure import AzureBackend
 
-            return AzureBackend(creds, url.bucket, max_concurrency=transfers)  # type: ignore[arg-type]
+            return AzureBackend(creds, url.bucket, max_concurrency=transfers, timeouts=timeouts)  # type: ignore[arg-type]
         if url.scheme == "gs":
             from .gcs import GCSBackend
 
-            return GCSBackend(creds, url.bucket, max_concurrency=transfers)  # type: ignore[arg-type]
+            return GCSBackend(creds, url.bucket, max_concurrency=transfers, timeouts=timeouts)  # type: ignore[arg-type]
         from .local import LocalBackend
 
         return LocalBackend()
@@ -81,7 +81,7 @@ class BackendPool:
 
         shared = dataclasses.replace(creds, bucket="")  # type: ignore[type-var]
         if shared not in self._s3_clients:
-            self._s3_clients[shared] = make_client(shared, self.settings.s3)
+            self._s3_clients[shared] = make_client(shared, self.settings.s3, self.settings.timeouts)
         return self._s3_clients[shared]
 
     def s3_bucket_names(self, creds: S3Credentials) -> list[str]:

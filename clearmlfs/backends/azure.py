@@ -6,8 +6,8 @@ retry policy covers single requests and `retry` covers what it lets through.
 
 from __future__ import annotations
 
-import errno
 import http.client
+import logging
 import os
 import re
 import time
@@ -28,22 +28,37 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobClient, BlobPrefix, BlobProperties, BlobServiceClient
+from azure.storage.blob import BlobBlock, BlobClient, BlobPrefix, BlobProperties, BlobServiceClient
 
-from ..config import AzureContainer
+from ..config import DEFAULT_TIMEOUTS, AzureContainer, Timeouts
 from ..errors import (
     AccessDenied,
     AlreadyExists,
     Changed,
     ClearmlfsError,
     ConfigError,
-    NoSpace,
     NotFound,
     StorageError,
     Transient,
+    Unsupported,
 )
 from ..urls import parse_url
-from .base import STREAM_PARTS_IN_MEMORY, Backend, ObjectInfo, Prefix, Reader, paged, retry
+from .base import (
+    STREAM_PARTS_IN_MEMORY,
+    TRANSPORT_FAILURES,
+    Backend,
+    ObjectInfo,
+    Prefix,
+    Progress,
+    Reader,
+    local_error,
+    log_request,
+    paged,
+    request_log,
+    retry,
+)
+
+log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 8 * 1024 * 1024  # block and ranged-GET size: fast, yet cheap to retry
 MAX_BLOCKS = 50_000  # committed blocks per block blob
@@ -59,17 +74,12 @@ _CAUGHT: tuple[type[BaseException], ...] = (
     OSError,
 )
 
-# Connection refused/reset, timeouts, short bodies (IncompleteRead).
+# Connection refused/reset, timeouts, short bodies (IncompleteRead), as azure-core wraps them.
 _TRANSPORT_FAILURES: tuple[type[BaseException], ...] = (
     ServiceRequestError,
     ServiceResponseError,
     IncompleteReadError,
-    requests.ConnectionError,
-    requests.Timeout,
-    urllib3.exceptions.HTTPError,
-    http.client.IncompleteRead,
-    ConnectionError,
-    TimeoutError,
+    *TRANSPORT_FAILURES,
 )
 
 # One page of a listing (a module-level alias: inside the classes `list` names the method).
@@ -79,16 +89,18 @@ _Page = list[ObjectInfo | Prefix]
 class AzureBackend(Backend):
     """One Azure Blob container."""
 
+    reports_progress = True
     stream_threshold = BLOCK_SIZE  # up to it, one Put Blob at close; beyond, blocks either way
     stream_limit = MAX_BLOCKS * BLOCK_SIZE
 
     def __init__(
-        self, cfg: AzureContainer, container: str, *, max_concurrency: int = 8, page_size: int | None = None
+        self, cfg: AzureContainer, container: str, *, max_concurrency: int = 8, page_size: int | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.url_prefix = f"azure://{cfg.account_name}.blob.core.windows.net/{container}"
         self._concurrency = max(1, max_concurrency)
         self._page_size = page_size  # None: the service default (5000)
-        self._service = _service_client(cfg)
+        self._service = _service_client(cfg, timeouts)
         self._container = self._service.get_container_client(container)
 
     # -- Backend ----------------------------------------------------------------------------------
@@ -131,13 +143,16 @@ class AzureBackend(Backend):
             raise _translate(exc, self._url(key)) from None
 
     @retry()
-    def upload(self, src: Path, key: str) -> ObjectInfo:
+    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
+        hook = _hook(progress)
         with open(src, "rb") as data:  # a missing source is the caller's OSError, not a storage error
             size = os.fstat(data.fileno()).st_size
             blob = self._blob(key)
             try:
                 try:
-                    result = blob.upload_blob(data, length=size, overwrite=True, max_concurrency=self._concurrency)
+                    result = blob.upload_blob(
+                        data, length=size, overwrite=True, max_concurrency=self._concurrency, **hook
+                    )
                 except HttpResponseError as exc:
                     if _code(exc) != "InvalidBlobOrBlock":
                         raise
@@ -146,25 +161,69 @@ class AzureBackend(Backend):
                     # blocks in 12 characters and a stream's in 64; uploaded as a stream, ours match theirs.
                     data.seek(0)
                     result = blob.upload_blob(
-                        _Unseekable(data), length=size, overwrite=True, max_concurrency=self._concurrency
+                        _Unseekable(data), length=size, overwrite=True, max_concurrency=self._concurrency, **hook
                     )
             except _CAUGHT as exc:
                 raise _translate(exc, self._url(key)) from None
         return ObjectInfo(key, size, result["last_modified"].timestamp(), _etag(result["etag"]))
 
-    def upload_stream(self, reader: Reader, key: str) -> ObjectInfo:
+    def upload_stream(self, reader: Reader, key: str, progress: Progress | None = None) -> ObjectInfo:
         # Given no length, the SDK reads the stream a block at a time and stages up to `max_concurrency` blocks
         # at once, each held in memory until sent. If the reader raises, nothing is committed: the blob is as
-        # it was, and the staged blocks go with the next commit to it (the whole-file upload that follows) or,
-        # unused, after a week.
+        # it was, and the blocks staged meanwhile are discarded (`_discard_staged`).
         threads = max(1, min(self._concurrency, STREAM_PARTS_IN_MEMORY - 1))  # (and one block being read)
+        blob = self._blob(key)
         try:
-            self._blob(key).upload_blob(reader, length=None, overwrite=True, max_concurrency=threads)
+            before = self._stream_base(blob)
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
+        try:
+            blob.upload_blob(reader, length=None, overwrite=True, max_concurrency=threads, **_hook(progress))
+        except _CAUGHT as exc:
+            self._discard_staged(blob, before)
+            raise _translate(exc, self._url(key)) from None
         except Exception as exc:  # the reader abandoned the upload
+            self._discard_staged(blob, before)
             raise StorageError(f"{self._url(key)}: upload stopped: {_reason(exc, None, None)}") from None
         return self.stat(key)
+
+    def _stream_base(self, blob: BlobClient) -> BlobProperties | None:
+        """What a stream into `blob` starts from: None if the blob does not exist, else its properties.
+
+        Refused (Unsupported: the file is uploaded whole at close) when the blob exists without a committed
+        block list (written by one Put Blob): blocks staged into it could not be discarded again without
+        rewriting its content.
+        """
+        try:
+            props = blob.get_blob_properties()
+        except ResourceNotFoundError:
+            return None
+        if not blob.get_block_list("committed")[0]:
+            raise Unsupported(f"{blob.blob_name}: written whole; uploaded whole again")
+        return props
+
+    def _discard_staged(self, blob: BlobClient, before: BlobProperties | None) -> None:
+        """Drop the blocks an abandoned stream staged. Azure keeps uncommitted blocks until the blob's next
+        commit or for a week; a commit of the blob's own block list (content, properties and metadata as they
+        were; only if nobody changed the blob meanwhile) drops them, and so does deleting a blob that has
+        nothing committed."""
+        try:
+            committed, uncommitted = blob.get_block_list("all")
+            if not uncommitted:
+                return
+            if before is None:
+                try:
+                    blob.get_blob_properties()
+                    return  # committed meanwhile (by another writer, or by us after all): not ours to drop
+                except ResourceNotFoundError:
+                    blob.delete_blob()
+                return
+            blob.commit_block_list(
+                [BlobBlock(block_id=b.id) for b in committed], content_settings=before.content_settings,
+                metadata=before.metadata, etag=before.etag, match_condition=MatchConditions.IfNotModified,
+            )
+        except _CAUGHT as exc:  # left for Azure to collect; the blob itself is as it was
+            log.info("%s: staged blocks left for Azure to discard: %s", blob.blob_name, _reason(exc, None, None))
 
     @retry()
     def delete(self, key: str) -> None:
@@ -222,8 +281,11 @@ class AzureBackend(Backend):
         return f"{self.url_prefix}/{key}" if key else self.url_prefix
 
 
-def _service_client(cfg: AzureContainer) -> BlobServiceClient:
+def _service_client(cfg: AzureContainer, timeouts: Timeouts) -> BlobServiceClient:
     options: dict[str, Any] = {
+        # The SDK waits 20 s to connect and 60 s for each read.
+        "connection_timeout": timeouts.connect,
+        "read_timeout": timeouts.read,
         # The SDK default (15 s first backoff, 3 retries) stalls a FUSE read for a minute; retry sooner.
         "retry_total": 3,
         "initial_backoff": 1,
@@ -233,6 +295,9 @@ def _service_client(cfg: AzureContainer) -> BlobServiceClient:
         "max_single_get_size": BLOCK_SIZE,
         "max_chunk_get_size": BLOCK_SIZE,
     }
+    if request_log.isEnabledFor(logging.DEBUG):  # called once per attempt, after the SDK's retry policy
+        options["raw_request_hook"] = _request_sent
+        options["raw_response_hook"] = _response_received
     try:
         if cfg.connection_string:
             return BlobServiceClient.from_connection_string(cfg.connection_string, **options)
@@ -241,6 +306,25 @@ def _service_client(cfg: AzureContainer) -> BlobServiceClient:
     except ValueError:
         # The SDK's message may quote the connection string; name only the account.
         raise ConfigError(f"invalid Azure connection settings for account {cfg.account_name!r}") from None
+
+
+def _hook(progress: Progress | None) -> dict[str, Any]:
+    """upload_blob's keyword for a progress callback (called with the bytes sent so far, and the total)."""
+    return {} if progress is None else {"progress_hook": lambda _current, _total: progress()}
+
+
+def _request_sent(request: Any) -> None:
+    request.context["clearmlfs_started"] = time.monotonic()
+
+
+def _response_received(response: Any) -> None:
+    request, http = response.http_request, response.http_response
+    size = http.headers.get("Content-Length")
+    log_request(
+        request.method, request.url, http.status_code, int(size) if size and size.isdigit() else None,
+        time.monotonic() - response.context.get("clearmlfs_started", time.monotonic()),
+        request.headers.get("x-ms-range") or request.headers.get("Range") or "",
+    )
 
 
 def _wait_for_copy(dst: BlobClient, status: str, copy_id: str, url: str) -> BlobProperties:
@@ -290,7 +374,7 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
     if isinstance(exc, _TRANSPORT_FAILURES):
         return Transient(f"{url}: {reason}")
     if isinstance(exc, OSError) and exc.errno is not None:
-        return _local_error(exc, url)
+        return local_error(exc, url)
     return StorageError(f"{url}: {reason}")
 
 
@@ -319,8 +403,3 @@ def _reason(exc: BaseException, status: Any, code: Any) -> str:
     first = _SECRETS.sub("<redacted>", lines[0])[:200] if lines else ""
     return ", ".join([type(exc).__name__] + [str(p) for p in (status, code, first) if p])
 
-
-def _local_error(exc: OSError, url: str) -> ClearmlfsError:
-    if exc.errno == errno.ENOSPC:  # while writing the destination file
-        return NoSpace(f"{url}: no space left on the local disk")
-    return StorageError(f"{url}: {exc.strerror or type(exc).__name__}")

@@ -12,10 +12,14 @@ its SDK's errors in one function (`_translate`) and says which are transient;
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
+import http.client
 import logging
 import os
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -23,9 +27,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
 
-from ..errors import Transient, Unsupported
+import requests
+import urllib3
+
+from ..errors import ClearmlfsError, NoSpace, StorageError, Transient, Unsupported
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("clearmlfs.requests")  # one line per remote request, at debug level
+
+# What a connection that failed or was cut off looks like, whichever SDK made the request: refused or reset
+# connections, timeouts, and bodies that ended before their Content-Length (urllib3's ProtocolError and
+# IncompleteRead, requests' ChunkedEncodingError, http.client's IncompleteRead). Each backend adds its own
+# SDK's wrappers of these; all of them are transient.
+TRANSPORT_FAILURES: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    http.client.HTTPException,
+    urllib3.exceptions.HTTPError,
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+)
 
 STREAM_PARTS_IN_MEMORY = 8  # parts (blocks) an `upload_stream` holds in memory at most: 64 MiB of 8 MiB ones
 
@@ -47,6 +69,9 @@ class Prefix:
     key: str
 
 
+Progress = Callable[[], None]
+
+
 class Reader(Protocol):
     """What `Backend.upload_stream` reads from."""
 
@@ -66,6 +91,7 @@ class Backend(ABC):
     # billed) until someone aborts it. Only S3 has such uploads (Azure drops uncommitted blocks after a
     # week, GCS its unfinished resumable uploads likewise).
     multipart_watch: Callable[[str, str | None], None] | None = None
+    reports_progress: bool = False  # whether `upload` and `upload_stream` call their `progress` as bytes go out
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo:
@@ -96,7 +122,7 @@ class Backend(ABC):
         data = self.read(key, start, length, etag)
         if len(data) != length:
             raise Transient(f"{self.url_prefix}/{key}: short read ({len(data)} of {length} bytes at {start})")
-        os.pwrite(fd, data, start)
+        pwrite_all(fd, data, start)
         if progress is not None:
             progress(length)
 
@@ -119,10 +145,13 @@ class Backend(ABC):
         """Write the whole object to `dest` (created or truncated), with the SDK's parallel transfer."""
 
     @abstractmethod
-    def upload(self, src: Path, key: str) -> ObjectInfo:
-        """Store the file `src` as `key`; multipart/parallel where the provider and settings allow."""
+    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
+        """Store the file `src` as `key`; multipart/parallel where the provider and settings allow.
 
-    def upload_stream(self, reader: Reader, key: str) -> ObjectInfo:
+        `progress()` is called whenever bytes were sent, where `reports_progress` says the SDK tells.
+        """
+
+    def upload_stream(self, reader: Reader, key: str, progress: Progress | None = None) -> ObjectInfo:
         """Store as `key` what `reader` yields until it returns b'', uploading parts while it is being produced.
 
         `reader.read(n)` may block until n bytes exist, and raises to abandon the upload, which must then leave
@@ -171,6 +200,73 @@ def paged(fetch_page: Callable[[str | None], Page]) -> Iterator[ObjectInfo | Pre
             return
 
 
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """Write all of `data` at `offset`: a nearly full disk takes part of a write, and says ENOSPC only when
+    asked for the rest (which then raises)."""
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+def local_error(exc: OSError, url: str) -> ClearmlfsError:
+    """An error of the local disk met during a transfer (writing the cache file): a full disk is NoSpace,
+    which the cache answers by evicting; anything else fails the request as it is."""
+    if exc.errno == errno.ENOSPC:
+        return NoSpace(f"{url}: no space left on the cache disk")
+    return StorageError(f"{url}: {exc.strerror or type(exc).__name__}")
+
+
+# Query parameters whose values a request log may show; every other value (SAS tokens, signatures, credentials,
+# continuation tokens) is replaced by "…".
+_SHOWN_PARAMS = frozenset({
+    "name", "prefix", "delimiter", "uploadType", "uploadId", "partNumber", "comp", "restype", "list-type",
+    "max-keys", "maxresults", "blockid", "blocklisttype", "alt", "generation", "ifGenerationMatch",
+})
+
+
+def loggable_url(url: str) -> str:
+    """`url` with the values of its query parameters hidden, but for the few that are plainly not secret."""
+    base, _, query = url.partition("?")
+    if not query:
+        return base
+    shown = []
+    for item in query.split("&"):
+        name, eq, _ = item.partition("=")
+        shown.append(item if name in _SHOWN_PARAMS else name + ("=…" if eq else ""))
+    return f"{base}?{'&'.join(shown)}"
+
+
+def log_request(method: str, url: str, status: int | str, size: int | None, seconds: float, span: str = "") -> None:
+    """One debug line per remote request."""
+    request_log.debug(
+        "%s %s%s -> %s, %s bytes, %.1f ms", method, loggable_url(url), f" [{span}]" if span else "", status,
+        "?" if size is None else size, seconds * 1000,
+    )
+
+
+# -- time budgets ---------------------------------------------------------------------------------------
+# A call made for a FUSE operation has a deadline: `retry` never waits past it, so a stalled server costs the
+# caller one budget, not attempts x timeouts. Set per thread, by whoever hands the call to the thread.
+_deadline = threading.local()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Calls made in this thread inside the block give up retrying `seconds` from now (None: no deadline)."""
+    before = getattr(_deadline, "at", None)
+    _deadline.at = None if seconds is None else time.monotonic() + seconds
+    try:
+        yield
+    finally:
+        _deadline.at = before
+
+
+def _time_left() -> float | None:
+    at: float | None = getattr(_deadline, "at", None)
+    return None if at is None else at - time.monotonic()
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -178,7 +274,7 @@ R = TypeVar("R")
 def retry(
     attempts: int = 5, base_delay: float = 0.2, max_delay: float = 5.0
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Retry a backend call on `Transient`, with jittered exponential backoff.
+    """Retry a backend call on `Transient`, with jittered exponential backoff, within the thread's deadline.
 
     SDK-level retries already cover most transient HTTP failures; this catches what
     they let through (short bodies, errors mid-transfer) and gives every backend the
@@ -195,6 +291,9 @@ def retry(
                     if attempt == attempts:
                         raise
                     delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+                    left = _time_left()
+                    if left is not None and left < delay:
+                        raise
                     log.debug("%s failed (%s); retry %d/%d in %.2fs", fn.__name__, exc, attempt, attempts, delay)
                     time.sleep(delay)
             raise AssertionError("unreachable")

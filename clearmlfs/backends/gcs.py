@@ -7,8 +7,6 @@ With STORAGE_EMULATOR_HOST set the client talks to an emulator with anonymous cr
 
 from __future__ import annotations
 
-import errno
-import http.client
 import logging
 import os
 import re
@@ -18,7 +16,6 @@ from typing import Any
 
 import google.auth.exceptions
 import requests
-import urllib3
 from google.api_core import exceptions as api
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
@@ -26,21 +23,31 @@ from google.cloud.storage import transfer_manager
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from ..config import GCSBucket
+from ..config import DEFAULT_TIMEOUTS, GCSBucket, Timeouts
 from ..errors import (
     AccessDenied,
     AlreadyExists,
     Changed,
     ClearmlfsError,
     ConfigError,
-    NoSpace,
     NotFound,
     StorageError,
     Transient,
     Unsupported,
 )
 from ..urls import parse_url
-from .base import Backend, ObjectInfo, Prefix, paged, retry
+from .base import (
+    TRANSPORT_FAILURES,
+    Backend,
+    ObjectInfo,
+    Prefix,
+    Progress,
+    local_error,
+    log_request,
+    paged,
+    request_log,
+    retry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +63,15 @@ _CAUGHT: tuple[type[BaseException], ...] = (
     InvalidResponse,
     DataCorruption,
     requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    http.client.HTTPException,
+    *TRANSPORT_FAILURES,
     OSError,
 )
-# Connection refused/reset, timeouts, short bodies, a checksum mismatch on download.
+# Connection refused/reset, timeouts, short bodies, a checksum mismatch on download, as the SDK wraps them.
 _TRANSPORT_FAILURES: tuple[type[BaseException], ...] = (
     api.RetryError,
     google.auth.exceptions.TransportError,
     DataCorruption,
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.HTTPError,
-    http.client.IncompleteRead,
-    ConnectionError,
-    TimeoutError,
+    *TRANSPORT_FAILURES,
 )
 
 # One page of a listing (a module-level alias: inside the classes `list` names the method).
@@ -82,13 +82,16 @@ class GCSBackend(Backend):
     """One GCS bucket."""
 
     def __init__(
-        self, cfg: GCSBucket, bucket: str, *, max_concurrency: int = 8, page_size: int | None = None
+        self, cfg: GCSBucket, bucket: str, *, max_concurrency: int = 8, page_size: int | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.url_prefix = f"gs://{bucket}"
         # Not here: a bucket that keeps old versions serves a pinned generation after it is overwritten.
         self.pinned_read_is_current = False
         self._concurrency = max(1, max_concurrency)
         self._page_size = page_size  # None: the service default (1000)
+        # (connect, read) for every request: the SDK's default waits 60 s for each.
+        self._timeout = (timeouts.connect, timeouts.read)
         self._client = _client(cfg, self._concurrency)
         self._bucket = self._client.bucket(bucket)
         self._xml_multipart = True  # cleared once the server refuses XML multipart uploads (emulators)
@@ -110,7 +113,9 @@ class GCSBackend(Backend):
         generation = int(etag) if etag and etag.isdigit() else None
         try:
             blob = self._bucket.blob(key, generation=generation)
-            return blob.download_as_bytes(start=start, end=end, if_generation_match=generation, retry=_RETRY)
+            return blob.download_as_bytes(
+                start=start, end=end, if_generation_match=generation, retry=_RETRY, timeout=self._timeout
+            )
         except api.RequestRangeNotSatisfiable:
             return b""  # start at or past the end
         except api.PreconditionFailed:
@@ -130,13 +135,13 @@ class GCSBackend(Backend):
                     blob,
                     str(dest),
                     chunk_size=CHUNK_SIZE,
-                    download_kwargs={"retry": _RETRY},
+                    download_kwargs={"retry": _RETRY, "timeout": self._timeout},
                     worker_type=transfer_manager.THREAD,
                     max_workers=self._concurrency,
                     crc32c_checksum=True,
                 )
             else:
-                blob.download_to_filename(str(dest), retry=_RETRY)
+                blob.download_to_filename(str(dest), retry=_RETRY, timeout=self._timeout)
         except api.NotFound:
             # The generation we pinned vanished: the object was overwritten or deleted mid-download.
             raise Transient(f"{self._url(key)}: changed during download") from None
@@ -145,16 +150,17 @@ class GCSBackend(Backend):
         return info
 
     @retry()
-    def upload(self, src: Path, key: str) -> ObjectInfo:
+    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
         size = src.stat().st_size  # a missing source is the caller's OSError, not a storage error
         blob = self._bucket.blob(key, chunk_size=CHUNK_SIZE if size > CHUNK_SIZE else None)
         try:
             if size >= PARALLEL_THRESHOLD and self._upload_parallel(src, blob):
-                blob.reload(retry=_RETRY)  # the transfer manager does not fill in the new metadata
+                # The transfer manager does not fill in the new metadata.
+                blob.reload(retry=_RETRY, timeout=self._timeout)
             else:
                 # An explicit retry: by default the SDK retries uploads only with if_generation_match, but
                 # rewriting the whole object under a fixed name is idempotent.
-                blob.upload_from_filename(str(src), retry=_RETRY)
+                blob.upload_from_filename(str(src), retry=_RETRY, timeout=self._timeout)
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         return _info(blob)
@@ -162,7 +168,7 @@ class GCSBackend(Backend):
     @retry()
     def delete(self, key: str) -> None:
         try:
-            self._bucket.blob(key).delete(retry=_RETRY)
+            self._bucket.blob(key).delete(retry=_RETRY, timeout=self._timeout)
         except api.NotFound:
             pass  # already gone (or a retried delete that had succeeded)
         except _CAUGHT as exc:
@@ -171,7 +177,9 @@ class GCSBackend(Backend):
     @retry()
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
         try:
-            copied = self._bucket.copy_blob(self._bucket.blob(src_key), self._bucket, dst_key, retry=_RETRY)
+            copied = self._bucket.copy_blob(
+                self._bucket.blob(src_key), self._bucket, dst_key, retry=_RETRY, timeout=self._timeout
+            )
         except _CAUGHT as exc:
             raise _translate(exc, self._url(src_key)) from None
         return _info(copied)
@@ -182,7 +190,7 @@ class GCSBackend(Backend):
     # -- helpers ----------------------------------------------------------------------------------
     def _existing(self, key: str) -> storage.Blob:
         try:
-            blob = self._bucket.get_blob(key, retry=_RETRY)
+            blob = self._bucket.get_blob(key, retry=_RETRY, timeout=self._timeout)
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         if blob is None:
@@ -201,6 +209,7 @@ class GCSBackend(Backend):
                 worker_type=transfer_manager.THREAD,
                 max_workers=self._concurrency,
                 retry=_RETRY,
+                timeout=self._timeout,
             )
         except InvalidResponse as exc:
             if _status(exc) != 501:
@@ -222,6 +231,7 @@ class GCSBackend(Backend):
                 page_size=self._page_size,
                 page_token=token,
                 retry=_RETRY,
+                timeout=self._timeout,
             )
             page = next(iterator.pages, None)
             if page is None:
@@ -243,7 +253,18 @@ def _client(cfg: GCSBucket, concurrency: int) -> storage.Client:
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(10, concurrency + 2))
     for scheme in ("https://", "http://"):
         client._http.mount(scheme, adapter)
+    if request_log.isEnabledFor(logging.DEBUG):
+        client._http.hooks["response"].append(_response_received)
     return client
+
+
+def _response_received(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    size = response.headers.get("Content-Length")
+    request = response.request
+    log_request(
+        str(request.method), response.url, response.status_code, int(size) if size and size.isdigit() else None,
+        response.elapsed.total_seconds(), str(request.headers.get("Range", "")),
+    )
 
 
 def _bare_client(cfg: GCSBucket) -> storage.Client:
@@ -301,9 +322,7 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
     if isinstance(exc, _TRANSPORT_FAILURES):
         return Transient(f"{url}: {reason}")
     if isinstance(exc, OSError) and exc.errno is not None:
-        if exc.errno == errno.ENOSPC:  # while writing the destination file
-            return NoSpace(f"{url}: no space left on the local disk")
-        return StorageError(f"{url}: {exc.strerror or type(exc).__name__}")
+        return local_error(exc, url)
     return StorageError(f"{url}: {reason}")
 
 

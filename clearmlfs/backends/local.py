@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import AccessDenied, ClearmlfsError, NoSpace, NotFound, StorageError
-from .base import Backend, ObjectInfo, Prefix
+from .base import Backend, ObjectInfo, Prefix, Progress
 
 
 def _translate(exc: OSError, path: str) -> ClearmlfsError:
@@ -83,7 +83,7 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise _translate(exc, path) from None
 
-    def upload(self, src: Path, key: str) -> ObjectInfo:
+    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
         path = self._path(key)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -13,6 +13,7 @@ import email.utils
 import io
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,26 @@ import botocore.utils
 from boto3.s3.transfer import S3Transfer, TransferConfig, create_transfer_manager
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
+from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import OSUtils, ReadFileChunk
 
 from .. import __version__
-from ..config import S3Credentials, S3Settings
+from ..config import DEFAULT_TIMEOUTS, S3Credentials, S3Settings, Timeouts
 from ..errors import AccessDenied, Changed, ClearmlfsError, NotFound, StorageError, Transient
-from .base import STREAM_PARTS_IN_MEMORY, Backend, ObjectInfo, Prefix, Reader, retry
+from .base import (
+    STREAM_PARTS_IN_MEMORY,
+    TRANSPORT_FAILURES,
+    Backend,
+    ObjectInfo,
+    Prefix,
+    Progress,
+    Reader,
+    local_error,
+    log_request,
+    pwrite_all,
+    request_log,
+    retry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +72,9 @@ _TRANSIENT_EXC = (
     botocore.exceptions.HTTPClientError,  # includes ReadTimeoutError
     botocore.exceptions.IncompleteReadError,
     botocore.exceptions.ResponseStreamingError,
+    *TRANSPORT_FAILURES,  # a body cut off while read (urllib3's ProtocolError), also on the plain-GET path
 )
+SDK_ATTEMPTS = 3  # botocore's, per request; `retry` adds its own around them, within the caller's deadline
 
 
 def _translate(exc: BaseException, url: str) -> ClearmlfsError:
@@ -77,8 +94,10 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
         return StorageError(f"{url}: {code or status}: {cause.response.get('Error', {}).get('Message', '')}")
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return AccessDenied(f"{url}: no S3 credentials configured (sdk.aws.s3 key/secret or the AWS chain)")
-    if isinstance(exc, _TRANSIENT_EXC) or isinstance(exc, (ConnectionError, TimeoutError)):
+    if isinstance(exc, _TRANSIENT_EXC):
         return Transient(f"{url}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError):
+        return local_error(exc, url)
     return StorageError(f"{url}: {type(exc).__name__}: {exc}")
 
 
@@ -110,7 +129,7 @@ def _timestamp(value: str) -> datetime.datetime:
         return botocore.utils.parse_timestamp(value)
 
 
-def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
+def make_client(creds: S3Credentials, settings: S3Settings, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Any:
     """A boto3 S3 client for one credentials entry (endpoint, TLS, pool size from clearml.conf)."""
     session = boto3.session.Session(
         aws_access_key_id=creds.key or None,
@@ -122,8 +141,11 @@ def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
     session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
     options: dict[str, Any] = {
         "max_pool_connections": settings.pool_connections,
-        "retries": {"max_attempts": 6, "mode": "standard"},
+        "retries": {"max_attempts": SDK_ATTEMPTS, "mode": "standard"},
         "signature_version": "s3v4",
+        # botocore waits 60 s for each; a stalled server would hold a caller for minutes.
+        "connect_timeout": timeouts.connect,
+        "read_timeout": timeouts.read,
     }
     if creds.host:
         # Compatible servers: path-style buckets, and no flexible-checksum trailers, which many do not speak.
@@ -136,7 +158,34 @@ def make_client(creds: S3Credentials, settings: S3Settings) -> Any:
     client.get_paginator("list_objects_v2")
     for operation in ("HeadObject", "GetObject", "ListObjectsV2", "PutObject"):
         client.meta.service_model.operation_model(operation)
+    if request_log.isEnabledFor(logging.DEBUG):
+        client.meta.events.register("before-call.s3", _call_started)
+        client.meta.events.register("after-call.s3", _call_ended)
+        client.meta.events.register("after-call-error.s3", _call_failed)
     return client
+
+
+def _call_started(model: Any, params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+    context["clearmlfs_started"] = time.monotonic()
+    context["clearmlfs_operation"] = model.name
+    context["clearmlfs_range"] = params.get("headers", {}).get("Range", "")
+    context["clearmlfs_url"] = params.get("url", "")
+
+
+def _call_ended(http_response: Any, model: Any, context: dict[str, Any], **_: Any) -> None:
+    size = http_response.headers.get("Content-Length")
+    log_request(
+        model.http.get("method", model.name), http_response.url, http_response.status_code,
+        int(size) if size and size.isdigit() else None,
+        time.monotonic() - context.get("clearmlfs_started", time.monotonic()), context.get("clearmlfs_range", ""),
+    )
+
+
+def _call_failed(exception: BaseException, context: dict[str, Any], **_: Any) -> None:
+    log_request(
+        context.get("clearmlfs_operation", "?"), context.get("clearmlfs_url", ""), type(exception).__name__, None,
+        time.monotonic() - context.get("clearmlfs_started", time.monotonic()), context.get("clearmlfs_range", ""),
+    )
 
 
 def _stream_config(transfer: TransferConfig) -> TransferConfig:
@@ -256,9 +305,16 @@ class PlainGet:
         headers = {"User-Agent": USER_AGENT}
         if unless_etag:
             headers["If-None-Match"] = f'"{unless_etag}"'
-        request = AWSRequest("GET", self._base + quote(key, safe="/~"), headers=headers, stream_output=True)
+        url = self._base + quote(key, safe="/~")
+        request = AWSRequest("GET", url, headers=headers, stream_output=True)
         S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self._region).add_auth(request)
-        return self._http.send(request.prepare())
+        started = time.monotonic()
+        response = self._http.send(request.prepare())
+        if request_log.isEnabledFor(logging.DEBUG):
+            size = response.headers.get("Content-Length")
+            log_request("GET", url, response.status_code, int(size) if size and size.isdigit() else None,
+                        time.monotonic() - started)
+        return response
 
 
 def list_buckets(client: Any, host: str) -> list[str]:
@@ -269,13 +325,31 @@ def list_buckets(client: Any, host: str) -> list[str]:
         raise _translate(exc, f"s3://{host}") from None
 
 
+def _ticks(progress: Progress | None) -> Callable[[int], None] | None:
+    return None if progress is None else (lambda _sent: progress())
+
+
+class _Sent(BaseSubscriber):  # type: ignore[misc]
+    """Tells `progress` whenever the transfer manager sent bytes of a stream's parts."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self._progress()
+
+
 class S3Backend(Backend):
-    def __init__(self, creds: S3Credentials, settings: S3Settings, bucket: str, client: Any = None) -> None:
+    reports_progress = True
+    def __init__(
+        self, creds: S3Credentials, settings: S3Settings, bucket: str, client: Any = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+    ) -> None:
         self.bucket = bucket
         netloc = f"{creds.host}/{bucket}" if creds.host else bucket
         self.url_prefix = f"s3://{netloc}"
         self._owns_client = client is None
-        self._client = client or make_client(creds, settings)
+        self._client = client or make_client(creds, settings, timeouts)
         self._transfer = TransferConfig(
             multipart_threshold=settings.multipart_threshold if creds.multipart else SINGLE_PUT_LIMIT,
             multipart_chunksize=settings.multipart_chunksize,
@@ -365,7 +439,7 @@ class S3Backend(Backend):
         try:
             body = self._get(key, start, length, etag)["Body"]
             for piece in body.iter_chunks(READ_PIECE):
-                offset += os.pwrite(fd, piece, offset)
+                offset += pwrite_all(fd, piece, offset)
                 if progress is not None and offset < start + length:  # the caller learns of the end anyway
                     progress(offset - start)
         except Exception as exc:
@@ -431,7 +505,7 @@ class S3Backend(Backend):
         offset = 0
         try:
             for piece in pieces:
-                offset += os.pwrite(fd, piece, offset)
+                offset += pwrite_all(fd, piece, offset)
         except Exception as exc:
             close()
             raise _translate(exc, self._url(info.key)) from None
@@ -452,19 +526,19 @@ class S3Backend(Backend):
         return info
 
     @retry()
-    def upload(self, src: Path, key: str) -> ObjectInfo:
+    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
         try:
             # client.upload_file, but with request bodies that never end short of their Content-Length.
             with (
                 self._multipart_ends(key),
                 S3Transfer(self._client, self._transfer, osutil=_Bodies()) as transfer,
             ):
-                transfer.upload_file(str(src), self.bucket, key)
+                transfer.upload_file(str(src), self.bucket, key, callback=_ticks(progress))
         except Exception as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)
 
-    def upload_stream(self, reader: Reader, key: str) -> ObjectInfo:
+    def upload_stream(self, reader: Reader, key: str, progress: Progress | None = None) -> ObjectInfo:
         # The transfer manager reads a non-seekable source part by part and uploads the parts in parallel;
         # if the reader raises, it aborts the multipart upload (failure cleanup), so nothing is left behind.
         try:
@@ -472,7 +546,8 @@ class S3Backend(Backend):
                 self._multipart_ends(key),
                 create_transfer_manager(self._client, self._stream_transfer, osutil=_Bodies()) as manager,
             ):
-                manager.upload(reader, self.bucket, key).result()
+                subscribers = [] if progress is None else [_Sent(progress)]
+                manager.upload(reader, self.bucket, key, subscribers=subscribers).result()
         except Exception as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)

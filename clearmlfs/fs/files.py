@@ -18,9 +18,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyfuse3
+import trio
+
 from ..backends import ObjectInfo
 from ..cache import CacheContext, Pin
-from ..errors import ReadOnly, StorageError
+from ..errors import NoSpace, ReadOnly, StorageError, TimedOut, to_errno
 from .inodes import Kind, Node
 from .namespace import Namespace
 from .passthrough import DropBehind, Passthrough
@@ -28,7 +31,7 @@ from .small import SmallFiles
 from .stream import Download, Downloads
 from .upload import Stream
 from .workers import Workers
-from .writeback import WriteBack, fd_path
+from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,9 @@ class OpenFile:
     appended: int | None = None
     stream_from: int = 0
     stream: Stream | None = None
+    # The errno of a write (or truncate) that failed: the file holds part of what was written, so nothing of
+    # it may be uploaded. Every later write, flush and fsync of the handle fails with it.
+    failed: int = 0
 
 
 class OpenFiles:
@@ -134,13 +140,19 @@ class OpenFiles:
         keep_cache = self._keep_cache(node)
         writable = bool(flags & WRITE_FLAGS)
         path = await self.workers.metadata(self.cache.lookup, node.url, info)
+        if path is not None and not self.writeback.local_changes(node.url):
+            node.cached_etag = node.etag
         if path is None and not writable:
             download = await self.downloads.attach(node.url, backend, info)
             if download is not None:
                 return self._streaming(node, download, keep_cache)
 
         async def fetch() -> Path:  # to write into it, or while another process downloads it: the whole file
-            return await self.workers.transfer(self.cache.fetch, node.url, backend, key, info)
+            fetched = await self.workers.transfer(
+                self.cache.fetch, node.url, backend, key, info, retry_for=self.workers.timeouts.operation
+            )
+            node.cached_etag = node.etag
+            return fetched
 
         handle = await self._open_prepared(node, flags, path or await fetch(), fetch)
         handle.keep_cache = keep_cache
@@ -159,7 +171,10 @@ class OpenFiles:
         return self._open_cached(node, path, flags)
 
     async def _open_small(self, node: Node, flags: int) -> OpenFile | None:
-        path = await self.small.current(node)
+        try:
+            path = await self.small.current(node)
+        except NoSpace:  # the general path can serve it without keeping it
+            return None
         if path is None:
             return None
         try:
@@ -246,7 +261,10 @@ class OpenFiles:
             return await self.workers.transfer(os.pread, handle.fd, size, offset)
         view = None
         if handle.download is not None and not handle.download.done.is_set():
-            await self.downloads.read(handle.download, offset, size)
+            try:
+                await self.downloads.read(handle.download, offset, size)
+            except NoSpace:  # the cache disk cannot take the rest: serve it straight from the server
+                return await self.downloads.read_uncached(handle.download, offset, size)
             view = handle.download.view(offset, size)
         if handle.behind is not None:
             self.passthrough.drop_behind(handle.node.inode, handle.behind, offset, size, handle.node.size)
@@ -256,8 +274,13 @@ class OpenFiles:
         handle = self._handles[fh]
         if not handle.url:
             return await self.workers.transfer(os.pwrite, handle.fd, data, offset)
-        await self._make_dirty(handle)
-        written = os.pwrite(handle.fd, data, offset)
+        self._check_not_failed(handle)
+        try:
+            await self._make_dirty(handle)
+            written = await self._with_room(len(data), os.pwrite, handle.fd, data, offset)
+        except (OSError, StorageError) as exc:
+            await self._poison(handle, exc)
+            raise
         handle.node.size = max(handle.node.size, offset + written)
         if handle.appended is not None:
             self._appended(handle, offset, written)
@@ -265,12 +288,53 @@ class OpenFiles:
 
     async def truncate(self, fh: int, size: int) -> None:
         handle = self._handles[fh]
-        if handle.url:
+        if not handle.url:
+            os.ftruncate(handle.fd, size)
+            return
+        self._check_not_failed(handle)
+        try:
             await self._make_dirty(handle)
             if size != handle.appended:
                 self._stop_streaming(handle, "truncated")
-        os.ftruncate(handle.fd, size)
+            await self._with_room(max(0, size - handle.node.size), os.ftruncate, handle.fd, size)
+        except (OSError, StorageError) as exc:
+            await self._poison(handle, exc)
+            raise
         handle.node.size = size
+
+    async def _with_room(self, needed: int, fn: Callable[..., int | None], *args: object) -> int | None:
+        """`fn(*args)`, a write into a cache file; if the cache disk is full, once more after evicting what
+        nobody uses (`CacheContext.make_room`)."""
+        try:
+            return fn(*args)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or not await self.workers.metadata(self.cache.make_room, needed):
+                raise
+        return fn(*args)
+
+    @staticmethod
+    def _check_not_failed(handle: OpenFile) -> None:
+        if handle.failed:
+            raise OSError(handle.failed, "an earlier write to this file failed; nothing of it was uploaded")
+
+    async def _poison(self, handle: OpenFile, exc: BaseException) -> None:
+        """A write into `handle`'s cache file failed: the file now holds part of what its writers meant. Every
+        writer of it fails from now on, its upload while written is aborted, nothing is uploaded, and the
+        cached copy is dropped (the server's object, untouched, is the content again)."""
+        log.error("%s: a write failed (%s): nothing written through this file is uploaded", handle.url, exc)
+        code = to_errno(exc)
+        for other in self._handles.values():
+            if other.url == handle.url and other.writer:
+                other.failed, other.dirty = other.failed or code, False
+                self._stop_streaming(other, "a write failed")
+        self.writeback.pending.discard(handle.url)
+        self.writeback.busy.discard(handle.url)
+        await self.workers.metadata(self.cache.forget, handle.url)  # our descriptors keep the file meanwhile
+        node = handle.node
+        node.checked, node.kernel_etag = 0.0, ""  # the next open asks the server again
+        if not node.etag:  # never uploaded: it does not exist any more, for the kernel's lookups too
+            self.ns.table.remove(node)
+            pyfuse3.invalidate_entry_async(node.parent, os.fsencode(node.name), ignore_enoent=True)
 
     async def _make_dirty(self, handle: OpenFile) -> None:
         if not handle.dirty:
@@ -314,20 +378,25 @@ class OpenFiles:
 
     # -- flush / release ---------------------------------------------------------------------------
     async def flush(self, fh: int) -> None:
-        """Upload a dirty file; failure (after the backend's retries) reaches close(2) as EIO."""
+        """Upload a dirty file; failure (after the backend's retries) reaches close(2) as EIO, and an upload
+        that stops moving as ETIMEDOUT (it goes on in the background)."""
         handle = self._handles[fh]
         if not handle.url:
             return
+        if handle.failed:
+            await self._end_stream(handle)
+            self._check_not_failed(handle)
         if not handle.dirty:
             return
         # A streaming upload ends here with what was written so far; if the handle goes on appending, the
         # next part of the file starts a new one (from byte 0: an object cannot be appended to).
         stream, handle.stream = handle.stream, None
         try:
-            info = await self.writeback.upload(handle.url, fd_path(handle.fd), stream)
+            info = await self.writeback.upload(handle.url, handle.fd, stream)
         except StorageError as exc:
             log.error("upload of %s failed: %s (kept in the cache, will retry)", handle.url, exc)
-            raise OSError(errno.EIO, str(exc)) from None
+            # EIO, whatever the cause (as close(2) reports a failed write-back); a stalled one says so.
+            raise OSError(errno.ETIMEDOUT if isinstance(exc, TimedOut) else errno.EIO, str(exc)) from None
         handle.dirty = False
         # The page cache holds exactly what was uploaded, unless the writes bypassed it.
         handle.node.kernel_etag = "" if handle.direct_io else info.etag
@@ -342,6 +411,15 @@ class OpenFiles:
             return
         await self.flush(fh)
 
+    async def _end_stream(self, handle: OpenFile) -> None:
+        """Wait (within the operation budget) until `handle`'s aborted stream has aborted its upload on the
+        server too, so that a failed close leaves no unfinished multipart upload behind."""
+        stream, handle.stream = handle.stream, None
+        if stream is not None:
+            stream.file.abort("a write failed")
+            with trio.move_on_after(self.workers.timeouts.operation):
+                await stream.done.wait()
+
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         self._stop_streaming(handle, "closed")  # only without a flush (which ends the stream) before
@@ -353,6 +431,8 @@ class OpenFiles:
             # Its last ranges checked the version as a stat would: a re-open right after needs no stat.
             self.ns.confirm(handle.node, handle.download.info.etag, handle.download.confirmed)
             await self.downloads.detach(handle.download)
+            if handle.download.published:
+                handle.node.cached_etag = handle.download.info.etag
         if handle.pin is not None:
             handle.pin.release()
         if handle.dirty and not any(h.dirty and h.url == handle.url for h in self._handles.values()):

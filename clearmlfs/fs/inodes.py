@@ -38,6 +38,7 @@ class Node:
     kernel_etag: str = ""  # version of the content the kernel may hold in its page cache
     kernel_size: int = -1  # the size the kernel was last told (it bounds reads from its page cache)
     checked: float = 0.0  # time.monotonic() when size/mtime/etag came from the server
+    cached_etag: str = ""  # the version this mount last saw complete and clean in the cache
     children: dict[str, int] | None = None  # name → inode, from the last listing
     listed: float = 0.0  # time.monotonic() of that listing
     big: bool = False  # too many entries to list for a lookup

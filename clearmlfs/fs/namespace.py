@@ -11,22 +11,35 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
 from ..backends import Backend, BackendPool, ObjectInfo, Prefix
-from ..cache import CacheContext
+from ..cache import SERVED_OFFLINE, CacheContext
 from ..config import Settings
-from ..errors import AlreadyExists, CrossDevice, InvalidURL, NotEmpty, NotFound, StorageError, Unsupported
+from ..errors import (
+    AlreadyExists,
+    CrossDevice,
+    InvalidURL,
+    NotEmpty,
+    NotFound,
+    StorageError,
+    Unsupported,
+    unreachable,
+)
 from ..urls import parse_url
 from .inodes import InodeTable, Kind, Node
 from .workers import Workers
 from .writeback import WriteBack
+
+log = logging.getLogger(__name__)
 
 AZURE_SUFFIX = ".blob.core.windows.net"
 EMPTY = Path("/dev/null")  # the body of a directory marker
@@ -34,6 +47,13 @@ LOOKUP_LIST_CAP = 5000  # a lookup lists its parent when the parent holds no mor
 
 
 NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
+# After a bucket's server failed to answer, what is cached of it is served without asking it again for this
+# long: one stall costs a path walk one revalidation budget, not one per component.
+OFFLINE_HOLD = 10.0
+OFFLINE = object()  # `ask_or_cached`'s answer when the cached copy is to be served
+
+
+T = TypeVar("T")
 
 
 def valid_name(name: str) -> bool:
@@ -66,6 +86,8 @@ class Namespace:
         self.ttl = ttl  # object attributes (and so the ETag checked on open) are at most this old
         self.list_ttl = max(ttl, list_ttl)  # a listing answers readdir and positive lookups this long
         self._absent: dict[str, float] = {}  # url → time.monotonic() it was found missing
+        self._unreachable: dict[str, float] = {}  # bucket root URL → time.monotonic() its server last failed
+        self._warned: set[str] = set()  # URLs served offline and said so in the log
 
     # -- helpers -----------------------------------------------------------------------------------
     def locate(self, node: Node) -> tuple[Backend, str]:
@@ -87,6 +109,53 @@ class Namespace:
         """The server showed `node`'s object at version `etag` at `when` (time.monotonic())."""
         if node.etag == etag and when > node.checked:
             node.checked = when
+
+    # -- serving what is cached while the server cannot answer ---------------------------------------
+    def _root(self, url: str) -> str:
+        return parse_url(url).root
+
+    def _offline_now(self, url: str) -> bool:
+        return time.monotonic() - self._unreachable.get(self._root(url), -OFFLINE_HOLD) < OFFLINE_HOLD
+
+    async def _asking(self, url: str, have_copy: bool, fn: Callable[..., T], *args: object) -> T | object:
+        """`fn(*args)` in a thread, for `url`, of which something (`have_copy`) is cached and usable offline:
+        then within the revalidation budget, and OFFLINE instead of the error if the server cannot answer."""
+        usable = have_copy and self.settings.offline_reads
+        if usable and self._offline_now(url):
+            return OFFLINE
+        try:
+            result = await self.workers.metadata(
+                fn, *args, budget=self.workers.timeouts.revalidate if usable else None
+            )
+        except StorageError as exc:
+            if unreachable(exc):
+                self._unreachable[self._root(url)] = time.monotonic()
+                if usable:
+                    self._served_offline(url, exc)
+                    return OFFLINE
+            raise
+        if self._unreachable:
+            self._unreachable.pop(self._root(url), None)
+        return result
+
+    def _served_offline(self, url: str, exc: BaseException | None = None) -> None:
+        if url not in self._warned:
+            if len(self._warned) > 10_000:
+                self._warned.clear()
+            self._warned.add(url)
+            log.warning("%s: the server did not answer (%s): serving what is cached", url, exc or "offline")
+
+    async def ask_or_cached(self, node: Node, fn: Callable[..., T], *args: object) -> T | object:
+        """`fn(*args)`, a request that revalidates the object `node`; OFFLINE (the caller serves its cached copy)
+        when the server cannot answer and a complete, clean copy of `node`'s version is in the cache."""
+        have_copy = bool(node.etag) and node.cached_etag == node.etag
+        result = await self._asking(node.url, have_copy, fn, *args)
+        if result is OFFLINE:
+            info = ObjectInfo(node.url, node.size, node.mtime, node.etag)
+            if not await self.workers.metadata(self.cache.has_current, node.url, info):
+                raise StorageError(f"{node.url}: the server did not answer, and no current copy is cached")
+            await self.workers.metadata(self.cache.count, SERVED_OFFLINE)
+        return result
 
     # -- the configured levels ---------------------------------------------------------------------
     def _configured(self, node: Node) -> list[tuple[str, Kind, str]]:
@@ -194,13 +263,22 @@ class Namespace:
         url = parent.child_url(name)
         if self._fresh(self._absent.get(url, -self.ttl)):
             raise NotFound(url)  # asked again right away (shells and editors do): answer from memory
+        known = self.table.at(parent.child_path(name))
         try:
+            if known is not None and self.settings.offline_reads and self._offline_now(url):
+                self._served_offline(url)
+                return known
             return await self._fetch_entry(parent, name, url)
         except NotFound:
             self._absent[url] = time.monotonic()
             if len(self._absent) > 10_000:
                 self._absent.clear()
             raise
+        except StorageError as exc:
+            if known is None or not unreachable(exc) or not self.settings.offline_reads:
+                raise
+            self._served_offline(url, exc)
+            return known  # found before: its attributes stand until the server answers again
 
     def created(self, url: str) -> None:
         """Our own write made `url` exist: forget that it was missing."""
@@ -248,11 +326,18 @@ class Namespace:
         return [self.table[i] for i in node.children.values()]
 
     async def _list_objects(self, node: Node, cap: int | None = None) -> bool:
-        """List `node`'s prefix into its children; False (and nothing kept) if it has more than `cap` entries."""
+        """List `node`'s prefix into its children; False (and nothing kept) if it has more than `cap` entries.
+
+        A listing already held is kept as it is when the server cannot answer (offline reads)."""
         backend, key = self.locate(node)
         prefix = f"{key}/" if key else ""
         limit = None if cap is None else cap + 1
-        entries = await self.workers.metadata(lambda: list(itertools.islice(backend.list(prefix, "/"), limit)))
+        entries = await self._asking(
+            node.url, node.children is not None, lambda: list(itertools.islice(backend.list(prefix, "/"), limit))
+        )
+        if entries is OFFLINE:
+            return True
+        assert isinstance(entries, list)
         if cap is not None and len(entries) > cap:
             return False
         children: dict[str, int] = {}
@@ -302,7 +387,9 @@ class Namespace:
             await self._local_size(node)  # not on the server yet: the cache file is the content
         elif node.kind is Kind.FILE and not self.fresh(node):
             backend, key = self.locate(node)
-            self.set_object(node, await self.workers.metadata(backend.stat, key))
+            info = await self.ask_or_cached(node, backend.stat, key)
+            if isinstance(info, ObjectInfo):
+                self.set_object(node, info)
         return node
 
     # -- local (direct access) ---------------------------------------------------------------------
@@ -420,7 +507,11 @@ class Namespace:
         await self.workers.metadata(self.cache.move, node.url, new_url, "")
         self.pending.discard(node.url)
         self.pending.add(new_url)
-        return await self.writeback.upload(new_url, self.cache.path_for(new_url))
+        fd = await self.workers.metadata(os.open, self.cache.path_for(new_url), os.O_RDONLY)
+        try:
+            return await self.writeback.upload(new_url, fd)
+        finally:
+            os.close(fd)
 
 
 def _first_entry(backend: Backend, prefix: str = "") -> ObjectInfo | Prefix | None:

@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,22 +35,48 @@ XATTRS = (XATTR_URL, XATTR_ETAG, XATTR_CACHED)  # st_blksize: tools like cp size
 
 
 def _errors(fn: F) -> F:
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic() if log.isEnabledFor(logging.DEBUG) else 0.0
         try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            result = await fn(*args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            _outcome(name, args, started, errno.errorcode.get(exc.errno, str(exc.errno)))
             raise
         except (ClearmlfsError, OSError) as exc:
             code = to_errno(exc)
             level = logging.DEBUG if code in (errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY) else logging.WARNING
-            log.log(level, "%s: %s", fn.__name__, exc)
+            log.log(level, "%s: %s", name, exc)
+            _outcome(name, args, started, errno.errorcode.get(code, str(code)))
             raise pyfuse3.FUSEError(code) from None
         except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
+            log.exception("unexpected error in %s", name)
+            _outcome(name, args, started, "EIO")
             raise pyfuse3.FUSEError(errno.EIO) from None
+        _outcome(name, args, started, "ok")
+        return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def _outcome(name: str, args: tuple[Any, ...], started: float, result: str) -> None:
+    """At debug level: one line per FUSE request, with its arguments, its outcome and its time."""
+    if started:
+        data = name == "write"  # its bytes are the user's data, not a name: only their count is shown
+        shown = ", ".join(_shown(a, data) for a in args[1:])  # (args[0] is the Operations instance)
+        log.debug("%s(%s) -> %s, %.1f ms", name, shown, result, (time.monotonic() - started) * 1000)
+
+
+def _shown(value: Any, data: bool) -> str:
+    if isinstance(value, memoryview) or isinstance(value, bytes) and (data or len(value) > 255):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, bytes):
+        return repr(os.fsdecode(value))  # a name
+    if isinstance(value, (int, str)):
+        return str(value)
+    return type(value).__name__
 
 
 def _name(raw: bytes) -> str:

@@ -24,7 +24,7 @@ from ..cache import CacheContext
 from ..errors import StorageError
 from .fetchers import Fetchers
 from .inodes import Kind, Node
-from .namespace import Namespace
+from .namespace import OFFLINE, Namespace
 from .stream import Cleaner, TaskHost
 from .workers import Workers
 
@@ -99,17 +99,22 @@ class SmallFiles(TaskHost):
                 if ahead and self.fetchers.available:  # in a fetcher process: the daemon keeps its GIL
                     result = await self.fetchers.fetch_small(url, self.settings.max_size, known)
                 else:  # a reader waits for this one: no queueing behind read-ahead
-                    result = await self.workers.metadata(
-                        self.cache.fetch_small, url, backend, key, self.settings.max_size, known
+                    result = await self.ns.ask_or_cached(
+                        node, self.cache.fetch_small, url, backend, key, self.settings.max_size, known
                     )
         finally:
             del self._fetching[url]
             done.set()
+        if result is OFFLINE:
+            return self.cache.path_for(url)  # the server could not answer; this copy is current as far as known
         if result is None:
             return None
-        path, info = result
+        path, info = result  # type: ignore[misc]
         if info is not None:  # (None: `known` matched the cached copy, nothing was asked of the server)
             self.ns.set_object(node, info)
+        if path is not None:
+            node.cached_etag = node.etag
+        if info is not None:
             if path is not None and self.nursery is not None:
                 # In the background: the file is ready now, and its reader must not wait for evictions.
                 self.nursery.start_soon(self._added, info.size)

@@ -25,7 +25,7 @@ import trio
 
 from ..backends import Backend, ObjectInfo
 from ..cache import CacheContext, EntryState
-from ..errors import StorageError
+from ..errors import NoSpace, StorageError, TimedOut
 from .workers import Workers
 from .writeback import WriteBack
 
@@ -58,6 +58,7 @@ class Download:
         self.parts = bytearray(count)  # MISSING / FETCHING / PRESENT per part
         self._present = 0
         self._progress: dict[int, int] = {}  # bytes of a part in flight already in the file
+        self._moved: dict[int, float] = {}  # trio time a part in flight was asked for or last advanced
         self._changed = trio.Event()  # set (and replaced) whenever a part advances, lands or fails
         self._errors: dict[int, BaseException] = {}
         self._slots = trio.Semaphore(settings.concurrency)
@@ -72,6 +73,9 @@ class Download:
         self._map: mmap.mmap | None = None  # the file, mapped for `view`
         self._mapped: tuple[int, int] | None = None  # the pages of the last view
         self._map_failed = False
+        self.no_space = False  # the cache disk cannot take more of it: readers are served from the server
+        self.published = False  # complete, and renamed into the managed cache
+        self._made_room = False
 
     def view(self, start: int, size: int) -> memoryview | None:
         """Bytes [start, start + size) of the file, already fetched, as a view of its mapping; None once it is
@@ -113,6 +117,8 @@ class Download:
         end = min(end, self.info.size)
         if start >= end or self.done.is_set():
             return
+        if self.no_space:
+            raise NoSpace(f"{self.url}: the cache disk is full")
         size = self.settings.part_size
         first, last = start // size, (end - 1) // size
         sequential = start <= self._next_expected <= end or start == 0
@@ -124,7 +130,12 @@ class Download:
             self._read_ahead(nursery, last + 1)
 
     async def _wait(self, nursery: trio.Nursery, index: int, needed: int) -> None:
-        """Wait until the first `needed` bytes of part `index` are in the file."""
+        """Wait until the first `needed` bytes of part `index` are in the file; TimedOut if they stop coming
+        for the operation budget (the fetch goes on, bounded by its requests' timeouts)."""
+        budget = self.workers.timeouts.operation
+        # Measured from the part's own last movement: a reader coming after one that timed out on it (the
+        # kernel retries a failed read-ahead as a plain read) does not wait a whole budget again.
+        seen, since = self._progress.get(index, 0), self._moved.get(index, trio.current_time())
         while True:
             error = self._errors.pop(index, None)
             if error is not None:
@@ -133,7 +144,12 @@ class Download:
                 return
             if self.parts[index] == MISSING:  # an earlier attempt failed: try again for this reader
                 self._request(nursery, [index])
-            await self._changed.wait()
+            with trio.move_on_at(since + budget):
+                await self._changed.wait()
+            if self._progress.get(index, 0) != seen:
+                seen, since = self._progress.get(index, 0), self._moved.get(index, trio.current_time())
+            elif trio.current_time() >= since + budget:
+                raise TimedOut(f"{self.url}: no byte of {index * self.settings.part_size}+ for {budget:g} s")
 
     def _advance(self, first: int, count: int, done: int) -> None:
         """`done` bytes of the GET starting at part `first` are in the file."""
@@ -143,6 +159,7 @@ class Download:
             if part_done <= 0:
                 break
             self._progress[index] = max(self._progress.get(index, 0), part_done)
+            self._moved[index] = trio.current_time()
         self._changed.set()
         self._changed = trio.Event()
 
@@ -159,6 +176,7 @@ class Download:
         for index in indexes:
             if index < len(self.parts) and self.parts[index] == MISSING:
                 self.parts[index] = FETCHING
+                self._moved[index] = trio.current_time()
                 run.append(index)
                 if len(run) < self.settings.coalesce:
                     continue
@@ -197,11 +215,17 @@ class Download:
             for index in run:
                 self.parts[index] = MISSING
                 self._progress.pop(index, None)
+                self._moved.pop(index, None)
+            if isinstance(exc, NoSpace) and await self._room_made(length):
+                return  # MISSING again, without an error: the readers waiting for it ask again
+            self.no_space = self.no_space or isinstance(exc, NoSpace)
+            for index in run:
                 self._errors[index] = exc
             log.warning("%s: bytes %d-%d failed: %s", self.url, start, start + length, exc)
         else:
             for index in run:
                 self.parts[index] = PRESENT
+                self._moved.pop(index, None)
             self._present += count
         finally:
             self._changed.set()
@@ -209,6 +233,23 @@ class Download:
             self._inflight -= 1
             if self._abandoned and self._inflight == 0:
                 os.close(self.fd)  # only now: a worker thread may have been writing to it
+
+    async def _room_made(self, need: int) -> bool:
+        """Evict what nobody uses to make room for a part, once per download: a disk that stays full after
+        that cannot take the object, whose readers are then served from the server."""
+        if self._made_room:
+            return False
+        self._made_room = True
+        try:
+            return await self.workers.metadata(self._cleaner.cache.make_room, need)
+        except (OSError, StorageError) as exc:
+            log.warning("%s: cannot make room in the cache: %s", self.url, exc)
+            return False
+
+    def present(self, start: int, end: int) -> bool:
+        """Whether bytes [start, end) are all in the file."""
+        size = self.settings.part_size
+        return all(self.parts[i] == PRESENT for i in range(start // size, (max(end, start + 1) - 1) // size + 1))
 
     @property
     def complete(self) -> bool:
@@ -236,6 +277,7 @@ class Download:
                     await self.workers.metadata(publish)
                     published = True
         if published:
+            self.published = True
             await self._cleaner.added(self.info.size)
         else:  # written here meanwhile: the cache file is the writer's; this copy serves only its open readers
             with contextlib.suppress(FileNotFoundError):
@@ -281,7 +323,10 @@ class Cleaner:
         self._files, self._bytes = self._files + 1, self._bytes + size
         file_step = max(1, int(self.cache.file_limit * self.HEADROOM))
         byte_step = int(self.cache.byte_limit * self.HEADROOM) if self.cache.byte_limit else 1 << 62
-        if self._files >= file_step or self._bytes >= byte_step:
+        # The free-space rule is checked as often as the limits are, and whenever what was added since the
+        # last scan could have eaten the room it keeps.
+        room = self._bytes >= self.cache.min_free // 4 and await self.workers.metadata(self.cache.short_of_space)
+        if self._files >= file_step or self._bytes >= byte_step or room:
             self._files = self._bytes = 0
             if self.fetchers.available:  # a few syscalls per evicted file: not on the daemon's GIL
                 with contextlib.suppress(StorageError):  # (then here, as without fetchers)
@@ -348,6 +393,20 @@ class Downloads(TaskHost):
         await download.ensure(self.nursery, start, start + size)
         if download.complete and not download.done.is_set():
             await download.finish()
+
+    async def read_uncached(self, download: Download, start: int, size: int) -> bytes:
+        """Bytes [start, start + size) of a download the cache disk cannot hold: from its file where they are
+        there, else straight from the server (and not kept)."""
+        end = min(start + size, download.info.size)
+        if start >= end:
+            return b""
+        if download.present(start, end):
+            return os.pread(download.fd, end - start, start)
+        info = download.info
+        data: bytes = await self.workers.transfer(
+            download.backend.read, info.key, start, end - start, info.etag, retry_for=self.workers.timeouts.operation
+        )
+        return data
 
     async def detach(self, download: Download) -> None:
         download.readers -= 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..backends import ObjectInfo
+from .workers import Watch
 
 
 class StreamAborted(Exception):
@@ -113,5 +114,6 @@ class Stream:
 
     url: str
     file: GrowingFile
+    watch: Watch = field(default_factory=Watch)  # ticked as its parts are sent
     done: trio.Event = field(default_factory=trio.Event)
     info: ObjectInfo | None = None  # set when the object is complete on the server

@@ -12,20 +12,41 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from ..backends import Backend, BackendPool, ObjectInfo
+from ..backends.base import Progress
 from ..cache import CacheContext, EntryState
 from ..errors import ClearmlfsError, StorageError
 from ..urls import parse_url
 from .upload import GrowingFile, Stream
-from .workers import Workers
+from .workers import Watch, Workers
 
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL = 30.0
+
+
+@dataclass(eq=False)
+class _Upload:
+    """One upload of a file being flushed, which may outlive the flush that started it."""
+
+    url: str
+    fd: int  # our own descriptor of the file: its writer may close theirs meanwhile
+    stream: Stream | None
+    watch: Watch = field(default_factory=Watch)
+    done: trio.Event = field(default_factory=trio.Event)
+    info: ObjectInfo | None = None
+    error: StorageError | None = None
+
+    def outcome(self) -> ObjectInfo:
+        if self.error is not None:
+            raise self.error
+        assert self.info is not None
+        return self.info
 
 
 class WriteBack:
@@ -97,24 +118,54 @@ class WriteBack:
         if left > 0:
             self.writers[url] = left
 
-    async def upload(self, url: str, source: Path, stream: Stream | None = None) -> ObjectInfo:
-        """Upload `source` (the cache file, or /proc/self/fd/N of an open one) as `url`.
+    async def upload(self, url: str, fd: int, stream: Stream | None = None) -> ObjectInfo:
+        """Upload what the file `fd` holds as `url`, and record it clean.
 
         With `stream` (an upload of this same content, started while it was written): complete that one
-        instead, and upload `source` only if the stream failed or was aborted.
+        instead, and upload the file only if the stream failed or was aborted. Waits as long as the upload
+        moves; TimedOut once nothing was sent for a whole budget. The upload then goes on in the background,
+        from its own descriptor and under the URL's lock (so no newer upload can overtake it), and records
+        the entry clean if it succeeds.
         """
-        async with self.lock(url):
-            if stream is not None:
-                info = await self._finish_stream(stream)
-                if info is not None:
-                    return info
-            return await self._upload_locked(url, source)
+        job = _Upload(url, os.dup(fd), stream, stream.watch if stream is not None else Watch())
+        if self._nursery is None:  # unmounting: nothing to leave it running in
+            await self._run_upload(job)
+            return job.outcome()
+        self._nursery.start_soon(self._run_upload, job)
+        if self._reports_progress(url):
+            await self.workers.watched(job.done, job.watch)
+        else:  # no way to tell a slow upload from a stalled one: bounded by its requests' timeouts alone
+            await job.done.wait()
+        return job.outcome()
 
-    async def _upload_locked(self, url: str, source: Path) -> ObjectInfo:
+    def _reports_progress(self, url: str) -> bool:
+        try:
+            return self.backends.get(parse_url(url)).reports_progress
+        except ClearmlfsError:
+            return False
+
+    async def _run_upload(self, job: _Upload) -> None:
+        try:
+            async with self.lock(job.url):
+                job.watch.tick()  # from now on it is ours that has to move
+                if job.stream is not None:
+                    job.info = await self._finish_stream(job.stream)
+                if job.info is None:
+                    job.info = await self._upload_locked(job.url, fd_path(job.fd), job.watch.tick)
+        except StorageError as exc:
+            job.error = exc
+        except Exception as exc:  # never let a surprise end the mount: the writer sees EIO, the entry stays dirty
+            log.exception("upload of %s failed", job.url)
+            job.error = StorageError(f"{job.url}: {type(exc).__name__}: {exc}")
+        finally:
+            os.close(job.fd)
+            job.done.set()
+
+    async def _upload_locked(self, url: str, source: Path, progress: Progress | None = None) -> ObjectInfo:
         parsed = parse_url(url)
         backend = self.backends.get(parsed)
         before = await self.workers.metadata(self.cache.state, url)
-        info = await self.workers.transfer(backend.upload, source, parsed.key)
+        info = await self.workers.transfer(backend.upload, source, parsed.key, progress)
         await self._settle(url, before, info)
         return info
 
@@ -149,7 +200,7 @@ class WriteBack:
 
     async def _run_stream(self, stream: Stream, backend: Backend, key: str) -> None:
         try:
-            stream.info = await self.workers.stream(backend.upload_stream, stream.file, key)
+            stream.info = await self.workers.stream(backend.upload_stream, stream.file, key, stream.watch.tick)
         except StorageError as exc:  # the SDK has aborted its multipart upload; flush uploads the whole file
             log.info("upload of %s while written stopped (%s); it is uploaded whole at close", stream.url, exc)
         except Exception:  # never let a surprise end the mount: flush falls back to a whole upload
@@ -174,6 +225,9 @@ class WriteBack:
         """Upload every dirty entry nobody has open; returns how many are still dirty."""
         remaining = 0
         for state in await self.workers.metadata(self.cache.dirty_entries):
+            if self.lock(state.url).locked():
+                remaining += 1  # being uploaded now (a flush's upload, perhaps still going after the flush)
+                continue
             async with self.lock(state.url):
                 if state.url in self.busy:
                     continue  # an open writer's flush uploads it
