@@ -88,8 +88,11 @@ def run_timed(cmd: Sequence[str | os.PathLike[str]], limit: float) -> Ran:
             proc.communicate(timeout=KILL_GRACE)
         except subprocess.TimeoutExpired:
             _abandoned.append(proc)
+        print(f"[offline] {os.fspath(cmd[0])} {Path(cmd[-1]).name}: killed after {killed_at:.1f} s")
         return Ran(None, b"", "", killed_at)
-    return Ran(proc.returncode, out, err.decode(errors="replace"), time.monotonic() - started)
+    ran = Ran(proc.returncode, out, err.decode(errors="replace"), time.monotonic() - started)
+    print(f"[offline] {os.fspath(cmd[0])} {Path(cmd[-1]).name}: exit {ran.returncode} in {ran.seconds:.2f} s")
+    return ran
 
 
 @pytest.fixture(autouse=True)
