@@ -13,6 +13,7 @@ demo:
 
 lint: setup
 	.venv/bin/ruff check clearmlfs tests scripts
+	.venv/bin/mypy
 
 bench: setup
 	.venv/bin/python scripts/bench.py

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .backends.base import Backend, ObjectInfo
 from .config import parse_size
@@ -160,7 +161,7 @@ class CacheContext:
         """Record `state` (write, rename; fsync when `durable`: a dirty flag must survive a crash)."""
         _replace_file(self._state_path(self.path_for(state.url).name), asdict(state), durable or state.dirty)
 
-    def _records(self, suffix: str) -> Iterator[dict[str, object]]:
+    def _records(self, suffix: str) -> Iterator[dict[str, Any]]:
         """Each readable JSON record `<entry><suffix>` of the state folder (one being replaced is skipped)."""
         for path in self.state_folder.glob(f"*{suffix}"):
             try:

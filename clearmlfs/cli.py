@@ -52,6 +52,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     for g in s.gcs:
         print(f"gs: {g.prefix}")
     print("direct access: " + ", ".join(s.direct_access))
+    from .fs.passthrough import capabilities
+
+    print(f"capabilities: {capabilities()}")
     t = s.timeouts
     print(f"timeouts: connect {t.connect:g} s, read {t.read:g} s, operation {t.operation:g} s, "
           f"revalidate {t.revalidate:g} s; offline reads {'on' if s.offline_reads else 'off'}")
@@ -214,9 +217,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     """Mount every configured bucket at MOUNTPOINT (foreground with -f; else return once it answers)."""
     from . import mount
 
-    opts = mount.parse_options(args.options)
+    config = args.config or mount.parse_options(args.options).config
+    loaded = load_settings(config)
+    opts = mount.parse_options([*loaded.mount_defaults, *args.options])  # the given ones win
     mountpoint = Path(args.mountpoint).absolute()
-    settings = mount.with_options(load_settings(args.config or opts.config), opts)  # (checks them, too)
+    settings = mount.with_options(loaded, opts)  # (checks them, too)
     _warn_if_readable(settings)  # (the background child warns again into the log)
     mount.check_mountpoint(mountpoint)
     if args.foreground:

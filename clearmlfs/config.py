@@ -126,11 +126,12 @@ class Settings:
     timeouts: Timeouts = DEFAULT_TIMEOUTS
     offline_reads: bool = True  # serve a cached copy when the server cannot say whether it is current
     cache_min_free: str = ""  # free space the cache leaves on its disk (cache.min_free_bytes); "" = default
+    mount_defaults: tuple[str, ...] = ()  # the `clearmlfs { }` section as mount options, before the given ones
 
     # -- resolution -------------------------------------------------------------------------------
     def s3_for(self, url: StorageURL) -> S3Credentials:
         """Credentials for an s3:// URL: the longest matching entry, else the defaults."""
-        entry = _longest_match(url.url, ((c.prefix, c) for c in self.s3.credentials))
+        entry: S3Credentials | None = _longest_match(url.url, ((c.prefix, c) for c in self.s3.credentials))
         if entry is None:
             d = self.s3.default
             return S3Credentials(**{**d.__dict__, "bucket": url.bucket, "host": url.host})
@@ -243,7 +244,8 @@ def _parse(path: Path) -> Mapping[str, Any]:
         raise ConfigError(f"{path}: malformed clearml.conf: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return _plain(tree)
+    plain: Mapping[str, Any] = _plain(tree)
+    return plain
 
 
 def _plain(value: Any) -> Any:
@@ -314,6 +316,21 @@ def _timeouts(own: Mapping[str, Any], boto3: Mapping[str, Any]) -> Timeouts:
     )
 
 
+def _as_options(own: Mapping[str, Any]) -> tuple[str, ...]:
+    """The `clearmlfs { }` section as `-o` items: `name=value`, with on/off for booleans (a false flag such as
+    `allow_other: false` is left out)."""
+    items = []
+    for name, value in own.items():
+        if isinstance(value, bool):
+            if value or name not in ("allow_other", "ro"):
+                items.append(f"{name}={'on' if value else 'off'}")
+        elif isinstance(value, (str, int, float)):
+            items.append(f"{name}={value}")
+        else:
+            raise ConfigError(f"{OWN_SECTION}.{name} must be a single value, not {type(value).__name__}")
+    return tuple(items)
+
+
 def _settings_from(sdk: Mapping[str, Any], path: Path | None, own: Mapping[str, Any] | None = None) -> Settings:
     own = own if isinstance(own, Mapping) else {}
     cache_dir = os.environ.get("CLEARML_CACHE_DIR") or _get(sdk, "storage.cache.default_base_dir", DEFAULT_CACHE_DIR)
@@ -332,6 +349,7 @@ def _settings_from(sdk: Mapping[str, Any], path: Path | None, own: Mapping[str, 
         timeouts=_timeouts(own, _get(sdk, "aws.boto3", {})),
         offline_reads=_bool(own.get("offline", True), f"{OWN_SECTION}.offline"),
         cache_min_free=str(own.get("cache_min_free", "")),
+        mount_defaults=_as_options(own),
     )
 
 

@@ -20,6 +20,7 @@ import pickle
 import signal
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -67,7 +68,7 @@ def _clean(cache: CacheContext, backends: BackendPool, headroom: float) -> int:
     return len(cache.clean(headroom))
 
 
-OPERATIONS = {"fetch_small": _fetch_small, "clean": _clean}
+OPERATIONS: dict[str, Callable[..., Any]] = {"fetch_small": _fetch_small, "clean": _clean}
 
 
 def main() -> None:

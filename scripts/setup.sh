@@ -38,63 +38,32 @@ if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV"
     python3 -m venv "$VENV"
 fi
-# --- pyfuse3 with FUSE passthrough --------------------------------------------------------------
-# Kernel passthrough (Linux >= 6.9) lets the kernel read a cached file itself, at the speed of a local
-# file; it needs libfuse >= 3.16, newer than Debian 12's 3.14, and two things pyfuse3 3.5 does not pass
-# on (scripts/pyfuse3-passthrough.patch). So: Debian 13's libfuse source (checked against the hash in
-# its .dsc), built into the venv, and pyfuse3 built against it. Without passthrough the mount works as
-# before, through the FUSE page cache. A second patch (scripts/pyfuse3-write-views.patch) hands write
-# handlers a view of libfuse's buffer instead of a copy of each write.
-PYFUSE3_PATCHES=(scripts/pyfuse3-passthrough.patch scripts/pyfuse3-write-views.patch)
-LIBFUSE_VERSION=3.17.2
-LIBFUSE_SHA256=3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f
-LIBFUSE_URL="https://deb.debian.org/debian/pool/main/f/fuse3/fuse3_${LIBFUSE_VERSION}.orig.tar.gz"
-PYFUSE3_VERSION=3.5.0
-LIBFUSE_PREFIX="$VENV/libfuse-$LIBFUSE_VERSION"
-PYFUSE3_STAMP="$VENV/.pyfuse3-passthrough-stamp"
-pyfuse3_want="$(cat "${PYFUSE3_PATCHES[@]}" <(echo "$LIBFUSE_VERSION $PYFUSE3_VERSION") | sha256sum | cut -d' ' -f1)"
-build_pyfuse3() {
-    local work="$ROOT/.tools/build"
-    rm -rf "$work" && mkdir -p "$work"
-    log "libfuse $LIBFUSE_VERSION from $LIBFUSE_URL"
-    curl -fsSL --retry 3 -o "$work/libfuse.tar.gz" "$LIBFUSE_URL"
-    echo "$LIBFUSE_SHA256  $work/libfuse.tar.gz" | sha256sum -c --quiet -
-    tar xzf "$work/libfuse.tar.gz" -C "$work"
-    python3 -m venv "$work/tools"
-    "$work/tools/bin/python" -m pip install -q meson ninja </dev/null
-    (
-        cd "$work/fuse-$LIBFUSE_VERSION"
-        PATH="$work/tools/bin:$PATH" meson setup build --prefix="$LIBFUSE_PREFIX" --libdir=lib \
-            -Dbuildtype=release -Dutils=false -Dexamples=false -Dtests=false >"$work/meson.log"
-        PATH="$work/tools/bin:$PATH" ninja -C build install >"$work/ninja.log"
-    )
-    log "pyfuse3 $PYFUSE3_VERSION, patched (${PYFUSE3_PATCHES[*]}), against it"
-    "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: "pyfuse3==$PYFUSE3_VERSION" -d "$work" </dev/null
-    tar xzf "$work/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$work"
-    (
-        cd "$work/pyfuse3-$PYFUSE3_VERSION"
-        for p in "${PYFUSE3_PATCHES[@]}"; do patch -p1 -s <"$ROOT/$p"; done
-        rm -f src/pyfuse3/__init__.c  # generated from the unpatched .pyx: Cython makes it again
-    )
-    PKG_CONFIG_PATH="$LIBFUSE_PREFIX/lib/pkgconfig" LDFLAGS="-Wl,-rpath,$LIBFUSE_PREFIX/lib" \
-        "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps "$work/pyfuse3-$PYFUSE3_VERSION" </dev/null
-    rm -rf "$work"
-}
+# --- pyfuse3 ------------------------------------------------------------------------------------
+# Kernel passthrough (Linux >= 6.9) and write views need libfuse >= 3.16 (Debian 12 has 3.14) and a patched
+# pyfuse3, which scripts/pyfuse3.sh builds into the venv (docs/pyfuse3-patches.md); if it cannot, or
+# CLEARMLFS_PYFUSE3=stock asks for it, it installs the registry's pyfuse3 instead. The choice sticks (a later
+# `make test` keeps it) until CLEARMLFS_PYFUSE3=patched or =stock is given again.
+PYFUSE3_STAMP="$VENV/.pyfuse3-stamp"
+previous_mode="$(cut -d' ' -f1 "$PYFUSE3_STAMP" 2>/dev/null || true)"
+export CLEARMLFS_PYFUSE3="${CLEARMLFS_PYFUSE3:-${previous_mode:-patched}}"
+pyfuse3_want="$CLEARMLFS_PYFUSE3 $(cat scripts/pyfuse3.sh scripts/build-pyfuse3.sh scripts/pyfuse3-*.patch \
+    | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$PYFUSE3_STAMP" ] || [ "$(cat "$PYFUSE3_STAMP")" != "$pyfuse3_want" ] \
-    || ! "$VENV/bin/python" -c "import pyfuse3; pyfuse3.session_fd_number; pyfuse3.Operations.write_views" 2>/dev/null; then
-    build_pyfuse3
+    || ! "$VENV/bin/python" -c "import pyfuse3" 2>/dev/null; then
+    bash scripts/pyfuse3.sh "$VENV"
     echo "$pyfuse3_want" >"$PYFUSE3_STAMP"
 else
-    log "pyfuse3 with passthrough present"
+    log "pyfuse3 present ($CLEARMLFS_PYFUSE3)"
 fi
 
-# Re-install only when pyproject.toml changed: the stamp holds its hash.
+# Re-install only when pyproject.toml or constraints.txt changed: the stamp holds their hash. The constraints
+# are the versions the suite last passed with.
 STAMP="$VENV/.clearmlfs-setup-stamp"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     log "pip install -e '.[test]'"
     "$VENV/bin/python" -m pip install -q --upgrade pip </dev/null
-    "$VENV/bin/python" -m pip install -q -e '.[test]' </dev/null
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[test]' </dev/null
     echo "$want" >"$STAMP"
 else
     log "python packages up to date"

@@ -101,3 +101,16 @@ def test_the_cache_keeps_ten_percent_of_its_disk_free_or_one_gib_whichever_is_sm
     with pytest.raises(ConfigError):
         min_free_bytes(tmp_path, "lots")
     assert CacheContext(tmp_path / "cache", min_free="3%").min_free == int(size * 0.03)
+
+
+def test_the_clearmlfs_section_holds_mount_options_that_given_ones_override(tmp_path: Path) -> None:
+    settings = load_settings(_conf(tmp_path, """
+        sdk {}
+        clearmlfs { ttl: 5, allow_other: false, ro: true, passthrough: false, read_part_size: "16M" }
+    """))
+    opts = parse_options([*settings.mount_defaults, "ttl=2"])
+    assert (opts.ttl, opts.allow_other, opts.read_only, opts.passthrough) == (2, False, True, False)
+    assert opts.read_part_size == 16 * 1024**2
+    unknown = load_settings(_conf(tmp_path, "clearmlfs { speed: ludicrous }"))
+    with pytest.raises(ConfigError, match="unknown mount option 'speed'"):
+        parse_options(list(unknown.mount_defaults))

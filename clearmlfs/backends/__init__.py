@@ -62,7 +62,8 @@ class BackendPool:
         if url.scheme == "s3":
             from .s3 import S3Backend
 
-            return S3Backend(creds, self.settings.s3, url.bucket, self._s3_client(creds))  # type: ignore[arg-type]
+            assert isinstance(creds, S3Credentials)
+            return S3Backend(creds, self.settings.s3, url.bucket, self._s3_client(creds))
         if url.scheme == "azure":
             from .azure import AzureBackend
 
@@ -75,11 +76,11 @@ class BackendPool:
 
         return LocalBackend()
 
-    def _s3_client(self, creds: object) -> object:
+    def _s3_client(self, creds: S3Credentials) -> object:
         """The client of an S3 credentials entry, shared by every bucket it serves (creating one is slow)."""
         from .s3 import make_client
 
-        shared = dataclasses.replace(creds, bucket="")  # type: ignore[type-var]
+        shared = dataclasses.replace(creds, bucket="")
         if shared not in self._s3_clients:
             self._s3_clients[shared] = make_client(shared, self.settings.s3, self.settings.timeouts)
         return self._s3_clients[shared]

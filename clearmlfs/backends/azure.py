@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import requests
 import urllib3
@@ -120,7 +120,8 @@ class AzureBackend(Backend):
             return b""  # the SDK would turn length 0 into an open-ended range
         pinned: dict[str, Any] = {"etag": f'"{etag}"', "match_condition": MatchConditions.IfNotModified} if etag else {}
         try:
-            return self._blob(key).download_blob(offset=start, length=length, **pinned).readall()
+            data: bytes = self._blob(key).download_blob(offset=start, length=length, **pinned).readall()
+            return data
         except HttpResponseError as exc:
             if exc.status_code == 416:  # start at or past the end: nothing to read
                 return b""
@@ -161,7 +162,8 @@ class AzureBackend(Backend):
                     # blocks in 12 characters and a stream's in 64; uploaded as a stream, ours match theirs.
                     data.seek(0)
                     result = blob.upload_blob(
-                        _Unseekable(data), length=size, overwrite=True, max_concurrency=self._concurrency, **hook
+                        cast(IO[bytes], _Unseekable(data)), length=size, overwrite=True,
+                        max_concurrency=self._concurrency, **hook,
                     )
             except _CAUGHT as exc:
                 raise _translate(exc, self._url(key)) from None
@@ -178,7 +180,9 @@ class AzureBackend(Backend):
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         try:
-            blob.upload_blob(reader, length=None, overwrite=True, max_concurrency=threads, **_hook(progress))
+            blob.upload_blob(
+                cast(IO[bytes], reader), length=None, overwrite=True, max_concurrency=threads, **_hook(progress)
+            )
         except _CAUGHT as exc:
             self._discard_staged(blob, before)
             raise _translate(exc, self._url(key)) from None

@@ -113,9 +113,10 @@ class GCSBackend(Backend):
         generation = int(etag) if etag and etag.isdigit() else None
         try:
             blob = self._bucket.blob(key, generation=generation)
-            return blob.download_as_bytes(
+            data: bytes = blob.download_as_bytes(
                 start=start, end=end, if_generation_match=generation, retry=_RETRY, timeout=self._timeout
             )
+            return data
         except api.RequestRangeNotSatisfiable:
             return b""  # start at or past the end
         except api.PreconditionFailed:
@@ -249,12 +250,19 @@ class GCSBackend(Backend):
 
 def _client(cfg: GCSBucket, concurrency: int) -> storage.Client:
     client = _bare_client(cfg)
+    # The client's requests session is a private attribute (google.cloud.client.Client._http): if it moves,
+    # the SDK's own session stays as it is (10 pooled connections; no request log).
+    try:
+        session = client._http
+    except AttributeError as exc:
+        log.debug("GCS client without a requests session: %s", exc)
+        return client
     # requests keeps 10 connections per host by default; parallel slices beyond that would reconnect.
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(10, concurrency + 2))
     for scheme in ("https://", "http://"):
-        client._http.mount(scheme, adapter)
+        session.mount(scheme, adapter)
     if request_log.isEnabledFor(logging.DEBUG):
-        client._http.hooks["response"].append(_response_received)
+        session.hooks["response"].append(_response_received)
     return client
 
 
@@ -270,13 +278,13 @@ def _response_received(response: requests.Response, *args: Any, **kwargs: Any) -
 def _bare_client(cfg: GCSBucket) -> storage.Client:
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         # Emulators accept any request; anonymous credentials avoid looking for real ones.
-        return storage.Client(project=cfg.project or "clearmlfs", credentials=AnonymousCredentials())
+        return storage.Client(project=cfg.project or "clearmlfs", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
     if cfg.credentials_json:
         from google.oauth2 import service_account
 
         path = os.path.expanduser(cfg.credentials_json)
         try:
-            creds = service_account.Credentials.from_service_account_file(path)
+            creds = service_account.Credentials.from_service_account_file(path)  # type: ignore[no-untyped-call]
         except (OSError, ValueError, KeyError):
             # Never quote the file: its content is a private key.
             raise ConfigError(f"cannot load Google service-account credentials from {path}") from None

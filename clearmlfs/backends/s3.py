@@ -126,7 +126,18 @@ def _timestamp(value: str) -> datetime.datetime:
     try:
         return email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
-        return botocore.utils.parse_timestamp(value)
+        parsed: datetime.datetime = botocore.utils.parse_timestamp(value)
+        return parsed
+
+
+def _parse_timestamps_faster(session: Any) -> None:
+    """botocore's response parser, with `_timestamp` for dates. Through botocore's private session: if it moves,
+    botocore's own parser is kept (listings parse slower, nothing else changes)."""
+    try:
+        factory = session._session.get_component("response_parser_factory")
+        factory.set_parser_defaults(timestamp_parser=_timestamp)
+    except (AttributeError, KeyError, ValueError) as exc:
+        log.debug("botocore's timestamp parser kept: %s", exc)
 
 
 def make_client(creds: S3Credentials, settings: S3Settings, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Any:
@@ -138,7 +149,7 @@ def make_client(creds: S3Credentials, settings: S3Settings, timeouts: Timeouts =
         region_name=creds.region or ("us-east-1" if creds.host else None),
         profile_name=(creds.profile or None) if not creds.key else None,
     )
-    session._session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
+    _parse_timestamps_faster(session)
     options: dict[str, Any] = {
         "max_pool_connections": settings.pool_connections,
         "retries": {"max_attempts": SDK_ATTEMPTS, "mode": "standard"},
@@ -203,7 +214,7 @@ def _stream_config(transfer: TransferConfig) -> TransferConfig:
     return config
 
 
-class _WholeChunk(ReadFileChunk):
+class _WholeChunk(ReadFileChunk):  # type: ignore[misc]
     """A request body (a part, or a single PUT) that raises instead of ending early when its file shrank.
 
     The transfer manager fixes each request's Content-Length from the file's size when the upload begins. A body
@@ -250,7 +261,7 @@ class _PartInMemory:
         pass  # the memory goes with the last view of it
 
 
-class _Bodies(OSUtils):
+class _Bodies(OSUtils):  # type: ignore[misc]
     """Request bodies for the transfer manager: parts of a file raise if the file shrank (`_WholeChunk`);
     parts of a stream, already in memory, are sent without copies (`_PartInMemory`)."""
 

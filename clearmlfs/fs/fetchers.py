@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import trio
 
@@ -87,7 +88,7 @@ class Fetchers(TaskHost):
 
     async def fetch_small(self, url: str, limit: int, known: ObjectInfo | None) -> SmallResult:
         """`CacheContext.fetch_small(url, ...)`, done by a fetcher process."""
-        return await self._call("fetch_small", url, limit, known)  # type: ignore[no-any-return]
+        return cast(SmallResult, await self._call("fetch_small", url, limit, known))
 
     async def clean(self, headroom: float) -> None:
         """`CacheContext.clean(headroom)`, done by a fetcher process."""

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pyfuse3
 import trio
@@ -36,6 +37,7 @@ from .writeback import WriteBack
 log = logging.getLogger(__name__)
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+R = TypeVar("R")
 
 
 @dataclass
@@ -233,8 +235,8 @@ class OpenFiles:
     async def _create_any(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
         self._check_writable(flags | os.O_CREAT)
         if self.ns.is_local(parent):
-            path = os.path.join(parent.url, name)
-            fd = await self.workers.metadata(os.open, path, (flags & ~os.O_CREAT) | os.O_CREAT, mode & 0o7777)
+            local = os.path.join(parent.url, name)
+            fd = await self.workers.metadata(os.open, local, (flags & ~os.O_CREAT) | os.O_CREAT, mode & 0o7777)
             node = await self.ns.lookup(parent, name)
             return self._register(node, fd, "", None)
         self.ns.check_new_object(parent, name)
@@ -302,7 +304,7 @@ class OpenFiles:
             raise
         handle.node.size = size
 
-    async def _with_room(self, needed: int, fn: Callable[..., int | None], *args: object) -> int | None:
+    async def _with_room(self, needed: int, fn: Callable[..., R], *args: object) -> R:
         """`fn(*args)`, a write into a cache file; if the cache disk is full, once more after evicting what
         nobody uses (`CacheContext.make_room`)."""
         try:

@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -157,7 +157,7 @@ class Operations(pyfuse3.Operations):
         finally:
             await self.files.release(handle.fh)
 
-    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self.ns.table.forget(inode, count)
 
@@ -234,7 +234,9 @@ class Operations(pyfuse3.Operations):
         return _file_info(handle), await self._entry(handle.node)
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(  # type: ignore[override] # pyfuse3 replies with any buffer; its stub says bytes
+        self, fh: int, off: int, size: int
+    ) -> bytes | memoryview:
         return await self.files.read(fh, off, size)
 
     @_errors

@@ -36,6 +36,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import platform
+import re
 import struct
 import tempfile
 from collections import Counter
@@ -93,6 +95,24 @@ class _Backing:
 def pyfuse3_supports() -> bool:
     """Whether this pyfuse3 passes backing files on (the patched build scripts/setup.sh makes)."""
     return hasattr(pyfuse3, "session_fd_number") and hasattr(pyfuse3.FileInfo(), "backing_id")
+
+
+def kernel_supports() -> bool:
+    """Whether this kernel is recent enough for FUSE passthrough (6.9; a mount still asks it: `probe`)."""
+    found = re.match(r"(\d+)\.(\d+)", platform.release())  # "6.18.44-fc", "6.9-rc1"
+    return found is not None and (int(found[1]), int(found[2])) >= (6, 9)
+
+
+def write_views_supported() -> bool:
+    """Whether this pyfuse3 hands `write` a view of libfuse's buffer (scripts/pyfuse3-write-views.patch)."""
+    return hasattr(pyfuse3.Operations, "write_views")
+
+
+def capabilities() -> str:
+    """What this installation can do, in one line (`clearmlfs config`)."""
+    passthrough = "on" if pyfuse3_supports() and kernel_supports() else "off ({})".format(
+        "this kernel is older than 6.9" if pyfuse3_supports() else "stock pyfuse3: scripts/setup.sh builds one")
+    return f"kernel passthrough {passthrough}; write views {'on' if write_views_supported() else 'off'}"
 
 
 class Passthrough(TaskHost):
@@ -202,4 +222,5 @@ class Passthrough(TaskHost):
     @staticmethod
     def _ioctl(request: int, arg: bytes) -> int:
         # A mutable buffer with mutate_flag: fcntl.ioctl returns the ioctl's own result (the backing id).
-        return fcntl.ioctl(pyfuse3.session_fd_number(), request, bytearray(arg), True)
+        result: int = fcntl.ioctl(pyfuse3.session_fd_number(), request, bytearray(arg), True)
+        return result

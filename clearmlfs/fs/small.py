@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import trio
 
@@ -92,6 +93,7 @@ class SmallFiles(TaskHost):
         known = ObjectInfo(key, node.size, node.mtime, node.etag) if self.ns.fresh(node) else None
         writeback = self.ns.writeback
         done = self._fetching[url] = trio.Event()
+        result: object
         try:
             async with writeback.lock(url):  # a writer opening it waits for the new file to be in place
                 if writeback.local_changes(url):
@@ -109,7 +111,7 @@ class SmallFiles(TaskHost):
             return self.cache.path_for(url)  # the server could not answer; this copy is current as far as known
         if result is None:
             return None
-        path, info = result  # type: ignore[misc]
+        path, info = cast(tuple[Path | None, ObjectInfo | None], result)
         if info is not None:  # (None: `known` matched the cached copy, nothing was asked of the server)
             self.ns.set_object(node, info)
         if path is not None:
