@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .backends import BackendPool, ObjectInfo
+from .backends.base import deadline
 from .cache import CacheContext
 from .cli import setup_logging
 from .config import Settings
@@ -87,7 +88,8 @@ def main() -> None:
     while (request := _read_frame(requests)) is not None:
         operation, args = request
         try:
-            answer: tuple[str, Any] = ("ok", OPERATIONS[operation](cache, backends, *args))
+            with deadline(setup.settings.timeouts.operation):  # no retry past the daemon's operation budget
+                answer: tuple[str, Any] = ("ok", OPERATIONS[operation](cache, backends, *args))
         except Exception as exc:  # reported to the daemon, whose reader's own open tries again
             answer = ("error", f"{type(exc).__name__}: {exc}")
         answers.write(frame(answer))

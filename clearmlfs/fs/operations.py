@@ -292,7 +292,7 @@ class Operations(pyfuse3.Operations):
 def _file_info(handle: OpenFile) -> pyfuse3.FileInfo:
     info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=handle.keep_cache, direct_io=handle.direct_io)
     if handle.backing_id:  # only a pyfuse3 with passthrough support has the attribute
-        info.backing_id = handle.backing_id
+        info.backing_id = handle.backing_id  # type: ignore[attr-defined, unused-ignore]
     return info
 
 

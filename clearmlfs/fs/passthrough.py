@@ -193,7 +193,9 @@ class Passthrough(TaskHost):
 
     async def _dropped(self, inode: int, offset: int, length: int) -> None:
         try:  # in a thread: the kernel waits for pages being read, which this loop answers
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode_range, inode, offset, length)
+            # (the patched pyfuse3's; the stock one's stub lacks it, and then passthrough is off)
+            drop = pyfuse3.invalidate_inode_range  # type: ignore[attr-defined, unused-ignore]
+            await trio.to_thread.run_sync(drop, inode, offset, length)
         except OSError as exc:  # ENOENT: the kernel forgot the inode meanwhile
             log.debug("dropping cached pages of inode %d: %s", inode, exc)
         finally:
@@ -222,5 +224,6 @@ class Passthrough(TaskHost):
     @staticmethod
     def _ioctl(request: int, arg: bytes) -> int:
         # A mutable buffer with mutate_flag: fcntl.ioctl returns the ioctl's own result (the backing id).
-        result: int = fcntl.ioctl(pyfuse3.session_fd_number(), request, bytearray(arg), True)
+        session_fd = pyfuse3.session_fd_number()  # type: ignore[attr-defined, unused-ignore] # (patched pyfuse3)
+        result: int = fcntl.ioctl(session_fd, request, bytearray(arg), True)
         return result

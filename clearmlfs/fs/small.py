@@ -73,7 +73,8 @@ class SmallFiles(TaskHost):
     async def current(self, node: Node) -> Path | None:
         """A current cached copy of the small object `node` (its attributes refreshed), or None if the
         general open path must decide (local changes, a download by another process, the object grew)."""
-        await self._settled(node.url)  # fetched ahead right now: its GET is as recent as ours would be
+        if not await self._settled(node.url):  # fetched ahead right now: its GET is as recent as ours would be
+            return None
         ready = self._ready.pop(node.url, None)
         if ready is not None and ready[0] == node.etag and self.ns.fresh(node):
             path: Path | None = ready[1]  # fetched ahead moments ago: no disk check, no thread hop
@@ -82,13 +83,19 @@ class SmallFiles(TaskHost):
         self._read_ahead(node)
         return path
 
-    async def _settled(self, url: str) -> None:
-        while (fetching := self._fetching.get(url)) is not None:
-            await fetching.wait()
+    async def _settled(self, url: str) -> bool:
+        """Wait for a fetch of `url` under way (fetched ahead, say) to end; False if it did not within the
+        operation budget (a stalled server): the caller then leaves the object to the general open path."""
+        with trio.move_on_after(self.workers.timeouts.operation):
+            while (fetching := self._fetching.get(url)) is not None:
+                await fetching.wait()
+            return True
+        return False
 
     async def _fetch(self, node: Node, ahead: bool = False) -> Path | None:
         url = node.url
-        await self._settled(url)  # one fetch of a URL at a time
+        if not await self._settled(url):  # one fetch of a URL at a time
+            return None
         backend, key = self.ns.locate(node)
         known = ObjectInfo(key, node.size, node.mtime, node.etag) if self.ns.fresh(node) else None
         writeback = self.ns.writeback
@@ -105,7 +112,8 @@ class SmallFiles(TaskHost):
                         node, self.cache.fetch_small, url, backend, key, self.settings.max_size, known
                     )
         finally:
-            del self._fetching[url]
+            if self._fetching.get(url) is done:
+                del self._fetching[url]
             done.set()
         if result is OFFLINE:
             return self.cache.path_for(url)  # the server could not answer; this copy is current as far as known

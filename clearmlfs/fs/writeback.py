@@ -20,7 +20,7 @@ import trio
 from ..backends import Backend, BackendPool, ObjectInfo
 from ..backends.base import Progress
 from ..cache import CacheContext, EntryState
-from ..errors import ClearmlfsError, StorageError
+from ..errors import ClearmlfsError, StorageError, TimedOut
 from ..urls import parse_url
 from .upload import GrowingFile, Stream
 from .workers import Watch, Workers
@@ -110,8 +110,11 @@ class WriteBack:
     async def open_writer(self, url: str) -> None:
         """A handle is opening `url` for writing. An upload of its cache file (a retry) or a fetch replacing
         it finishes first: one reads the file whole, the other swaps it, and neither must meet a writer."""
-        async with self.lock(url):
-            self.writers[url] = self.writers.get(url, 0) + 1
+        with trio.move_on_after(self.workers.timeouts.operation):
+            async with self.lock(url):
+                self.writers[url] = self.writers.get(url, 0) + 1
+                return
+        raise TimedOut(f"{url}: its upload under way has not moved for {self.workers.timeouts.operation:g} s")
 
     def close_writer(self, url: str) -> None:
         left = self.writers.pop(url, 1) - 1
