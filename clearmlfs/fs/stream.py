@@ -62,7 +62,7 @@ class Download:
         self._changed = trio.Event()  # set (and replaced) whenever a part advances, lands or fails
         self._errors: dict[int, BaseException] = {}
         self._slots = trio.Semaphore(settings.concurrency)
-        self._inflight = 0  # fetches whose worker thread may still write to `fd`
+        self._inflight = 0  # fetches scheduled or running: their worker thread may still write to `fd`
         self._abandoned = False
         self._finishing = False
         self._next_expected = 0  # where a sequential reader will read next
@@ -181,17 +181,21 @@ class Download:
                 if len(run) < self.settings.coalesce:
                     continue
             if run:
-                nursery.start_soon(self._fetch, run[0], len(run))
+                self._schedule(nursery, run)
                 run = []
         if run:
-            nursery.start_soon(self._fetch, run[0], len(run))
+            self._schedule(nursery, run)
+
+    def _schedule(self, nursery: trio.Nursery, run: list[int]) -> None:
+        # Counted from now, not from when the task starts: an abandon in between must not close `fd` under it.
+        self._inflight += 1
+        nursery.start_soon(self._fetch, run[0], len(run))
 
     async def _fetch(self, first: int, count: int) -> None:
         size = self.settings.part_size
         start = first * size
         length = min(count * size, self.info.size - start)
         run = range(first, first + count)
-        self._inflight += 1
 
         token = trio.lowlevel.current_trio_token()
 
@@ -232,7 +236,7 @@ class Download:
             self._changed = trio.Event()
             self._inflight -= 1
             if self._abandoned and self._inflight == 0:
-                os.close(self.fd)  # only now: a worker thread may have been writing to it
+                self._close_fd()  # only now: a worker thread may have been writing to it
 
     async def _room_made(self, need: int) -> bool:
         """Evict what nobody uses to make room for a part, once per download: a disk that stays full after
@@ -245,6 +249,16 @@ class Download:
         except (OSError, StorageError) as exc:
             log.warning("%s: cannot make room in the cache: %s", self.url, exc)
             return False
+
+    async def settle(self, budget: float) -> None:
+        """When every part has been asked for, wait (within `budget`) for the fetches still finishing: a reader
+        that got the last bytes as they arrived may close before their GETs have returned, and the object
+        would be dropped instead of kept."""
+        if MISSING in self.parts:
+            return
+        with trio.move_on_after(budget):
+            while self._inflight and not self.complete:
+                await self._changed.wait()
 
     def present(self, start: int, end: int) -> bool:
         """Whether bytes [start, end) are all in the file."""
@@ -293,11 +307,16 @@ class Download:
             self.partial.unlink()
         self._release_lock()
         if self._inflight == 0:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1
 
     def close_file(self) -> None:
         self._close_map()
-        os.close(self.fd)
+        self._close_fd()
 
     def _release_lock(self) -> None:
         if self._lock_fd >= 0:
@@ -414,6 +433,8 @@ class Downloads(TaskHost):
             return
         if self._active.get(download.url) is download:
             del self._active[download.url]
+        if not download.done.is_set() and not download.complete:
+            await download.settle(self.workers.timeouts.operation)
         if download.done.is_set():
             download.close_file()
         elif download.complete:
