@@ -1,4 +1,4 @@
-.PHONY: setup test demo lint bench
+.PHONY: setup test test-fast demo lint bench
 
 PYTEST_ARGS ?=
 
@@ -7,6 +7,10 @@ setup:
 
 test: setup
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+# No server, no mount: the filesystem driven through its Operations class over in-memory buckets.
+test-fast: setup
+	.venv/bin/python -m pytest tests/fast $(PYTEST_ARGS)
 
 demo:
 	bash scripts/demo.sh

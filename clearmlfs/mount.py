@@ -151,16 +151,29 @@ def with_options(settings: Settings, opts: MountOptions) -> Settings:
     )
 
 
-def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
-    """Mount, serve until unmounted or signalled, upload what is still dirty, unmount."""
-    check_mountpoint(mountpoint)
+@dataclass
+class Filesystem:
+    """Everything a mount is made of, wired together: `serve` runs it under FUSE, the fast tests without."""
+
+    ops: Operations
+    backends: BackendPool
+    cache: CacheContext
+    writeback: WriteBack
+    downloads: Downloads
+    small: SmallFiles
+    fetchers: Fetchers
+    passthrough: Passthrough
+
+
+def build(settings: Settings, opts: MountOptions, backends: BackendPool | None = None) -> Filesystem:
+    """The filesystem `settings` and `opts` describe (`backends`: where its buckets are, if not the SDKs')."""
     settings = with_options(settings, opts)
     cache_dir = opts.cache_dir or settings.cache_dir
     cache = CacheContext(
         cache_dir, "global", opts.cache_files or settings.cache_file_limit, opts.cache_max_bytes,
         settings.cache_min_free,
     )
-    backends = BackendPool(settings)
+    backends = backends or BackendPool(settings)
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency), timeouts=settings.timeouts)
     writeback = WriteBack(backends, cache, workers)
     ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl)
@@ -169,20 +182,37 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     fetchers = Fetchers(setup, opts.fetch_processes)
     stream = StreamSettings(opts.read_part_size, opts.read_concurrency)
     downloads = Downloads(cache, workers, writeback, stream, fetchers)
-    small_settings = SmallSettings(opts.small_file_size, opts.readahead_files)
-    small = SmallFiles(ns, cache, workers, fetchers, downloads.cleaner, small_settings)
+    small = SmallFiles(ns, cache, workers, fetchers, downloads.cleaner,
+                       SmallSettings(opts.small_file_size, opts.readahead_files))
     passthrough = Passthrough(opts.passthrough, cache.folder)
     files = OpenFiles(ns, cache, workers, writeback, downloads, small, passthrough, opts.read_only)
     ops = Operations(ns, files, ttl=opts.ttl)
+    return Filesystem(ops, backends, cache, writeback, downloads, small, fetchers, passthrough)
+
+
+async def start(fs: Filesystem, nursery: trio.Nursery) -> None:
+    """Start the filesystem's background tasks in `nursery`, after learning what earlier mounts left dirty."""
+    await fs.writeback.load()  # before the first request: files left dirty must show as they are locally
+    await nursery.start(fs.downloads.run)
+    await nursery.start(fs.small.run)
+    await nursery.start(fs.fetchers.run)
+    await nursery.start(fs.passthrough.run)
+    nursery.start_soon(fs.writeback.run)
+
+
+def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
+    """Mount, serve until unmounted or signalled, upload what is still dirty, unmount."""
+    check_mountpoint(mountpoint)
+    fs = build(settings, opts)
     fuse_options = set(pyfuse3.default_options) | {"fsname=clearmlfs", "subtype=clearmlfs"}
     fuse_options |= {"allow_other"} if opts.allow_other else set()
     fuse_options |= {"ro"} if opts.read_only else set()
-    pyfuse3.init(ops, str(mountpoint), fuse_options)
+    pyfuse3.init(fs.ops, str(mountpoint), fuse_options)
     try:
-        trio.run(_main, writeback, downloads, small, fetchers, passthrough, mountpoint, opts.read_ahead_kb, backends)
+        trio.run(_main, fs, mountpoint, opts.read_ahead_kb)
     finally:
         pyfuse3.close(unmount=True)
-        backends.close()
+        fs.backends.close()
     log.info("unmounted %s", mountpoint)
 
 
@@ -228,23 +258,15 @@ def _raise_read_ahead(mountpoint: Path, kb: int) -> None:
         log.info("cannot raise read-ahead (%s): reads stay at the kernel's default size", exc.strerror)
 
 
-async def _main(
-    writeback: WriteBack, downloads: Downloads, small: SmallFiles, fetchers: Fetchers, passthrough: Passthrough,
-    mountpoint: Path, read_ahead_kb: int, backends: BackendPool,
-) -> None:
-    await writeback.load()  # before the first request: files left dirty must show as they are locally
+async def _main(fs: Filesystem, mountpoint: Path, read_ahead_kb: int) -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(downloads.run)
-        await nursery.start(small.run)
-        await nursery.start(fetchers.run)
-        await nursery.start(passthrough.run)
-        nursery.start_soon(writeback.run)
+        await start(fs, nursery)
         nursery.start_soon(_on_signals)
-        nursery.start_soon(_when_answering, mountpoint, read_ahead_kb, backends, fetchers, passthrough)
+        nursery.start_soon(_when_answering, mountpoint, read_ahead_kb, fs.backends, fs.fetchers, fs.passthrough)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     _notify_systemd(b"STOPPING=1")
-    left = await writeback.upload_pending()
+    left = await fs.writeback.upload_pending()
     if left:
         log.error("%d file(s) could not be uploaded; they stay in the cache and are retried on the next mount", left)
 

@@ -1,0 +1,209 @@
+"""Reading and writing files through the Operations class over an in-memory bucket: what reaches the server,
+what the reader gets, and when."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fast.harness import ROOT, Client, errno_of, run
+
+MIB = 1024 * 1024
+
+
+def data(size: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).bytes(size)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 100_000, 3 * MIB])
+def test_a_file_written_is_on_the_server_when_close_returns(tmp_path: Path, size: int) -> None:
+    async def test(c: Client) -> None:
+        await c.write(f"{ROOT}/f.bin", data(size))
+        assert c.backend.data("f.bin") == data(size)
+        assert (await c.attrs(f"{ROOT}/f.bin")).st_size == size
+        assert await c.read(f"{ROOT}/f.bin") == data(size)
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("size", [1, 5 * MIB, 9 * MIB + 123])
+def test_an_object_on_the_server_reads_whole(tmp_path: Path, size: int) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("obj", data(size, 1))
+        assert await c.read(f"{ROOT}/obj") == data(size, 1)
+
+    run(test, tmp_path, "read_part_size=1M")
+
+
+@pytest.mark.parametrize("start,size", [(0, 10), (MIB - 5, 10), (3 * MIB + 1, MIB), (6 * MIB - 1, 100)])
+def test_reads_anywhere_in_a_large_object_get_the_right_bytes(tmp_path: Path, start: int, size: int) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("big", data(6 * MIB, 2))
+        assert await c.read(f"{ROOT}/big", start, size) == data(6 * MIB, 2)[start:start + size]
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_a_large_object_read_once_is_served_from_the_cache_afterwards(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("big", data(5 * MIB, 3))
+        assert await c.read(f"{ROOT}/big") == data(5 * MIB, 3)
+        gets = c.backend.count("GET")
+        assert await c.read(f"{ROOT}/big") == data(5 * MIB, 3)
+        assert c.backend.count("GET") == gets
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_readers_of_one_object_share_one_download(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("big", data(4 * MIB, 4))
+        first, second = await c.open(f"{ROOT}/big"), await c.open(f"{ROOT}/big")
+        assert await c.read_fh(first) == data(4 * MIB, 4)
+        assert await c.read_fh(second) == data(4 * MIB, 4)
+        await c.ops.release(first)
+        await c.ops.release(second)
+        assert c.backend.count("GET") <= 4  # four 1 MiB parts, each fetched once
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_a_large_new_file_is_uploaded_as_one_stream(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        await c.write(f"{ROOT}/ckpt", data(20 * MIB, 5))
+        assert c.backend.data("ckpt") == data(20 * MIB, 5)
+        assert c.backend.count("PUT") == 1
+
+    run(test, tmp_path)
+
+
+def test_overwriting_replaces_the_object(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("o", b"old content, long")
+        await c.write(f"{ROOT}/o", b"new", os.O_WRONLY | os.O_TRUNC)
+        assert c.backend.data("o") == b"new"
+        assert await c.read(f"{ROOT}/o") == b"new"
+
+    run(test, tmp_path)
+
+
+def test_patching_the_middle_of_an_object_keeps_the_rest(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("p", b"0123456789")
+        fh = await c.open(f"{ROOT}/p", os.O_RDWR)
+        await c.ops.write(fh, 3, b"abc")
+        await c.close(fh)
+        assert c.backend.data("p") == b"012abc6789"
+
+    run(test, tmp_path)
+
+
+def test_appending_past_the_end(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("log", b"line1\n")
+        fh = await c.open(f"{ROOT}/log", os.O_WRONLY | os.O_APPEND)
+        await c.ops.write(fh, 6, b"line2\n")
+        await c.close(fh)
+        assert c.backend.data("log") == b"line1\nline2\n"
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("size", [0, 4, 20])
+def test_truncate_without_a_handle_uploads_the_new_size(tmp_path: Path, size: int) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("t", b"0123456789")
+        await c.truncate(f"{ROOT}/t", size)
+        assert c.backend.data("t") == b"0123456789"[:size].ljust(size, b"\0")
+
+    run(test, tmp_path)
+
+
+def test_fsync_stores_what_is_written_so_far(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        fh = await c.open(f"{ROOT}/s", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        await c.ops.write(fh, 0, b"first")
+        await c.ops.fsync(fh, False)
+        assert c.backend.data("s") == b"first"
+        await c.ops.write(fh, 5, b" second")
+        await c.close(fh)
+        assert c.backend.data("s") == b"first second"
+
+    run(test, tmp_path)
+
+
+def test_two_writers_of_one_file_lose_nothing(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("shared", b"..........")
+        a, b = await c.open(f"{ROOT}/shared", os.O_RDWR), await c.open(f"{ROOT}/shared", os.O_RDWR)
+        await c.ops.write(a, 0, b"AA")
+        await c.ops.write(b, 8, b"BB")
+        await c.close(a)
+        await c.close(b)
+        assert c.backend.data("shared") == b"AA......BB"
+
+    run(test, tmp_path)
+
+
+def test_a_file_being_written_reads_back_what_was_written(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        fh = await c.open(f"{ROOT}/rw", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        await c.ops.write(fh, 0, b"hello")
+        assert bytes(await c.ops.read(fh, 0, 100)) == b"hello"
+        await c.close(fh)
+
+    run(test, tmp_path)
+
+
+def test_a_new_file_shows_in_its_folder_before_and_after_upload(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        fh = await c.open(f"{ROOT}/new.txt", os.O_WRONLY | os.O_CREAT)
+        assert "new.txt" in await c.listdir(ROOT)
+        await c.ops.write(fh, 0, b"x")
+        await c.close(fh)
+        assert "new.txt" in await c.listdir(ROOT)
+
+    run(test, tmp_path)
+
+
+def test_opening_a_folder_for_reading_as_a_file_is_eisdir(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("d/x", b"1")
+        assert await errno_of(c.open(f"{ROOT}/d")) == errno.EISDIR
+
+    run(test, tmp_path)
+
+
+def test_a_zero_byte_object_reads_empty(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("empty", b"")
+        assert await c.read(f"{ROOT}/empty") == b""
+
+    run(test, tmp_path)
+
+
+def test_small_files_of_a_folder_read_in_order_are_fetched_ahead(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        for i in range(12):
+            c.backend.put(f"ds/{i:03d}", data(1000, i))
+        for i in range(12):
+            assert await c.read(f"{ROOT}/ds/{i:03d}") == data(1000, i)
+        assert c.backend.count("GET") == 12  # each object fetched once, ahead or not
+
+    run(test, tmp_path)
+
+
+def test_the_cache_stays_within_its_file_limit(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        for i in range(20):
+            c.backend.put(f"many/{i:02d}", b"x" * 100)
+        for i in range(20):
+            await c.read(f"{ROOT}/many/{i:02d}")
+        files, _ = c.fs.cache.stats()
+        assert files <= 8
+
+    run(test, tmp_path, "cache_files=8,readahead_files=0")

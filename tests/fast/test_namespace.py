@@ -1,0 +1,249 @@
+"""Lookups, listings and changes to the namespace, through the Operations class over an in-memory bucket."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from tests.fast.harness import HOST, ROOT, Client, errno_of, is_dir, run
+
+
+def test_the_configured_levels_are_listed(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        assert await c.listdir("") == ["s3", "file"]
+        assert await c.listdir("s3") == [HOST]
+        assert await c.listdir(f"s3/{HOST}") == ["bucket"]
+        assert is_dir(await c.attrs(ROOT))
+
+    run(test, tmp_path)
+
+
+def test_keys_show_as_files_and_prefixes_as_folders(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        for key in ("a.txt", "d/b.txt", "d/e/c.txt"):
+            c.backend.put(key, b"x" * 3)
+        assert sorted(await c.listdir(ROOT)) == ["a.txt", "d"]
+        assert sorted(await c.listdir(f"{ROOT}/d")) == ["b.txt", "e"]
+        assert (await c.attrs(f"{ROOT}/d/e/c.txt")).st_size == 3
+        assert is_dir(await c.attrs(f"{ROOT}/d/e"))
+
+    run(test, tmp_path)
+
+
+def test_a_prefix_wins_over_an_object_of_the_same_name(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("a", b"object")
+        c.backend.put("a/b", b"under it")
+        assert is_dir(await c.attrs(f"{ROOT}/a"))
+        assert await c.read(f"{ROOT}/a/b") == b"under it"
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("key", ["a//b", "../x", "./y", "z/./w"])
+def test_keys_that_cannot_be_names_are_not_shown(tmp_path: Path, key: str) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put(key, b"hidden")
+        c.backend.put("shown", b"x")
+        listed = await c.listdir(ROOT)
+        assert "shown" in listed and ".." not in listed and "." not in listed and "" not in listed
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("path", [f"{ROOT}/missing", f"{ROOT}/no/such/file", "gs", "azure", "nothing"])
+def test_a_missing_name_is_enoent(tmp_path: Path, path: str) -> None:
+    async def test(c: Client) -> None:
+        assert await errno_of(c.attrs(path)) == errno.ENOENT
+
+    run(test, tmp_path)
+
+
+def test_a_miss_right_after_a_listing_costs_no_request(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("present", b"x")
+        await c.listdir(ROOT)
+        before = len(c.backend.requests)
+        assert await errno_of(c.attrs(f"{ROOT}/absent")) == errno.ENOENT
+        assert len(c.backend.requests) == before
+
+    run(test, tmp_path)
+
+
+def test_mkdir_writes_a_marker_and_rmdir_removes_it(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        await c.mkdir(f"{ROOT}/new")
+        assert c.backend.data("new/") == b""
+        assert is_dir(await c.attrs(f"{ROOT}/new"))
+        await c.rmdir(f"{ROOT}/new")
+        assert c.backend.data("new/") is None
+
+    run(test, tmp_path)
+
+
+def test_rmdir_of_a_folder_with_objects_is_enotempty(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("full/x", b"1")
+        assert await errno_of(c.rmdir(f"{ROOT}/full")) == errno.ENOTEMPTY
+        assert c.backend.data("full/x") == b"1"
+
+    run(test, tmp_path)
+
+
+def test_rmdir_of_a_file_is_enotdir_and_unlink_of_a_folder_eisdir(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("f", b"1")
+        c.backend.put("d/x", b"1")
+        assert await errno_of(c.rmdir(f"{ROOT}/f")) == errno.ENOTDIR
+        assert await errno_of(c.unlink(f"{ROOT}/d")) == errno.EISDIR
+
+    run(test, tmp_path)
+
+
+def test_unlink_deletes_the_object_and_its_cached_copy(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("gone.txt", b"bye")
+        assert await c.read(f"{ROOT}/gone.txt") == b"bye"
+        await c.unlink(f"{ROOT}/gone.txt")
+        assert c.backend.data("gone.txt") is None
+        assert await errno_of(c.attrs(f"{ROOT}/gone.txt")) == errno.ENOENT
+        assert c.fs.cache.stats()[0] == 0
+
+    run(test, tmp_path)
+
+
+def test_rename_of_a_file_copies_on_the_server_and_deletes_the_old_key(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("old.bin", b"content")
+        await c.rename(f"{ROOT}/old.bin", f"{ROOT}/new.bin")
+        assert c.backend.data("new.bin") == b"content" and c.backend.data("old.bin") is None
+        assert c.backend.count("COPY") == 1 and c.backend.count("GET") == 0
+        assert await c.read(f"{ROOT}/new.bin") == b"content"
+
+    run(test, tmp_path)
+
+
+def test_rename_without_replace_onto_an_existing_object_is_eexist(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("a", b"a")
+        c.backend.put("b", b"b")
+        flags = pyfuse3.RENAME_NOREPLACE
+        assert await errno_of(c.rename(f"{ROOT}/a", f"{ROOT}/b", flags)) == errno.EEXIST
+        assert c.backend.data("b") == b"b"
+
+    run(test, tmp_path)
+
+
+def test_rename_of_a_folder_is_exdev_so_that_mv_copies(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("dir/x", b"1")
+        assert await errno_of(c.rename(f"{ROOT}/dir", f"{ROOT}/dir2")) == errno.EXDEV
+
+    run(test, tmp_path)
+
+
+def test_rename_exchange_is_not_supported(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("a", b"a")
+        c.backend.put("b", b"b")
+        assert await errno_of(c.rename(f"{ROOT}/a", f"{ROOT}/b", pyfuse3.RENAME_EXCHANGE)) == errno.ENOTSUP
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("where", ["", "s3", f"s3/{HOST}"])
+def test_objects_cannot_be_created_above_a_bucket(tmp_path: Path, where: str) -> None:
+    async def test(c: Client) -> None:
+        name = f"{where}/x.txt".lstrip("/")
+        assert await errno_of(c.write(name, b"x")) in (errno.ENOTSUP, errno.EINVAL)
+        assert await errno_of(c.mkdir(f"{where}/d".lstrip("/"))) in (errno.ENOTSUP, errno.EINVAL)
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("action", ["write", "mkdir", "unlink", "rmdir", "rename"])
+def test_a_read_only_mount_refuses_every_change_with_erofs(tmp_path: Path, action: str) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("f", b"1")
+        c.backend.put("d/", b"")
+        attempts = {
+            "write": lambda: c.write(f"{ROOT}/new", b"x"), "mkdir": lambda: c.mkdir(f"{ROOT}/nd"),
+            "unlink": lambda: c.unlink(f"{ROOT}/f"), "rmdir": lambda: c.rmdir(f"{ROOT}/d"),
+            "rename": lambda: c.rename(f"{ROOT}/f", f"{ROOT}/g"),
+        }
+        assert await errno_of(attempts[action]()) == errno.EROFS
+        assert c.backend.data("f") == b"1"
+
+    run(test, tmp_path, "ro")
+
+
+def test_statfs_reports_the_cache_disk_and_a_name_limit(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        data = await c.ops.statfs(pyfuse3.RequestContext())
+        assert data.f_namemax == 255 and data.f_blocks > 0
+
+    run(test, tmp_path)
+
+
+def test_the_direct_access_level_shows_local_files(tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "f.txt").write_bytes(b"on disk")
+
+    async def test(c: Client) -> None:
+        path = "file" + str(local)
+        assert "f.txt" in await c.listdir(path)
+        assert await c.read(f"{path}/f.txt") == b"on disk"
+        await c.write(f"{path}/g.txt", b"written in place")
+        assert (local / "g.txt").read_bytes() == b"written in place"
+        assert c.backend.requests == []
+
+    run(test, tmp_path)
+
+
+def test_unknown_inodes_are_enoent(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        assert await errno_of(c.ops.getattr(10**9, pyfuse3.RequestContext())) == errno.ENOENT
+
+    run(test, tmp_path)
+
+
+def test_opendir_of_a_file_is_enotdir(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("f", b"1")
+        assert await errno_of(c.ops.opendir(await c.inode(f"{ROOT}/f"), pyfuse3.RequestContext())) == errno.ENOTDIR
+
+    run(test, tmp_path)
+
+
+def test_xattrs_tell_the_url_etag_and_whether_it_is_cached(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        info = c.backend.put("x.bin", b"12345")
+        inode = await c.inode(f"{ROOT}/x.bin")
+        ctx = pyfuse3.RequestContext()
+        assert await c.ops.getxattr(inode, b"user.clearml.url", ctx) == f"s3://{HOST}/bucket/x.bin".encode()
+        assert await c.ops.getxattr(inode, b"user.clearml.etag", ctx) == info.etag.encode()
+        assert await c.ops.getxattr(inode, b"user.clearml.cached", ctx) == b"false"
+        await c.read(f"{ROOT}/x.bin")
+        assert await c.ops.getxattr(inode, b"user.clearml.cached", ctx) == b"true"
+        assert await errno_of(c.ops.getxattr(inode, b"user.other", ctx)) == pyfuse3.ENOATTR
+        assert sorted(await c.ops.listxattr(inode, ctx)) == sorted(
+            [b"user.clearml.url", b"user.clearml.etag", b"user.clearml.cached"])
+
+    run(test, tmp_path)
+
+
+def test_an_object_changed_on_the_server_is_seen_after_ttl(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("v", b"one")
+        assert await c.read(f"{ROOT}/v") == b"one"
+        c.backend.put("v", b"two, longer")
+        await trio.sleep(0.05)  # the ttl of this mount: attributes older than that are asked for again
+        assert await c.read(f"{ROOT}/v") == b"two, longer"
+
+    run(test, tmp_path, "ttl=0.02,list_ttl=0.02")
+
