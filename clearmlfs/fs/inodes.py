@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -90,6 +91,7 @@ class InodeTable:
             self._by_path[path] = node.inode
         elif node.kind is not kind:
             node.kind, node.url, node.checked, node.children = kind, url, 0.0, None
+        node.parent = parent.inode  # (the parent may be a new node of the same path, its old one forgotten)
         return node
 
     def remove(self, node: Node) -> None:
@@ -110,10 +112,30 @@ class InodeTable:
         if new_parent.children is not None:
             new_parent.children[new_name] = node.inode
 
-    def forget(self, inode: int, count: int) -> None:
+    def forget(self, inode: int, count: int, keep: Callable[[Node], bool] = lambda node: False) -> None:
+        """The kernel dropped `count` references to `inode`. A node it holds none of leaves the table, so that
+        memory follows the kernel's caches: a removed one always, a file unless `keep` says (not uploaded
+        yet). Folders stay: they are few, and their listings answer their children's lookups."""
         node = self._nodes.get(inode)
         if node is None:
             return
         node.lookups -= count
-        if node.lookups <= 0 and self._by_path.get(node.path) != inode:
+        if node.lookups > 0:
+            return
+        if self._by_path.get(node.path) != inode:
             del self._nodes[inode]  # removed from the namespace and unknown to the kernel now
+        elif node.kind is Kind.FILE and not keep(node):
+            del self._nodes[inode], self._by_path[node.path]
+            parent = self._nodes.get(node.parent)
+            if parent is not None and parent.children is not None and parent.children.get(node.name) == inode:
+                parent.children, parent.listed = None, 0.0  # it names the node: listed again when needed
+
+    def revive(self, node: Node) -> Node:
+        """`node` back in the table, for a reply that hands the kernel a reference to it (readdir from a
+        snapshot taken before the node was forgotten)."""
+        self._nodes.setdefault(node.inode, node)
+        self._by_path.setdefault(node.path, node.inode)
+        return node
+
+    def __len__(self) -> int:
+        return len(self._nodes)

@@ -159,7 +159,7 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
-            self.ns.table.forget(inode, count)
+            self.ns.table.forget(inode, count, self.ns.local_changes)
 
     # -- directories -------------------------------------------------------------------------------
     @_errors
@@ -178,7 +178,7 @@ class Operations(pyfuse3.Operations):
             node = entries[index]
             if not pyfuse3.readdir_reply(token, os.fsencode(node.name), await self._attributes(node), index + 1):
                 return
-            node.lookups += 1  # readdirplus: the kernel now holds a reference
+            self.ns.table.revive(node).lookups += 1  # readdirplus: the kernel now holds a reference
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

@@ -185,7 +185,7 @@ class SmallFiles(TaskHost):
 
     async def _fetch_ahead(self, node: Node) -> None:
         async with self._slots:
-            if node.url in self._fetching or not self.applies(node) or self.ns.writeback.lock(node.url).locked():
+            if node.url in self._fetching or not self.applies(node) or self.ns.writeback.lock.held(node.url):
                 return  # being fetched, written or uploaded: the reader's own open will see to it
             try:
                 path = await self._fetch(node, ahead=True)

@@ -10,8 +10,10 @@ upload instead of starting one, under the same per-URL lock and with the same di
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,36 @@ from .workers import Watch, Workers
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL = 30.0
+
+
+class KeyedLock:
+    """One trio lock per URL, kept only while it is held or waited for (s3ql's MultiLock does the same): a walk
+    over a million objects must not leave a million locks behind."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[trio.Lock, int]] = {}  # url → (its lock, holders and waiters)
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, url: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(url, (None, 0))
+        lock = lock or trio.Lock()
+        self._locks[url] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[url]
+            if users == 1:
+                del self._locks[url]
+            else:
+                self._locks[url] = (lock, users - 1)
+
+    def held(self, url: str) -> bool:
+        """Whether `url`'s lock is held or waited for right now."""
+        return url in self._locks
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 @dataclass(eq=False)
@@ -54,7 +86,8 @@ class WriteBack:
         self.backends, self.cache, self.workers = backends, cache, workers
         self.busy: set[str] = set()  # URLs with an open dirty handle: their flush uploads them
         self.pending: set[str] = set()  # URLs whose local content is not on the server yet
-        self._locks: dict[str, trio.Lock] = {}  # one upload (or fetch into the cache) of a URL at a time
+        # One upload (or fetch into the cache) of a URL at a time: `async with writeback.lock(url)`.
+        self.lock = KeyedLock()
         self.writers: dict[str, int] = {}  # URLs open for writing here → handles: a fetch must not replace their file
         self._streams: dict[str, Stream] = {}  # uploads of files still being written, by URL
         self._nursery: trio.Nursery | None = None  # where streams run, while `run` does
@@ -98,10 +131,6 @@ class WriteBack:
             self.cache.save_state(state)
 
         await self.workers.metadata(bump)
-
-    def lock(self, url: str) -> trio.Lock:
-        """Held by uploads of `url`, and by fetches about to replace its cache file."""
-        return self._locks.setdefault(url, trio.Lock())
 
     def local_changes(self, url: str) -> bool:
         """Whether `url`'s cache file is (or may become) newer than the server's object: keep fetches off it."""
@@ -228,7 +257,7 @@ class WriteBack:
         """Upload every dirty entry nobody has open; returns how many are still dirty."""
         remaining = 0
         for state in await self.workers.metadata(self.cache.dirty_entries):
-            if self.lock(state.url).locked():
+            if self.lock.held(state.url):
                 remaining += 1  # being uploaded now (a flush's upload, perhaps still going after the flush)
                 continue
             async with self.lock(state.url):
