@@ -14,6 +14,9 @@ first, unmeasured, so that no tool makes the server's first run of it):
   ls      `ls -lR` of a prefix with many small objects, cold metadata
   small   read many 64 KiB objects one after the other, cold
   rss     peak VmRSS of the daemon and its child processes (sampled every 50 ms) while reading the stream
+  walk    `find` through 3 folders of distinct objects, one after the other, the kernel's dentries dropped
+          between walks: the daemon's RSS after the third walk against after the first (memory that follows
+          the kernel stays level)
           object cold
 
 "Cold" = the tool unmounted, its cache folder emptied, mounted again, then `sync; echo 3 > drop_caches`.
@@ -44,7 +47,7 @@ import bench_lib as lib  # noqa: E402 - the script's own folder is not on sys.pa
 MB = 1_000_000
 DISK_NEEDED = 20 * lib.GiB
 SUBJECTS = ("clearmlfs", "rclone", "s3fs", "baseline")
-GROUPS = ("read", "ttfb", "write", "ls", "small", "rss")
+GROUPS = ("read", "ttfb", "write", "ls", "small", "rss", "walk")
 ALIASES = {"cold-read": "read", "hot-read": "read", "cold_read": "read", "hot_read": "read", "ls-lR": "ls"}
 
 
@@ -55,12 +58,15 @@ class Sizes:
     small_count: int
     small_size: int
     stream: int
+    walk_count: int  # objects in each of the walk's 3 folders
 
     @staticmethod
     def pick(quick: bool) -> Sizes:
         if quick:
-            return Sizes(big=256 * lib.MiB, ls_count=1_000, small_count=200, small_size=64 * 1024, stream=lib.GiB)
-        return Sizes(big=lib.GiB, ls_count=10_000, small_count=2_000, small_size=64 * 1024, stream=4 * lib.GiB)
+            return Sizes(big=256 * lib.MiB, ls_count=1_000, small_count=200, small_size=64 * 1024, stream=lib.GiB,
+                         walk_count=2_000)
+        return Sizes(big=lib.GiB, ls_count=10_000, small_count=2_000, small_size=64 * 1024, stream=4 * lib.GiB,
+                     walk_count=20_000)
 
 
 def human(size: int) -> str:
@@ -88,6 +94,9 @@ def metrics(sizes: Sizes) -> list[Metric]:
         Metric("small", "small", f"read {sizes.small_count:,} x 64 KiB, cold", "s", False),
         Metric("rss_peak", "rss", f"peak RSS, daemon + helpers, streaming {stream}", "MB", False),
         Metric("stream_read", "rss", f"cold sequential read {stream} (the RSS run)", "MB/s", True),
+        Metric("walk_rss_first", "walk", f"daemon RSS after a find of {sizes.walk_count:,} objects", "MB", False),
+        Metric("walk_rss_third", "walk", f"... after 2 more of {sizes.walk_count:,} others each", "MB", False),
+        Metric("walk_rss_growth", "walk", "RSS after the 3rd walk / after the 1st", "x", False),
     ]
 
 
@@ -176,6 +185,7 @@ class Bench:
             "stream": f"bench/stream-{sizes.stream}.bin",
             "ls": f"bench/ls-{sizes.ls_count}/",
             "small": f"bench/small-{sizes.small_count}x{sizes.small_size}/",
+            "walk": f"bench/walk-3x{sizes.walk_count}/",
         }
 
     # --- data -----------------------------------------------------------------------------------------
@@ -198,6 +208,11 @@ class Bench:
             small = [f"{i:05d}.bin" for i in range(s.small_count)]
             steps.append((f"{s.small_count:,} x 64 KiB objects",
                           lambda: lib.ensure_many(c, b, self.keys["small"], small, s.small_size)))
+        if "walk" in groups:
+            names = [f"{i // 1000:02d}/{i:05d}.bin" for i in range(s.walk_count)]  # 1,000 a folder
+            for w in range(3):
+                steps.append((f"walk folder {w}: {s.walk_count:,} objects",
+                              lambda w=w: lib.ensure_many(c, b, f"{self.keys['walk']}{w}/", names, 16)))
         for label, step in steps:
             t0 = time.perf_counter()
             made = step()
@@ -270,6 +285,19 @@ class Bench:
         if sampler.samples == 0:
             raise BenchError(f"no RSS sample of pid {tool.pid}")
         return {"rss_peak": sampler.peak / MB, "stream_read": self.sizes.stream / MB / elapsed}
+
+    def tool_walk(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        if tool.pid is None:
+            raise BenchError("daemon process not found in /proc")
+        rss = []
+        for w in range(3):
+            _, out, _ = timed(["find", str(tool.path(self.keys["walk"] + str(w))), "-type", "f"])
+            if len(out.splitlines()) != self.sizes.walk_count:
+                raise BenchError(f"find showed {len(out.splitlines())} files, expected {self.sizes.walk_count}")
+            rss.append(lib.settled_rss(tool.pid))
+            lib.drop_dentries()
+        return {"walk_rss_first": rss[0] / MB, "walk_rss_third": rss[2] / MB, "walk_rss_growth": rss[2] / rss[0]}
 
     # Baselines: boto3 with clearml.conf's implied TransferConfig, and the local page cache.
 

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,23 @@ def scrub_environment() -> list[str]:
 
 def run(cmd: list[str], timeout: float = 1800.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
+
+
+def drop_dentries() -> None:
+    """`echo 2 > /proc/sys/vm/drop_caches`: the kernel forgets the dentries and inodes it can (FORGET to FUSE)."""
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+
+
+def settled_rss(pid: int, quiet: float = 0.5, limit: float = 10.0) -> int:
+    """VmRSS of `pid` once it has not changed for `quiet` seconds (or after `limit`): a walk's last replies and
+    the FORGETs after it are handled by then."""
+    deadline, last, since = time.monotonic() + limit, rss_bytes(pid), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        now = rss_bytes(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
 
 
 def drop_caches() -> None:
