@@ -23,6 +23,7 @@ from pathlib import Path
 from . import __version__
 from .config import Settings, load_settings
 from .errors import ClearmlfsError, ConfigError, InvalidURL
+from .logs import private_log, setup_logging
 from .storage_manager import StorageManager
 from .urls import mount_path_to_url, url_to_mount_path
 
@@ -246,7 +247,7 @@ def _mount_in_background(args: argparse.Namespace, settings: Settings, mountpoin
 
     ready_read, ready_write = os.pipe()
     env = {**os.environ, READY_FD_ENV: str(ready_write)}
-    with open(_private_log(log_file), "ab") as out:
+    with open(private_log(log_file), "ab") as out:
         child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                                  pass_fds=(ready_write,), env=env)
     os.close(ready_write)
@@ -278,13 +279,6 @@ def _default_log(settings: Settings, mountpoint: Path) -> Path:
     folder = settings.cache_dir / "clearmlfs" / "logs"
     private_dirs(folder)
     return folder / f"{str(mountpoint).strip('/').replace('/', '-') or 'root'}.log"
-
-
-def _private_log(path: str | Path) -> Path:
-    """Create (or tighten) a log file readable by its owner only: logs name buckets and objects."""
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-    os.chmod(path, 0o600)
-    return Path(path)
 
 
 def _last_line(path: Path) -> str:
@@ -385,15 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("umount", cmd_umount, "unmount MOUNTPOINT (after uploading what is dirty)")
     p.add_argument("mountpoint")
     return parser
-
-
-def setup_logging(level: str, log_file: str | None) -> None:
-    handler: logging.Handler = logging.FileHandler(_private_log(log_file)) if log_file else logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-    # The SDKs log request headers (signatures, key ids, SAS tokens) at debug level: never let them through.
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "azure", "google", "pyfuse3"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _from_mount_helper(argv: list[str]) -> list[str]:

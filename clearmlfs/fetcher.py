@@ -28,8 +28,8 @@ from typing import IO, Any
 from .backends import BackendPool, ObjectInfo
 from .backends.base import deadline
 from .cache import CacheContext
-from .cli import setup_logging
 from .config import Settings
+from .logs import setup_logging
 from .urls import parse_url
 
 HEADER = struct.Struct(">I")
