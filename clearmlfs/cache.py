@@ -27,10 +27,10 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .backends.base import Backend, ObjectInfo
 from .config import parse_size
@@ -45,6 +45,7 @@ LOCK_PREFIX = ".lock."
 LOCK_SUFFIX = ".clearml"
 PARTIAL_SUFFIX = ".partially"
 STALE_PARTIAL_SECONDS = 24 * 3600
+T = TypeVar("T")
 SERVED_OFFLINE = "served_offline"  # the counter of opens served from the cache, the server unreachable
 STATS_FILE = "counters.stats"  # (not *.json: the entries' records are)
 # The free space the cache leaves on its disk unless told otherwise: 10 % of the filesystem, at most 1 GiB,
@@ -261,12 +262,7 @@ class CacheContext:
             if cached is not None:
                 return cached
             self.clean()
-            try:
-                return self._download(url, backend, key)
-            except NoSpace:
-                if not self.make_room(info.size if info else 0):
-                    raise
-                return self._download(url, backend, key)
+            return self._with_room(info.size if info else 0, self._download, url, backend, key)
 
     def fetch_small(
         self, url: str, backend: Backend, key: str, limit: int, known: ObjectInfo | None = None
@@ -295,12 +291,8 @@ class CacheContext:
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                try:
-                    info = backend.read_small(fd, key, limit, state.etag if cached and state else None)
-                except NoSpace:
-                    if not self.make_room(limit):
-                        raise
-                    info = backend.read_small(fd, key, limit, state.etag if cached and state else None)
+                unless = state.etag if cached and state else None
+                info = self._with_room(limit, backend.read_small, fd, key, limit, unless)
             finally:
                 os.close(fd)
             if info is None:  # unchanged since we cached it
@@ -444,6 +436,15 @@ class CacheContext:
         if evicted:
             log.info("cache disk full: evicted %d unused entries", len(evicted))
         return bool(evicted)
+
+    def _with_room(self, need: int, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)`, a download into the cache; if the disk is full, once more after `make_room(need)`."""
+        try:
+            return fn(*args)
+        except NoSpace:
+            if not self.make_room(need):
+                raise
+        return fn(*args)
 
     def short_of_space(self) -> bool:
         """Whether the cache's filesystem has less than `min_free` bytes free."""

@@ -6,7 +6,6 @@ retry policy covers single requests and `retry` covers what it lets through.
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import re
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 import requests
-import urllib3
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
@@ -69,8 +67,7 @@ COPY_TIMEOUT = 30 * 60.0  # a server-side copy inside one account is fast; give 
 _CAUGHT: tuple[type[BaseException], ...] = (
     AzureError,
     requests.RequestException,
-    urllib3.exceptions.HTTPError,
-    http.client.HTTPException,
+    *TRANSPORT_FAILURES,
     OSError,
 )
 
@@ -323,9 +320,8 @@ def _request_sent(request: Any) -> None:
 
 def _response_received(response: Any) -> None:
     request, http = response.http_request, response.http_response
-    size = http.headers.get("Content-Length")
     log_request(
-        request.method, request.url, http.status_code, int(size) if size and size.isdigit() else None,
+        request.method, request.url, http.status_code, http.headers.get("Content-Length"),
         time.monotonic() - response.context.get("clearmlfs_started", time.monotonic()),
         request.headers.get("x-ms-range") or request.headers.get("Range") or "",
     )

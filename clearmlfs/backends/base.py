@@ -237,11 +237,11 @@ def loggable_url(url: str) -> str:
     return f"{base}?{'&'.join(shown)}"
 
 
-def log_request(method: str, url: str, status: int | str, size: int | None, seconds: float, span: str = "") -> None:
-    """One debug line per remote request."""
+def log_request(method: str, url: str, status: int | str, length: str | None, seconds: float, span: str = "") -> None:
+    """One debug line per remote request; `length` is the response's Content-Length header, if it had one."""
     request_log.debug(
         "%s %s%s -> %s, %s bytes, %.1f ms", method, loggable_url(url), f" [{span}]" if span else "", status,
-        "?" if size is None else size, seconds * 1000,
+        length if length and length.isdigit() else "?", seconds * 1000,
     )
 
 

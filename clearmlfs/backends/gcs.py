@@ -267,10 +267,9 @@ def _client(cfg: GCSBucket, concurrency: int) -> storage.Client:
 
 
 def _response_received(response: requests.Response, *args: Any, **kwargs: Any) -> None:
-    size = response.headers.get("Content-Length")
     request = response.request
     log_request(
-        str(request.method), response.url, response.status_code, int(size) if size and size.isdigit() else None,
+        str(request.method), response.url, response.status_code, response.headers.get("Content-Length"),
         response.elapsed.total_seconds(), str(request.headers.get("Range", "")),
     )
 

@@ -184,10 +184,9 @@ def _call_started(model: Any, params: dict[str, Any], context: dict[str, Any], *
 
 
 def _call_ended(http_response: Any, model: Any, context: dict[str, Any], **_: Any) -> None:
-    size = http_response.headers.get("Content-Length")
     log_request(
         model.http.get("method", model.name), http_response.url, http_response.status_code,
-        int(size) if size and size.isdigit() else None,
+        http_response.headers.get("Content-Length"),
         time.monotonic() - context.get("clearmlfs_started", time.monotonic()), context.get("clearmlfs_range", ""),
     )
 
@@ -322,8 +321,7 @@ class PlainGet:
         started = time.monotonic()
         response = self._http.send(request.prepare())
         if request_log.isEnabledFor(logging.DEBUG):
-            size = response.headers.get("Content-Length")
-            log_request("GET", url, response.status_code, int(size) if size and size.isdigit() else None,
+            log_request("GET", url, response.status_code, response.headers.get("Content-Length"),
                         time.monotonic() - started)
         return response
 

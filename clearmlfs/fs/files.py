@@ -329,9 +329,7 @@ class OpenFiles:
             if other.url == handle.url and other.writer:
                 other.failed, other.dirty = other.failed or code, False
                 self._stop_streaming(other, "a write failed")
-        self.writeback.pending.discard(handle.url)
-        self.writeback.busy.discard(handle.url)
-        await self.workers.metadata(self.cache.forget, handle.url)  # our descriptors keep the file meanwhile
+        await self.writeback.discard(handle.url)
         node = handle.node
         node.checked, node.kernel_etag = 0.0, ""  # the next open asks the server again
         if not node.etag:  # never uploaded: it does not exist any more, for the kernel's lookups too

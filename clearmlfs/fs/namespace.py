@@ -153,6 +153,7 @@ class Namespace:
         """`fn(*args)`, a request that revalidates the object `node`; OFFLINE (the caller serves its cached copy)
         when the server cannot answer and a complete, clean copy of `node`'s version is in the cache."""
         have_copy = bool(node.etag) and node.cached_etag == node.etag
+        unseen: StorageError | None = None  # the server's failure, when the copy was not known to this mount
         try:
             result = await self._asking(node.url, have_copy, fn, *args)
         except StorageError as exc:
@@ -160,15 +161,13 @@ class Namespace:
             # may be cached all the same: it was asked with the whole budget, and is served if it is there.
             if not (unreachable(exc) and self.settings.offline_reads and node.etag):
                 raise
-            info = ObjectInfo(node.url, node.size, node.mtime, node.etag)
-            if not await self.workers.metadata(self.cache.has_current, node.url, info):
-                raise
-            self._served_offline(node.url, exc)
-            result = OFFLINE
+            result, unseen = OFFLINE, exc
         if result is OFFLINE:
             info = ObjectInfo(node.url, node.size, node.mtime, node.etag)
             if not await self.workers.metadata(self.cache.has_current, node.url, info):
-                raise StorageError(f"{node.url}: the server did not answer, and no current copy is cached")
+                raise unseen or StorageError(f"{node.url}: the server did not answer, and no current copy is cached")
+            if unseen is not None:
+                self._served_offline(node.url, unseen)
             await self.workers.metadata(self.cache.count, SERVED_OFFLINE)
         return result
 
@@ -481,8 +480,7 @@ class Namespace:
                 raise OSError(errno.EBUSY, "open for writing; close it first")
             backend, key = self.locate(node)
             await self.workers.metadata(backend.delete, key)
-            self.pending.discard(node.url)
-            await self.workers.metadata(self.cache.forget, node.url)
+            await self.writeback.discard(node.url)
         self.table.remove(node)
         return node
 

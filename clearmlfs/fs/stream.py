@@ -344,7 +344,10 @@ class Cleaner:
         byte_step = int(self.cache.byte_limit * self.HEADROOM) if self.cache.byte_limit else 1 << 62
         # The free-space rule is checked as often as the limits are, and whenever what was added since the
         # last scan could have eaten the room it keeps.
-        room = self._bytes >= self.cache.min_free // 4 and await self.workers.metadata(self.cache.short_of_space)
+        room = (
+            self.cache.min_free > 0 and self._bytes >= self.cache.min_free // 4
+            and await self.workers.metadata(self.cache.short_of_space)
+        )
         if self._files >= file_step or self._bytes >= byte_step or room:
             self._files = self._bytes = 0
             if self.fetchers.available:  # a few syscalls per evicted file: not on the daemon's GIL

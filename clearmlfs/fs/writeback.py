@@ -270,6 +270,13 @@ class WriteBack:
                     log.warning("upload of %s failed again (%s); will retry", state.url, exc)
         return remaining
 
+    async def discard(self, url: str) -> None:
+        """Drop `url`'s local changes, cache file and state: nothing of them is to be uploaded any more (the
+        object was deleted, or a write into the file failed). Open descriptors of the file keep it meanwhile."""
+        self.pending.discard(url)
+        self.busy.discard(url)
+        await self.workers.metadata(self.cache.forget, url)
+
     async def _retry_one(self, url: str) -> None:
         state = await self.workers.metadata(self.cache.state, url)
         if state is None or not state.dirty:  # uploaded meanwhile by a writer's flush
@@ -278,8 +285,7 @@ class WriteBack:
         path = self.cache.path_for(url)
         if not path.exists():
             log.error("dirty entry for %s has no cache file; nothing to upload", url)
-            self.pending.discard(url)
-            await self.workers.metadata(self.cache.forget, url)
+            await self.discard(url)
             return
         await self._upload_locked(url, path)
         log.info("uploaded pending changes to %s", url)
