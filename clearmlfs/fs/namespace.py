@@ -105,7 +105,14 @@ class Namespace:
         """Whether `node`'s size/ETag came from the server less than `ttl` ago."""
         return self._fresh(node.checked)
 
-    def set_object(self, node: Node, info: ObjectInfo) -> None:
+    def set_object(self, node: Node, info: ObjectInfo, asked: float | None = None) -> None:
+        """Record what the server says of `node`'s object: `info`, in answer to a question sent at `asked`
+        (time.monotonic(); None for what our own upload made). An answer to a question sent before the node
+        last changed is about an older version (a listing in flight while a flush uploaded, say: it would
+        hand the kernel the old size, and an O_APPEND writer would write inside the file): dropped, as are
+        answers about a file written here and not uploaded yet, whose cache file is the content."""
+        if asked is not None and (asked < node.checked or node.url in self.pending):
+            return
         node.size, node.mtime, node.etag, node.checked = info.size, info.mtime, info.etag, time.monotonic()
 
     @staticmethod
@@ -303,6 +310,7 @@ class Namespace:
             return await self._pending_node(parent, name, url)
         backend, key = self.backends.get(parse_url(url)), parse_url(url).key
         found: dict[str, object] = {}
+        asked = time.monotonic()
 
         async def ask(what: str, fn: Callable[..., object], *args: object) -> None:
             try:
@@ -324,7 +332,7 @@ class Namespace:
             raise info
         assert isinstance(info, ObjectInfo)
         node = self.table.add(parent, name, Kind.FILE, url)
-        self.set_object(node, info)
+        self.set_object(node, info, asked)
         return node
 
     async def listdir(self, node: Node) -> list[Node]:
@@ -346,6 +354,7 @@ class Namespace:
         backend, key = self.locate(node)
         prefix = f"{key}/" if key else ""
         limit = None if cap is None else cap + 1
+        asked = time.monotonic()
         entries = await self._asking(
             node.url, node.children is not None, lambda: list(itertools.islice(backend.list(prefix, "/"), limit))
         )
@@ -362,7 +371,7 @@ class Namespace:
             kind = Kind.DIR if isinstance(entry, Prefix) else Kind.FILE
             child = self.table.add(node, name, kind, node.child_url(name))
             if isinstance(entry, ObjectInfo):
-                self.set_object(child, entry)
+                self.set_object(child, entry, asked)
             children[name] = child.inode
         for name, kind in self._pending_children(node).items():
             if name not in children and valid_key_name(name):
@@ -401,9 +410,10 @@ class Namespace:
             await self._local_size(node)  # not on the server yet: the cache file is the content
         elif node.kind is Kind.FILE and not self.fresh(node):
             backend, key = self.locate(node)
+            asked = time.monotonic()
             info = await self.ask_or_cached(node, backend.stat, key)
             if isinstance(info, ObjectInfo):
-                self.set_object(node, info)
+                self.set_object(node, info, asked)
         return node
 
     # -- local (direct access) ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ or a HEAD: an open within `ttl` of it needs no request, as for any other file.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -97,7 +98,6 @@ class SmallFiles(TaskHost):
         if not await self._settled(url):  # one fetch of a URL at a time
             return None
         backend, key = self.ns.locate(node)
-        known = ObjectInfo(key, node.size, node.mtime, node.etag) if self.ns.fresh(node) else None
         writeback = self.ns.writeback
         done = self._fetching[url] = trio.Event()
         result: object
@@ -105,6 +105,9 @@ class SmallFiles(TaskHost):
             async with writeback.lock(url):  # a writer opening it waits for the new file to be in place
                 if writeback.local_changes(url):
                     return None  # written here: the cache file is the writer's, not the server's
+                # Taken under the lock: an upload it waited for has made the node's attributes newer.
+                known = ObjectInfo(key, node.size, node.mtime, node.etag) if self.ns.fresh(node) else None
+                asked = time.monotonic()
                 if ahead and self.fetchers.available:  # in a fetcher process: the daemon keeps its GIL
                     result = await self.fetchers.fetch_small(url, self.settings.max_size, known)
                 else:  # a reader waits for this one: no queueing behind read-ahead
@@ -121,15 +124,16 @@ class SmallFiles(TaskHost):
             return None
         path, info = cast(tuple[Path | None, ObjectInfo | None], result)
         if info is not None:  # (None: `known` matched the cached copy, nothing was asked of the server)
-            self.ns.set_object(node, info)
-        if path is not None:
-            node.cached_etag = node.etag
-        if info is not None:
+            self.ns.set_object(node, info, asked)
             if path is not None and self.nursery is not None:
                 # In the background: the file is ready now, and its reader must not wait for evictions.
                 self.nursery.start_soon(self._added, info.size)
             elif path is not None:
                 await self.cleaner.added(info.size)
+            if node.etag != info.etag:  # a newer answer came while this one was in flight: not this copy
+                return None
+        if path is not None:
+            node.cached_etag = node.etag
         return path
 
     async def _added(self, size: int) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import errno
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyfuse3
 import pytest
 import trio
 
+from clearmlfs.backends import ObjectInfo, Prefix
 from tests.fast.harness import HOST, ROOT, Client, errno_of, is_dir, run
 
 
@@ -247,3 +251,38 @@ def test_an_object_changed_on_the_server_is_seen_after_ttl(tmp_path: Path) -> No
 
     run(test, tmp_path, "ttl=0.02,list_ttl=0.02")
 
+
+
+def test_a_listing_sent_before_an_upload_does_not_bring_back_the_old_size(tmp_path: Path) -> None:
+    """A listing in flight while a flush uploads answers with the object as it was: the node must keep what
+    the upload made, or the kernel is told the old size and an O_APPEND writer writes inside the file."""
+
+    async def test(c: Client) -> None:
+        c.backend.put("d/f.bin", b"o" * 30)
+        assert await c.listdir(f"{ROOT}/d") == ["f.bin"]
+        taken, answer = threading.Event(), threading.Event()
+        list_now = c.backend.list
+
+        def late_list(prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
+            entries = list(list_now(prefix, delimiter))  # the server's answer as of now...
+            if prefix.endswith("d/") and not taken.is_set():
+                taken.set()
+                answer.wait(10)  # ...delivered after the upload below
+            return iter(entries)
+
+        c.backend.list = late_list  # type: ignore[method-assign]
+        folder = c.fs.ops.ns.table.at(f"{ROOT}/d")
+        assert folder is not None
+        folder.listed = 0.0  # the next lookup under it lists it again
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(errno_of, c.attrs(f"{ROOT}/d/other"))
+            await trio.to_thread.run_sync(taken.wait, 10)
+            await c.write(f"{ROOT}/d/f.bin", b"n" * 100)
+            answer.set()
+        assert (await c.attrs(f"{ROOT}/d/f.bin")).st_size == 100
+        fh = await c.open(f"{ROOT}/d/f.bin", os.O_WRONLY | os.O_APPEND)
+        await c.ops.write(fh, (await c.attrs(f"{ROOT}/d/f.bin")).st_size, b"+")
+        await c.close(fh)
+        assert c.backend.data("d/f.bin") == b"n" * 100 + b"+"
+
+    run(test, tmp_path)
