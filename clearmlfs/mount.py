@@ -22,6 +22,7 @@ from .cache import CacheContext
 from .config import Settings, Timeouts, parse_bool, parse_size
 from .errors import ConfigError
 from .fetcher import Setup
+from .fs.entries import Entries
 from .fs.fetchers import Fetchers
 from .fs.files import OpenFiles
 from .fs.namespace import Namespace
@@ -175,7 +176,8 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
     )
     backends = backends or BackendPool(settings)
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency), timeouts=settings.timeouts)
-    writeback = WriteBack(backends, cache, workers)
+    entries = Entries()
+    writeback = WriteBack(backends, cache, workers, entries)
     ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl)
     setup = Setup(settings, cache_dir, cache.context, cache.file_limit, cache.byte_limit,
                   logging.getLevelName(logging.getLogger().getEffectiveLevel()))
@@ -184,7 +186,7 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
     downloads = Downloads(cache, workers, writeback, stream, fetchers)
     small = SmallFiles(ns, cache, workers, fetchers, downloads.cleaner,
                        SmallSettings(opts.small_file_size, opts.readahead_files))
-    passthrough = Passthrough(opts.passthrough, cache.folder)
+    passthrough = Passthrough(opts.passthrough, cache.folder, entries)
     files = OpenFiles(ns, cache, workers, writeback, downloads, small, passthrough, opts.read_only)
     ops = Operations(ns, files, ttl=opts.ttl)
     return Filesystem(ops, backends, cache, writeback, downloads, small, fetchers, passthrough)

@@ -25,6 +25,7 @@ import trio
 from ..backends import ObjectInfo
 from ..cache import CacheContext, Pin
 from ..errors import NoSpace, ReadOnly, StorageError, TimedOut, to_errno
+from .entries import Entry
 from .inodes import Kind, Node
 from .namespace import Namespace
 from .passthrough import DropBehind, Passthrough
@@ -40,10 +41,11 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 R = TypeVar("R")
 
 
-@dataclass
+@dataclass(eq=False)
 class OpenFile:
     fh: int
     node: Node
+    entry: Entry  # its object's (for a direct-access file, its path's)
     fd: int
     url: str  # '' for a direct-access file
     pin: Pin | None
@@ -74,13 +76,20 @@ class OpenFiles:
         self.ns, self.cache, self.workers, self.writeback = ns, cache, workers, writeback
         self.downloads, self.small, self.passthrough = downloads, small, passthrough
         self.read_only = read_only
-        self._handles: dict[int, OpenFile] = {}
+        self.entries = writeback.entries
+        self._handles: dict[int, OpenFile] = {}  # fh → handle (each also listed by its entry)
         self._fh = itertools.count(1)
 
     def _register(self, node: Node, fd: int, url: str, pin: Pin | None) -> OpenFile:
-        handle = OpenFile(next(self._fh), node, fd, url, pin)
+        entry = self.entries.at(node.url)
+        handle = OpenFile(next(self._fh), node, entry, fd, url, pin)
         self._handles[handle.fh] = handle
+        entry.handles.append(handle)
         return handle
+
+    def _others(self, handle: OpenFile) -> list[OpenFile]:
+        """The other open handles of `handle`'s object."""
+        return [h for h in handle.entry.handles if h is not handle]
 
     def _check_writable(self, flags: int) -> None:
         if self.read_only and flags & (WRITE_FLAGS | os.O_TRUNC | os.O_CREAT):
@@ -90,15 +99,17 @@ class OpenFiles:
     async def open(self, node: Node, flags: int) -> OpenFile:
         local = self.ns.is_local(node)
         if flags & WRITE_FLAGS and not local:
-            self.passthrough.open_writer(node.inode)  # before anything is truncated or registered
+            entry = self.entries.at(node.url)
+            self.passthrough.open_writer(entry)  # before anything is truncated or registered
             try:
                 return self._direct_writes(await self._open_any(node, flags), flags)
             except BaseException:
-                self.passthrough.release(node.inode, 0)
+                self.passthrough.release(entry, node.inode, 0)
                 raise
         handle = await self._open_any(node, flags)
         # Complete, or direct access (whose writes belong in the file anyway): the kernel may use it itself.
-        handle.backing_id = self.passthrough.assign(node.inode, handle.fd, local or handle.download is None)
+        eligible = local or handle.download is None
+        handle.backing_id = self.passthrough.assign(handle.entry, handle.fd, eligible)
         if handle.backing_id:
             handle.keep_cache = False  # the kernel refuses it with passthrough; the FUSE page cache is unused
             node.kernel_etag = ""  # and whether this open cleared it is the kernel's business: unknown now
@@ -125,7 +136,7 @@ class OpenFiles:
             try:
                 handle = await (self._open_truncated(node, flags) if flags & os.O_TRUNC else self._open(node, flags))
             except BaseException:
-                self.writeback.close_writer(node.url)
+                self.writeback.close_writer(self.entries.at(node.url))
                 raise
             handle.writer = True
             return handle
@@ -229,7 +240,7 @@ class OpenFiles:
 
     async def create(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
         handle = await self._create_any(parent, name, flags, mode)
-        handle.backing_id = self.passthrough.assign(handle.node.inode, handle.fd, self.ns.is_local(parent))
+        handle.backing_id = self.passthrough.assign(handle.entry, handle.fd, self.ns.is_local(parent))
         return self._direct_writes(handle, flags)
 
     async def _create_any(self, parent: Node, name: str, flags: int, mode: int) -> OpenFile:
@@ -269,7 +280,8 @@ class OpenFiles:
                 return await self.downloads.read_uncached(handle.download, offset, size)
             view = handle.download.view(offset, size)
         if handle.behind is not None:
-            self.passthrough.drop_behind(handle.node.inode, handle.behind, offset, size, handle.node.size)
+            self.passthrough.drop_behind(handle.entry, handle.node.inode, handle.behind, offset, size,
+                                         handle.node.size)
         return view if view is not None else os.pread(handle.fd, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
@@ -325,8 +337,9 @@ class OpenFiles:
         cached copy is dropped (the server's object, untouched, is the content again)."""
         log.error("%s: a write failed (%s): nothing written through this file is uploaded", handle.url, exc)
         code = to_errno(exc)
-        for other in self._handles.values():
-            if other.url == handle.url and other.writer:
+        handle.entry.failed()
+        for other in handle.entry.handles:
+            if other.writer:
                 other.failed, other.dirty = other.failed or code, False
                 self._stop_streaming(other, "a write failed")
         await self.writeback.discard(handle.url)
@@ -340,17 +353,15 @@ class OpenFiles:
         if not handle.dirty:
             # Another writer: the file is no longer what a streaming handle wrote. Stopped before the dirty
             # version moves, so a stream that still completes is seen as older than this write.
-            for other in self._handles.values():
-                if other.url == handle.url and other is not handle:
-                    self._stop_streaming(other, "another writer")
+            for other in self._others(handle):
+                self._stop_streaming(other, "another writer")
             await self.writeback.mark_dirty(handle.url)
             handle.dirty = True
-            self.writeback.busy.add(handle.url)
 
     # -- uploading while written (a new or truncated file, written in order from its first byte) ---------
     def _may_stream(self, handle: OpenFile) -> None:
         threshold = self.writeback.stream_threshold(handle.url)
-        alone = not any(h.dirty and h.url == handle.url and h is not handle for h in self._handles.values())
+        alone = not any(h.dirty for h in self._others(handle))
         if threshold is not None and alone:
             handle.appended, handle.stream_from = 0, threshold
 
@@ -400,8 +411,6 @@ class OpenFiles:
         handle.dirty = False
         # The page cache holds exactly what was uploaded, unless the writes bypassed it.
         handle.node.kernel_etag = "" if handle.direct_io else info.etag
-        if not any(h.dirty and h.url == handle.url for h in self._handles.values()):
-            self.writeback.busy.discard(handle.url)
         self.ns.set_object(handle.node, info)
 
     async def fsync(self, fh: int) -> None:
@@ -422,22 +431,25 @@ class OpenFiles:
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
+        entry = handle.entry
         self._stop_streaming(handle, "closed")  # only without a flush (which ends the stream) before
         if handle.writer:
-            self.writeback.close_writer(handle.url)
-        self.passthrough.release(handle.node.inode, handle.backing_id, handle.behind)
+            self.writeback.close_writer(entry)
+        self.passthrough.release(entry, handle.node.inode, handle.backing_id, handle.behind)
         os.close(handle.fd)
-        if handle.download is not None:
-            # Its last ranges checked the version as a stat would: a re-open right after needs no stat.
-            self.ns.confirm(handle.node, handle.download.info.etag, handle.download.confirmed)
-            await self.downloads.detach(handle.download)
-            if handle.download.published:
-                handle.node.cached_etag = handle.download.info.etag
-        if handle.pin is not None:
-            handle.pin.release()
-        if handle.dirty and not any(h.dirty and h.url == handle.url for h in self._handles.values()):
-            # flush failed; the writeback loop keeps retrying from the cache file
-            self.writeback.busy.discard(handle.url)
+        try:
+            if handle.download is not None:
+                # Its last ranges checked the version as a stat would: a re-open right after needs no stat.
+                self.ns.confirm(handle.node, handle.download.info.etag, handle.download.confirmed)
+                await self.downloads.detach(handle.download)
+                if handle.download.published:
+                    handle.node.cached_etag = handle.download.info.etag
+        finally:
+            if handle.pin is not None:
+                handle.pin.release()
+            # (a handle still dirty here failed its flush: the writeback loop retries from the cache file)
+            entry.handles.remove(handle)
+            self.entries.release(entry)
 
 
 def _inode(path: Path) -> int:

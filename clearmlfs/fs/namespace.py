@@ -80,14 +80,11 @@ class Namespace:
     ) -> None:
         self.settings, self.backends, self.cache, self.workers = settings, backends, cache, workers
         self.writeback = writeback
-        # URLs written here and not on the server yet: the cache file is the truth for them.
-        self.pending = writeback.pending
+        self.entries = writeback.entries
         self.table = InodeTable()
         self.ttl = ttl  # object attributes (and so the ETag checked on open) are at most this old
         self.list_ttl = max(ttl, list_ttl)  # a listing answers readdir and positive lookups this long
-        self._absent: dict[str, float] = {}  # url → time.monotonic() it was found missing
         self._unreachable: dict[str, float] = {}  # bucket root URL → time.monotonic() its server last failed
-        self._warned: set[str] = set()  # URLs served offline and said so in the log
 
     # -- helpers -----------------------------------------------------------------------------------
     def local_changes(self, node: Node) -> bool:
@@ -111,7 +108,7 @@ class Namespace:
         last changed is about an older version (a listing in flight while a flush uploaded, say: it would
         hand the kernel the old size, and an O_APPEND writer would write inside the file): dropped, as are
         answers about a file written here and not uploaded yet, whose cache file is the content."""
-        if asked is not None and (asked < node.checked or node.url in self.pending):
+        if asked is not None and (asked < node.checked or self.entries.pending(node.url)):
             return
         node.size, node.mtime, node.etag, node.checked = info.size, info.mtime, info.etag, time.monotonic()
 
@@ -150,10 +147,7 @@ class Namespace:
         return result
 
     def _served_offline(self, url: str, exc: BaseException | None = None) -> None:
-        if url not in self._warned:
-            if len(self._warned) > 10_000:
-                self._warned.clear()
-            self._warned.add(url)
+        if self.entries.first_warning(url):
             log.warning("%s: the server did not answer (%s): serving what is cached", url, exc or "offline")
 
     async def ask_or_cached(self, node: Node, fn: Callable[..., T], *args: object) -> T | object:
@@ -231,7 +225,7 @@ class Namespace:
         if known is not None and known.kind is Kind.BUCKET:
             return known  # verified once; buckets do not come and go under a mount
         url = f"{parent.url}{name}" if parent.kind is Kind.SCHEME else f"{parent.url}/{name}"
-        if self._fresh(self._absent.get(url, -self.ttl)):
+        if self._absent(url):
             raise NotFound(url)
         node = self.table.add(parent, name, Kind.BUCKET, url)
         try:
@@ -240,7 +234,7 @@ class Namespace:
         except StorageError as exc:
             self.table.remove(node)
             if isinstance(exc, NotFound):
-                self._absent[url] = time.monotonic()
+                self.entries.note_absent(url)
             raise
         return node
 
@@ -282,7 +276,7 @@ class Namespace:
 
     async def _lookup_object(self, parent: Node, name: str) -> Node:
         url = parent.child_url(name)
-        if self._fresh(self._absent.get(url, -self.ttl)):
+        if self._absent(url):
             raise NotFound(url)  # asked again right away (shells and editors do): answer from memory
         known = self.table.at(parent.child_path(name))
         try:
@@ -291,9 +285,7 @@ class Namespace:
                 return known
             return await self._fetch_entry(parent, name, url)
         except NotFound:
-            self._absent[url] = time.monotonic()
-            if len(self._absent) > 10_000:
-                self._absent.clear()
+            self.entries.note_absent(url)
             raise
         except StorageError as exc:
             if known is None or not unreachable(exc) or not self.settings.offline_reads:
@@ -303,10 +295,15 @@ class Namespace:
 
     def created(self, url: str) -> None:
         """Our own write made `url` exist: forget that it was missing."""
-        self._absent.pop(url, None)
+        self.entries.found(url)
+
+    def _absent(self, url: str) -> bool:
+        """Whether `url` was found missing less than `ttl` ago."""
+        since = self.entries.absent_since(url)
+        return since is not None and self._fresh(since)
 
     async def _fetch_entry(self, parent: Node, name: str, url: str) -> Node:
-        if url in self.pending:
+        if self.entries.pending(url):
             return await self._pending_node(parent, name, url)
         backend, key = self.backends.get(parse_url(url)), parse_url(url).key
         found: dict[str, object] = {}
@@ -368,6 +365,8 @@ class Namespace:
             name = entry.key[len(prefix) :].rstrip("/") if isinstance(entry, Prefix) else entry.key[len(prefix) :]
             if not valid_name(name) or (isinstance(entry, ObjectInfo) and name in children):
                 continue  # the marker itself, unshowable keys, or an object shadowed by a prefix
+            if (self.entries.absent_since(node.child_url(name)) or 0.0) > asked:
+                continue  # deleted here (or found missing) after the listing was asked
             kind = Kind.DIR if isinstance(entry, Prefix) else Kind.FILE
             child = self.table.add(node, name, kind, node.child_url(name))
             if isinstance(entry, ObjectInfo):
@@ -379,8 +378,19 @@ class Namespace:
                 if kind is Kind.FILE:
                     await self._local_size(child)
                 children[name] = child.inode
+        children.update(self._newer_than(node, asked, children))
         node.children, node.listed = children, time.monotonic()
         return True
+
+    def _newer_than(self, node: Node, asked: float, listed: dict[str, int]) -> dict[str, int]:
+        """Children of `node` that a listing asked at `asked` cannot show (`listed`: what it shows): made or
+        seen after it was asked (a file uploaded here while it was in flight), they are there all the same."""
+        found = {}
+        for name, inode in (node.children or {}).items():
+            child = self.table.get(inode)
+            if name not in listed and child is not None and child.checked > asked:
+                found[name] = inode
+        return found
 
     async def _pending_node(self, parent: Node, name: str, url: str) -> Node:
         node = self.table.add(parent, name, Kind.FILE, url)
@@ -398,7 +408,7 @@ class Namespace:
         """Names under `node` that exist only as local writes (files, or folders holding them)."""
         base = node.url.rstrip("/") + "/"
         found: dict[str, Kind] = {}
-        for url in self.pending:
+        for url in self.entries.pending_urls():
             if url.startswith(base):
                 name, sep, _ = url[len(base) :].partition("/")
                 found[name] = Kind.DIR if sep else found.get(name, Kind.FILE)
@@ -406,7 +416,7 @@ class Namespace:
 
     async def refresh(self, node: Node) -> Node:
         """Up-to-date size/ETag of an object (at most `ttl` old): close-to-open consistency."""
-        if node.kind is Kind.FILE and node.url in self.pending:
+        if node.kind is Kind.FILE and self.entries.pending(node.url):
             await self._local_size(node)  # not on the server yet: the cache file is the content
         elif node.kind is Kind.FILE and not self.fresh(node):
             backend, key = self.locate(node)
@@ -459,6 +469,7 @@ class Namespace:
         await self.workers.metadata(backend.upload, EMPTY, key + "/")
         self.created(url)
         node = self.table.add(parent, name, Kind.DIR, url)
+        node.checked = time.monotonic()  # (a listing in flight cannot show it yet: `_newer_than`)
         if parent.children is not None:
             parent.children[name] = node.inode
         return node
@@ -477,6 +488,7 @@ class Namespace:
             if any(e.key != key + "/" for e in entries):
                 raise NotEmpty(f"{node.url} is not empty")
             await self.workers.metadata(backend.delete, key + "/")
+            self.entries.note_absent(node.url)
         self.table.remove(node)
 
     async def unlink(self, parent: Node, name: str) -> Node:
@@ -486,11 +498,12 @@ class Namespace:
         if self.is_local(node):
             await self.workers.metadata(os.unlink, node.url)
         else:
-            if node.url in self.writeback.busy:
+            if self.entries.busy(node.url):
                 raise OSError(errno.EBUSY, "open for writing; close it first")
             backend, key = self.locate(node)
             await self.workers.metadata(backend.delete, key)
             await self.writeback.discard(node.url)
+            self.entries.note_absent(node.url)  # a listing in flight may still show it
         self.table.remove(node)
         return node
 
@@ -501,6 +514,7 @@ class Namespace:
             if not replace and await self.workers.metadata(os.path.lexists, target):
                 raise AlreadyExists(target)
             await self.workers.metadata(os.rename, node.url, target)
+            self.entries.move(node.url, target)
             self.table.move(node, new_parent, new_name, target)
             return
         self.check_new_object(new_parent, new_name)
@@ -513,23 +527,24 @@ class Namespace:
             with contextlib.suppress(NotFound):
                 await self.workers.metadata(backend.stat, new_key)
                 raise AlreadyExists(new_url)
-        if node.url in self.pending:
+        if self.entries.pending(node.url):
             info = await self._rename_local_write(node, new_url)
         else:
             info = await self.workers.transfer(backend.copy, key, new_key)
             await self.workers.metadata(self.cache.move, node.url, new_url, info.etag)
+            self.entries.move(node.url, new_url)
         await self.workers.metadata(backend.delete, key)
+        self.entries.note_absent(node.url)
         self.created(new_url)
         self.table.move(node, new_parent, new_name, new_url)
         self.set_object(node, info)
 
     async def _rename_local_write(self, node: Node, new_url: str) -> ObjectInfo:
         """A file not uploaded yet moves in the cache and is uploaded under its new name."""
-        if node.url in self.writeback.busy:
+        if self.entries.busy(node.url):
             raise OSError(errno.EBUSY, "open for writing; close it first")
         await self.workers.metadata(self.cache.move, node.url, new_url, "")
-        self.pending.discard(node.url)
-        self.pending.add(new_url)
+        self.entries.move(node.url, new_url)
         fd = await self.workers.metadata(os.open, self.cache.path_for(new_url), os.O_RDONLY)
         try:
             return await self.writeback.upload(new_url, fd)

@@ -40,13 +40,13 @@ import platform
 import re
 import struct
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from .entries import Backing, Entries, Entry
 from .stream import TaskHost
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,6 @@ class DropBehind:
         return (self.dropped, upto - self.dropped) if upto - self.dropped >= DROP_STEP else None
 
 
-@dataclass
-class _Backing:
-    id: int
-    users: int = 0  # our open files on it
-
-
 def pyfuse3_supports() -> bool:
     """Whether this pyfuse3 passes backing files on (the patched build scripts/setup.sh makes)."""
     return hasattr(pyfuse3, "session_fd_number") and hasattr(pyfuse3.FileInfo(), "backing_id")
@@ -116,33 +110,34 @@ def capabilities() -> str:
 
 
 class Passthrough(TaskHost):
-    def __init__(self, wanted: bool, folder: Path) -> None:
+    """Which opens the kernel serves itself. The state is the object's entry's: its backing while passthrough
+    opens exist, its count of cached-mode opens, whether a drop of its pages is under way."""
+
+    def __init__(self, wanted: bool, folder: Path, entries: Entries) -> None:
         self.enabled = wanted and pyfuse3_supports()
         self._off = "" if self.enabled else "passthrough=off" if not wanted else (
             "this pyfuse3 cannot pass backing files on; scripts/setup.sh builds one that can")
         self.folder = folder  # where backing files live (the cache), for `probe`
-        self._backing: dict[int, _Backing] = {}  # inode → its backing file, while passthrough opens exist
-        self._cached: Counter[int] = Counter()  # inode → open files in cached mode
-        self._dropping: set[int] = set()  # inodes with a drop in progress
+        self.entries = entries
 
-    def open_writer(self, inode: int) -> None:
-        """A writable open of `inode` begins: counted in cached mode from now on, so that no passthrough
-        open starts while it is being prepared (`release(inode, 0)` ends it). ETXTBSY while `inode` is
-        open in passthrough mode."""
-        if inode in self._backing:
+    def open_writer(self, entry: Entry) -> None:
+        """A writable open of `entry`'s inode begins: counted in cached mode from now on, so that no passthrough
+        open starts while it is being prepared (`release(entry, inode, 0)` ends it). ETXTBSY while the inode
+        is open in passthrough mode."""
+        if entry.backing is not None:
             raise OSError(errno.ETXTBSY, "open for reading through kernel passthrough; close those first")
-        self._cached[inode] += 1
+        entry.cached_opens += 1
 
-    def assign(self, inode: int, fd: int, eligible: bool) -> int:
-        """The backing id for a new open of `inode` whose local file is `fd` (0: cached mode); `eligible`:
-        the kernel may use `fd`'s file itself (read-only and complete, or a direct-access file)."""
-        backing = self._backing.get(inode)
-        if backing is None and eligible and self.enabled and not self._cached[inode]:
+    def assign(self, entry: Entry, fd: int, eligible: bool) -> int:
+        """The backing id for a new open of `entry`'s inode whose local file is `fd` (0: cached mode);
+        `eligible`: the kernel may use `fd`'s file itself (read-only and complete, or a direct-access file)."""
+        backing = entry.backing
+        if backing is None and eligible and self.enabled and not entry.cached_opens:
             backing_id = self._backing_id(fd)
             if backing_id:
-                backing = self._backing[inode] = _Backing(backing_id)
+                backing = entry.backing = Backing(backing_id)
         if backing is None:
-            self._cached[inode] += 1
+            entry.cached_opens += 1
             return 0
         backing.users += 1
         return backing.id
@@ -161,37 +156,39 @@ class Passthrough(TaskHost):
                 self._close(backing_id)
         log.info("kernel passthrough %s", "on" if self.enabled else f"off ({self._off})")
 
-    def release(self, inode: int, backing_id: int, behind: DropBehind | None = None) -> None:
-        """An open file of `inode` is released; `behind`: its drop-behind, if it read in cached mode."""
+    def release(self, entry: Entry, inode: int, backing_id: int, behind: DropBehind | None = None) -> None:
+        """An open file of `entry`'s `inode` is released; `behind`: its drop-behind, if it read in cached mode."""
         if not backing_id:
-            self._cached[inode] -= 1
-            if not self._cached[inode]:
-                del self._cached[inode]
-                if behind is not None and behind.end:
-                    self._drop(inode, 0, 0)  # the rest of its pages: the next open may be a passthrough one
-            return
-        backing = self._backing[inode]
-        backing.users -= 1
-        if not backing.users:
-            del self._backing[inode]
-            self._close(backing.id)
+            entry.cached_opens -= 1
+            if not entry.cached_opens and behind is not None and behind.end:
+                self._drop(entry, inode, 0, 0)  # the rest of its pages: the next open may be a passthrough one
+        else:
+            backing = entry.backing
+            assert backing is not None and backing.id == backing_id
+            backing.users -= 1
+            if not backing.users:
+                entry.backing = None
+                self._close(backing.id)
+        self.entries.release(entry)
 
-    def drop_behind(self, inode: int, behind: DropBehind, offset: int, size: int, file_size: int) -> None:
+    def drop_behind(
+        self, entry: Entry, inode: int, behind: DropBehind, offset: int, size: int, file_size: int
+    ) -> None:
         """A cached-mode read of `size` bytes at `offset`: drop the FUSE pages it left behind."""
         behind.advance(offset, size, file_size)
         span = behind.due()
-        if span is not None and self._drop(inode, *span):
+        if span is not None and self._drop(entry, inode, *span):
             behind.dropped = sum(span)
 
-    def _drop(self, inode: int, offset: int, length: int) -> bool:
+    def _drop(self, entry: Entry, inode: int, offset: int, length: int) -> bool:
         """Drop `inode`'s cached pages in the background; False if a drop is still running."""
-        if inode in self._dropping or self.nursery is None:
+        if entry.dropping or self.nursery is None:
             return False
-        self._dropping.add(inode)
-        self.nursery.start_soon(self._dropped, inode, offset, length)
+        entry.dropping = True
+        self.nursery.start_soon(self._dropped, entry, inode, offset, length)
         return True
 
-    async def _dropped(self, inode: int, offset: int, length: int) -> None:
+    async def _dropped(self, entry: Entry, inode: int, offset: int, length: int) -> None:
         try:  # in a thread: the kernel waits for pages being read, which this loop answers
             # (the patched pyfuse3's; the stock one's stub lacks it, and then passthrough is off)
             drop = pyfuse3.invalidate_inode_range  # type: ignore[attr-defined, unused-ignore]
@@ -199,7 +196,8 @@ class Passthrough(TaskHost):
         except OSError as exc:  # ENOENT: the kernel forgot the inode meanwhile
             log.debug("dropping cached pages of inode %d: %s", inode, exc)
         finally:
-            self._dropping.discard(inode)
+            entry.dropping = False
+            self.entries.release(entry)
 
     def _backing_id(self, fd: int) -> int:
         """A backing id for `fd`'s file; 0 if the kernel refuses it (and, if it refuses every file, from

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -59,8 +60,8 @@ class SmallFiles(TaskHost):
     ) -> None:
         self.ns, self.cache, self.workers, self.fetchers, self.cleaner = ns, cache, workers, fetchers, cleaner
         self.settings = settings
-        self._fetching: dict[str, trio.Event] = {}
-        self._ready: dict[str, tuple[str, Path]] = {}  # url → (ETag, cache file) fetched ahead, not opened yet
+        self.entries = ns.entries
+        self._ready: deque[tuple[str, str]] = deque()  # (url, ETag) of objects fetched ahead, oldest first
         self._walks: dict[int, _Walk] = {}  # parent inode → the walk through it
         self._slots = trio.CapacityLimiter(settings.concurrency)
 
@@ -76,7 +77,7 @@ class SmallFiles(TaskHost):
         general open path must decide (local changes, a download by another process, the object grew)."""
         if not await self._settled(node.url):  # fetched ahead right now: its GET is as recent as ours would be
             return None
-        ready = self._ready.pop(node.url, None)
+        ready = self._take_ready(node.url)
         if ready is not None and ready[0] == node.etag and self.ns.fresh(node):
             path: Path | None = ready[1]  # fetched ahead moments ago: no disk check, no thread hop
         else:
@@ -88,10 +89,14 @@ class SmallFiles(TaskHost):
         """Wait for a fetch of `url` under way (fetched ahead, say) to end; False if it did not within the
         operation budget (a stalled server): the caller then leaves the object to the general open path."""
         with trio.move_on_after(self.workers.timeouts.operation):
-            while (fetching := self._fetching.get(url)) is not None:
+            while (fetching := self._fetching(url)) is not None:
                 await fetching.wait()
             return True
         return False
+
+    def _fetching(self, url: str) -> trio.Event | None:
+        entry = self.entries.get(url)
+        return None if entry is None else entry.fetching
 
     async def _fetch(self, node: Node, ahead: bool = False) -> Path | None:
         url = node.url
@@ -99,12 +104,15 @@ class SmallFiles(TaskHost):
             return None
         backend, key = self.ns.locate(node)
         writeback = self.ns.writeback
-        done = self._fetching[url] = trio.Event()
+        entry = self.entries.at(url)
+        done = entry.fetching = trio.Event()
+        entry.begin_fetch()
         result: object
         try:
             async with writeback.lock(url):  # a writer opening it waits for the new file to be in place
-                if writeback.local_changes(url):
+                if entry.local_changes:
                     return None  # written here: the cache file is the writer's, not the server's
+                entry.check_publish()  # (what it fetches becomes the cache file)
                 # Taken under the lock: an upload it waited for has made the node's attributes newer.
                 known = ObjectInfo(key, node.size, node.mtime, node.etag) if self.ns.fresh(node) else None
                 asked = time.monotonic()
@@ -115,9 +123,11 @@ class SmallFiles(TaskHost):
                         node, self.cache.fetch_small, url, backend, key, self.settings.max_size, known
                     )
         finally:
-            if self._fetching.get(url) is done:
-                del self._fetching[url]
+            entry.end_fetch()
+            if entry.fetching is done:
+                entry.fetching = None
             done.set()
+            self.entries.release(entry)
         if result is OFFLINE:
             return self.cache.path_for(url)  # the server could not answer; this copy is current as far as known
         if result is None:
@@ -162,7 +172,7 @@ class SmallFiles(TaskHost):
         parent = self.ns.table[node.parent]
         for i in range(max(index + 1, walk.ahead + 1), end):
             child = self._child(parent, walk.order[i])
-            if child is not None and self.applies(child) and child.url not in self._fetching:
+            if child is not None and self.applies(child) and self._fetching(child.url) is None:
                 self.nursery.start_soon(self._fetch_ahead, child)
         walk.ahead = max(walk.ahead, end - 1)
 
@@ -189,7 +199,7 @@ class SmallFiles(TaskHost):
 
     async def _fetch_ahead(self, node: Node) -> None:
         async with self._slots:
-            if node.url in self._fetching or not self.applies(node) or self.ns.writeback.lock.held(node.url):
+            if self._fetching(node.url) is not None or not self.applies(node) or self.entries.held(node.url):
                 return  # being fetched, written or uploaded: the reader's own open will see to it
             try:
                 path = await self._fetch(node, ahead=True)
@@ -197,6 +207,24 @@ class SmallFiles(TaskHost):
                 log.debug("read-ahead of %s failed: %s", node.url, exc)
                 return
             if path is not None:
-                self._ready[node.url] = (node.etag, path)
-                if len(self._ready) > 4 * max(1, self.settings.readahead):  # fetched ahead, never opened
-                    del self._ready[next(iter(self._ready))]
+                self._keep_ready(node.url, node.etag, path)
+
+    def _keep_ready(self, url: str, etag: str, path: Path) -> None:
+        """Note `url` fetched ahead (at `etag`, into `path`) for its reader's open; only the newest few are
+        kept: fetched ahead and never opened, the oldest are forgotten."""
+        self.entries.at(url).ready = (etag, path)
+        self._ready.append((url, etag))
+        while len(self._ready) > 4 * max(1, self.settings.readahead):
+            old_url, old_etag = self._ready.popleft()
+            old = self.entries.get(old_url)
+            if old is not None and old.ready is not None and old.ready[0] == old_etag:
+                old.ready = None
+                self.entries.release(old)
+
+    def _take_ready(self, url: str) -> tuple[str, Path] | None:
+        entry = self.entries.get(url)
+        if entry is None or entry.ready is None:
+            return None
+        ready, entry.ready = entry.ready, None
+        self.entries.release(entry)
+        return ready

@@ -30,6 +30,7 @@ from .workers import Workers
 from .writeback import WriteBack
 
 if TYPE_CHECKING:
+    from .entries import Entry
     from .fetchers import Fetchers  # which builds on TaskHost, below
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,10 @@ class StreamSettings:
 
 class Download:
     def __init__(
-        self, url: str, backend: Backend, info: ObjectInfo, partial: Path, fd: int, lock_fd: int,
+        self, entry: Entry, backend: Backend, info: ObjectInfo, partial: Path, fd: int, lock_fd: int,
         settings: StreamSettings, workers: Workers, cleaner: Cleaner, writeback: WriteBack,
     ) -> None:
-        self.url, self.backend, self.info, self.workers = url, backend, info, workers
+        self.entry, self.url, self.backend, self.info, self.workers = entry, entry.url, backend, info, workers
         self._cleaner, self._writeback = cleaner, writeback
         self.partial, self.fd, self._lock_fd = partial, fd, lock_fd
         self.settings = settings
@@ -284,10 +285,11 @@ class Download:
             os.replace(self.partial, final)
             cache.save_state(EntryState(self.url, self.info.etag, self.info.size), durable=False)
 
-        writeback, published = self._writeback, False
-        if not writeback.local_changes(self.url):  # (an upload holds the lock only while there are some)
-            async with writeback.lock(self.url):  # a writer opening it waits until the file is in place
-                if not writeback.local_changes(self.url):
+        entry, published = self.entry, False
+        if not entry.local_changes:  # (an upload holds the lock only while there are some)
+            async with self._writeback.lock(entry.url):  # a writer opening it waits until the file is in place
+                if not entry.local_changes:
+                    entry.check_publish()
                     await self.workers.metadata(publish)
                     published = True
         if published:
@@ -377,12 +379,13 @@ class Downloads(TaskHost):
         self, cache: CacheContext, workers: Workers, writeback: WriteBack, settings: StreamSettings, fetchers: Fetchers
     ) -> None:
         self.cache, self.workers, self.writeback, self.settings = cache, workers, writeback, settings
+        self.entries = writeback.entries
         self.cleaner = Cleaner(cache, workers, fetchers)
-        self._active: dict[str, Download] = {}
 
     async def attach(self, url: str, backend: Backend, info: ObjectInfo) -> Download | None:
-        """The shared download of `url` at `info`'s version; None if another process is fetching it."""
-        current = self._active.get(url)
+        """The shared download of `url` at `info`'s version (its entry's); None if another process is
+        fetching it. The caller's handle keeps the entry."""
+        current = self.entries.at(url).download
         if current is not None and current.info.etag == info.etag:
             current.readers += 1
             return current
@@ -390,11 +393,13 @@ class Downloads(TaskHost):
         if started is None:
             return None
         partial, fd, lock_fd = started
+        entry = self.entries.at(url)
         download = Download(
-            url, backend, info, partial, fd, lock_fd, self.settings, self.workers, self.cleaner, self.writeback
+            entry, backend, info, partial, fd, lock_fd, self.settings, self.workers, self.cleaner, self.writeback
         )
         download.readers = 1
-        self._active[url] = download
+        entry.download = download  # (one of an older version goes on for its own readers)
+        entry.begin_fetch()
         if info.size == 0:
             await download.finish()
         return download
@@ -434,14 +439,19 @@ class Downloads(TaskHost):
         download.readers -= 1
         if download.readers > 0:
             return
-        if self._active.get(download.url) is download:
-            del self._active[download.url]
-        if not download.done.is_set() and not download.complete:
-            await download.settle(self.workers.timeouts.operation)
-        if download.done.is_set():
-            download.close_file()
-        elif download.complete:
-            await download.finish()
-            download.close_file()
-        else:
-            download.abandon()
+        entry = download.entry
+        if entry.download is download:
+            entry.download = None
+        try:
+            if not download.done.is_set() and not download.complete:
+                await download.settle(self.workers.timeouts.operation)
+            if download.done.is_set():
+                download.close_file()
+            elif download.complete:
+                await download.finish()
+                download.close_file()
+            else:
+                download.abandon()
+        finally:
+            entry.end_fetch()
+            self.entries.release(entry)

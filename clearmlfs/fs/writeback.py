@@ -10,10 +10,8 @@ upload instead of starting one, under the same per-URL lock and with the same di
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,42 +22,13 @@ from ..backends.base import Progress
 from ..cache import CacheContext, EntryState
 from ..errors import ClearmlfsError, StorageError, TimedOut
 from ..urls import parse_url
+from .entries import Entries, Entry
 from .upload import GrowingFile, Stream
 from .workers import Watch, Workers
 
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL = 30.0
-
-
-class KeyedLock:
-    """One trio lock per URL, kept only while it is held or waited for (s3ql's MultiLock does the same): a walk
-    over a million objects must not leave a million locks behind."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[trio.Lock, int]] = {}  # url → (its lock, holders and waiters)
-
-    @contextlib.asynccontextmanager
-    async def __call__(self, url: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(url, (None, 0))
-        lock = lock or trio.Lock()
-        self._locks[url] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[url]
-            if users == 1:
-                del self._locks[url]
-            else:
-                self._locks[url] = (lock, users - 1)
-
-    def held(self, url: str) -> bool:
-        """Whether `url`'s lock is held or waited for right now."""
-        return url in self._locks
-
-    def __len__(self) -> int:
-        return len(self._locks)
 
 
 @dataclass(eq=False)
@@ -82,21 +51,19 @@ class _Upload:
 
 
 class WriteBack:
-    def __init__(self, backends: BackendPool, cache: CacheContext, workers: Workers) -> None:
-        self.backends, self.cache, self.workers = backends, cache, workers
-        self.busy: set[str] = set()  # URLs with an open dirty handle: their flush uploads them
-        self.pending: set[str] = set()  # URLs whose local content is not on the server yet
+    def __init__(self, backends: BackendPool, cache: CacheContext, workers: Workers, entries: Entries) -> None:
+        self.backends, self.cache, self.workers, self.entries = backends, cache, workers, entries
         # One upload (or fetch into the cache) of a URL at a time: `async with writeback.lock(url)`.
-        self.lock = KeyedLock()
-        self.writers: dict[str, int] = {}  # URLs open for writing here → handles: a fetch must not replace their file
-        self._streams: dict[str, Stream] = {}  # uploads of files still being written, by URL
+        self.lock = entries.lock
+        self._streams = 0  # uploads of files still being written
         self._nursery: trio.Nursery | None = None  # where streams run, while `run` does
         self._crashed_uploads: list[tuple[str, str]] = []  # (url, upload id) cut short by an earlier mount
         backends.watch_multipart(self._multipart)
 
     async def load(self) -> None:
         """Learn what earlier mounts left dirty, or half-uploaded (called once at start, before any upload)."""
-        self.pending |= {s.url for s in await self.workers.metadata(self.cache.dirty_entries)}
+        for state in await self.workers.metadata(self.cache.dirty_entries):
+            self.entries.at(state.url).loaded_dirty()
         self._crashed_uploads = await self.workers.metadata(self.cache.unfinished_uploads)
 
     def _multipart(self, url: str, upload_id: str | None) -> None:
@@ -123,7 +90,7 @@ class WriteBack:
         self._crashed_uploads = []
 
     async def mark_dirty(self, url: str) -> None:
-        self.pending.add(url)
+        self.entries.at(url).dirtied()  # (the caller's handle keeps the entry)
 
         def bump() -> None:
             state = self.cache.state(url) or EntryState(url)
@@ -134,21 +101,20 @@ class WriteBack:
 
     def local_changes(self, url: str) -> bool:
         """Whether `url`'s cache file is (or may become) newer than the server's object: keep fetches off it."""
-        return url in self.pending or url in self.writers
+        return self.entries.local_changes(url)
 
     async def open_writer(self, url: str) -> None:
         """A handle is opening `url` for writing. An upload of its cache file (a retry) or a fetch replacing
         it finishes first: one reads the file whole, the other swaps it, and neither must meet a writer."""
         with trio.move_on_after(self.workers.timeouts.operation):
-            async with self.lock(url):
-                self.writers[url] = self.writers.get(url, 0) + 1
+            async with self.lock(url) as entry:
+                entry.writers += 1
                 return
         raise TimedOut(f"{url}: its upload under way has not moved for {self.workers.timeouts.operation:g} s")
 
-    def close_writer(self, url: str) -> None:
-        left = self.writers.pop(url, 1) - 1
-        if left > 0:
-            self.writers[url] = left
+    def close_writer(self, entry: Entry) -> None:
+        entry.writers -= 1
+        self.entries.release(entry)
 
     async def upload(self, url: str, fd: int, stream: Stream | None = None) -> ObjectInfo:
         """Upload what the file `fd` holds as `url`, and record it clean.
@@ -178,12 +144,17 @@ class WriteBack:
 
     async def _run_upload(self, job: _Upload) -> None:
         try:
-            async with self.lock(job.url):
+            async with self.lock(job.url) as entry:
                 job.watch.tick()  # from now on it is ours that has to move
-                if job.stream is not None:
-                    job.info = await self._finish_stream(job.stream)
-                if job.info is None:
-                    job.info = await self._upload_locked(job.url, fd_path(job.fd), job.watch.tick)
+                entry.begin_upload()
+                clean = False
+                try:
+                    if job.stream is not None:
+                        job.info, clean = await self._finish_stream(job.stream)
+                    if job.info is None:
+                        job.info, clean = await self._upload_locked(job.url, fd_path(job.fd), job.watch.tick)
+                finally:
+                    entry.end_upload(clean)
         except StorageError as exc:
             job.error = exc
         except Exception as exc:  # never let a surprise end the mount: the writer sees EIO, the entry stays dirty
@@ -193,22 +164,25 @@ class WriteBack:
             os.close(job.fd)
             job.done.set()
 
-    async def _upload_locked(self, url: str, source: Path, progress: Progress | None = None) -> ObjectInfo:
+    async def _upload_locked(
+        self, url: str, source: Path, progress: Progress | None = None
+    ) -> tuple[ObjectInfo, bool]:
+        """Upload `source` as `url`: what the server made of it, and whether that left the entry clean."""
         parsed = parse_url(url)
         backend = self.backends.get(parsed)
         before = await self.workers.metadata(self.cache.state, url)
         info = await self.workers.transfer(backend.upload, source, parsed.key, progress)
-        await self._settle(url, before, info)
-        return info
+        return info, await self._settle(url, before, info)
 
-    async def _settle(self, url: str, before: EntryState | None, info: ObjectInfo) -> None:
+    async def _settle(self, url: str, before: EntryState | None, info: ObjectInfo) -> bool:
         """Record `url` as clean, as `info`, unless it was dirtied again since `before` was read."""
         after = await self.workers.metadata(self.cache.state, url)
         # Dirtied again while uploading (another writer): stays dirty for that writer's upload.
-        if (after.version if after else 0) == (before.version if before else 0):
-            clean = EntryState(url, info.etag, info.size, version=after.version if after else 0)
-            await self.workers.metadata(self.cache.save_state, clean)
-            self.pending.discard(url)
+        if (after.version if after else 0) != (before.version if before else 0):
+            return False
+        clean = EntryState(url, info.etag, info.size, version=after.version if after else 0)
+        await self.workers.metadata(self.cache.save_state, clean)
+        return True
 
     # -- uploads of files still being written --------------------------------------------------------
     def stream_threshold(self, url: str) -> int | None:
@@ -221,16 +195,17 @@ class WriteBack:
     def start_stream(self, url: str, fd: int, size: int) -> Stream | None:
         """Start uploading the file `fd`, whose first `size` bytes are written, as `url` while its writer
         appends to it (`Stream.file.grow`); None when not possible now (the caller uploads at flush)."""
-        if self._nursery is None or url in self._streams or len(self._streams) >= self.workers.stream_threads:
+        entry = self.entries.at(url)  # (kept by the writer's handle)
+        if self._nursery is None or entry.stream is not None or self._streams >= self.workers.stream_threads:
             return None
         parsed = parse_url(url)
         backend = self.backends.get(parsed)
-        stream = Stream(url, GrowingFile(os.dup(fd), size, backend.stream_limit))
-        self._streams[url] = stream
-        self._nursery.start_soon(self._run_stream, stream, backend, parsed.key)
+        stream = entry.stream = Stream(url, GrowingFile(os.dup(fd), size, backend.stream_limit))
+        self._streams += 1
+        self._nursery.start_soon(self._run_stream, entry, stream, backend, parsed.key)
         return stream
 
-    async def _run_stream(self, stream: Stream, backend: Backend, key: str) -> None:
+    async def _run_stream(self, entry: Entry, stream: Stream, backend: Backend, key: str) -> None:
         try:
             stream.info = await self.workers.stream(backend.upload_stream, stream.file, key, stream.watch.tick)
         except StorageError as exc:  # the SDK has aborted its multipart upload; flush uploads the whole file
@@ -239,32 +214,34 @@ class WriteBack:
             log.exception("upload of %s while written failed", stream.url)
         finally:
             stream.file.close()
-            if self._streams.get(stream.url) is stream:
-                del self._streams[stream.url]
+            self._streams -= 1
+            if entry.stream is stream:
+                entry.stream = None
+                self.entries.release(entry)
             stream.done.set()
 
-    async def _finish_stream(self, stream: Stream) -> ObjectInfo | None:
-        """Let `stream` upload its last parts and complete; its info, or None if it did not complete."""
+    async def _finish_stream(self, stream: Stream) -> tuple[ObjectInfo | None, bool]:
+        """Let `stream` upload its last parts and complete: its info (None if it did not complete), and whether
+        that left the entry clean."""
         before = await self.workers.metadata(self.cache.state, stream.url)
         stream.file.finish()
         await stream.done.wait()  # also after an abort: the SDK's abort of the multipart upload is done then
         if stream.info is None:
-            return None
-        await self._settle(stream.url, before, stream.info)
-        return stream.info
+            return None, False
+        return stream.info, await self._settle(stream.url, before, stream.info)
 
     async def upload_pending(self) -> int:
         """Upload every dirty entry nobody has open; returns how many are still dirty."""
         remaining = 0
         for state in await self.workers.metadata(self.cache.dirty_entries):
-            if self.lock.held(state.url):
+            if self.entries.held(state.url):
                 remaining += 1  # being uploaded now (a flush's upload, perhaps still going after the flush)
                 continue
-            async with self.lock(state.url):
-                if state.url in self.busy:
+            async with self.lock(state.url) as entry:
+                if entry.busy:
                     continue  # an open writer's flush uploads it
                 try:
-                    await self._retry_one(state.url)
+                    await self._retry_one(entry)
                 except StorageError as exc:
                     remaining += 1
                     log.warning("upload of %s failed again (%s); will retry", state.url, exc)
@@ -273,21 +250,31 @@ class WriteBack:
     async def discard(self, url: str) -> None:
         """Drop `url`'s local changes, cache file and state: nothing of them is to be uploaded any more (the
         object was deleted, or a write into the file failed). Open descriptors of the file keep it meanwhile."""
-        self.pending.discard(url)
-        self.busy.discard(url)
+        entry = self.entries.get(url)
+        if entry is not None:
+            entry.discarded()
+            self.entries.release(entry)
         await self.workers.metadata(self.cache.forget, url)
 
-    async def _retry_one(self, url: str) -> None:
+    async def _retry_one(self, entry: Entry) -> None:
+        """Upload the dirty cache file of `entry`, whose lock is held."""
+        url = entry.url
         state = await self.workers.metadata(self.cache.state, url)
         if state is None or not state.dirty:  # uploaded meanwhile by a writer's flush
-            self.pending.discard(url)
             return
         path = self.cache.path_for(url)
         if not path.exists():
             log.error("dirty entry for %s has no cache file; nothing to upload", url)
             await self.discard(url)
             return
-        await self._upload_locked(url, path)
+        if not entry.pending:
+            entry.loaded_dirty()  # the cache state, written durably, is the truth
+        entry.begin_upload()
+        clean = False
+        try:
+            _, clean = await self._upload_locked(url, path)
+        finally:
+            entry.end_upload(clean)
         log.info("uploaded pending changes to %s", url)
 
     async def run(self, interval: float = RETRY_INTERVAL) -> None:
@@ -303,8 +290,9 @@ class WriteBack:
                 # Unmounting: stop the streams (their SDK threads would wait for writers forever); the files
                 # stay dirty and are uploaded whole, now if closed, or by the next mount.
                 self._nursery = None
-                for stream in self._streams.values():
-                    stream.file.abort("unmounting")
+                for entry in self.entries:
+                    if entry.stream is not None:
+                        entry.stream.file.abort("unmounting")
 
 
 def fd_path(fd: int) -> Path:

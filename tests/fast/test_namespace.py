@@ -286,3 +286,37 @@ def test_a_listing_sent_before_an_upload_does_not_bring_back_the_old_size(tmp_pa
         assert c.backend.data("d/f.bin") == b"n" * 100 + b"+"
 
     run(test, tmp_path)
+
+
+def test_a_listing_sent_before_a_create_or_a_delete_shows_the_change(tmp_path: Path) -> None:
+    """A listing answered with the folder as it was before a file was uploaded, or deleted, here: the new file
+    is there all the same, and the deleted one is not brought back."""
+
+    async def test(c: Client) -> None:
+        c.backend.put("d/gone.bin", b"x")
+        assert await c.listdir(f"{ROOT}/d") == ["gone.bin"]
+        taken, answer = threading.Event(), threading.Event()
+        list_now = c.backend.list
+
+        def late_list(prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
+            entries = list(list_now(prefix, delimiter))
+            if prefix.endswith("d/") and not taken.is_set():
+                taken.set()
+                answer.wait(10)
+            return iter(entries)
+
+        c.backend.list = late_list  # type: ignore[method-assign]
+        folder = c.fs.ops.ns.table.at(f"{ROOT}/d")
+        assert folder is not None
+        folder.listed = 0.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(errno_of, c.attrs(f"{ROOT}/d/other"))
+            await trio.to_thread.run_sync(taken.wait, 10)
+            await c.write(f"{ROOT}/d/new.bin", b"n" * 10)
+            await c.unlink(f"{ROOT}/d/gone.bin")
+            answer.set()
+        assert await c.listdir(f"{ROOT}/d") == ["new.bin"]
+        assert (await c.attrs(f"{ROOT}/d/new.bin")).st_size == 10
+        assert await errno_of(c.attrs(f"{ROOT}/d/gone.bin")) == errno.ENOENT
+
+    run(test, tmp_path)
