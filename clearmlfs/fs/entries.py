@@ -25,6 +25,7 @@ import trio
 
 if TYPE_CHECKING:
     from .files import OpenFile
+    from .small import Walk
     from .stream import Download
     from .upload import Stream
 
@@ -64,6 +65,7 @@ class Entry:
     download: Download | None = None  # the streaming download readers share
     fetching: trio.Event | None = None  # a small fetch under way: set when it ends
     ready: tuple[str, Path] | None = None  # (ETag, cache file) of a small object fetched ahead, not opened yet
+    walk: Walk | None = None  # of a folder: where a reader walking its files in name order is
     lock: trio.Lock = field(default_factory=trio.Lock)  # one upload, or fetch into the cache, at a time
     lock_users: int = 0  # holders and waiters of `lock`
     backing: Backing | None = None  # passthrough opens of its inode
@@ -149,7 +151,8 @@ class Entry:
     def idle(self) -> bool:
         return not (
             self._dirty or self._failed or self.uploading or self.fetches or self.writers or self.handles
-            or self.stream or self.download or self.fetching or self.ready or self.lock_users or self.backing
+            or self.stream or self.download or self.fetching or self.ready or self.walk or self.lock_users
+            or self.backing
             or self.cached_opens or self.dropping
         )
 

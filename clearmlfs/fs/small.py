@@ -42,7 +42,7 @@ class SmallSettings:
 
 
 @dataclass
-class _Walk:
+class Walk:
     """Where a reader is in one directory's name order."""
 
     listed: float  # the listing the order was built from
@@ -62,7 +62,7 @@ class SmallFiles(TaskHost):
         self.settings = settings
         self.entries = ns.entries
         self._ready: deque[tuple[str, str]] = deque()  # (url, ETag) of objects fetched ahead, oldest first
-        self._walks: dict[int, _Walk] = {}  # parent inode → the walk through it
+        self._walked: deque[str] = deque()  # folders (URLs) whose entry holds a walk, oldest first
         self._slots = trio.CapacityLimiter(settings.concurrency)
 
     def applies(self, node: Node) -> bool:
@@ -176,18 +176,30 @@ class SmallFiles(TaskHost):
                 self.nursery.start_soon(self._fetch_ahead, child)
         walk.ahead = max(walk.ahead, end - 1)
 
-    def _walk(self, node: Node) -> _Walk | None:
+    def _walk(self, node: Node) -> Walk | None:
         parent = self.ns.table.get(node.parent)
         if parent is None or parent.children is None:
             return None
-        walk = self._walks.get(parent.inode)
+        folder = self.entries.get(parent.url)
+        walk = folder.walk if folder is not None else None
         if walk is None or walk.listed != parent.listed:
             order = sorted(n for n, i in parent.children.items() if self._is_file(i))
-            walk = _Walk(parent.listed, order, {n: i for i, n in enumerate(order)})
-            self._walks[parent.inode] = walk
-            if len(self._walks) > 64:  # the directories being walked now, not every one ever read
-                del self._walks[next(iter(self._walks))]
+            walk = Walk(parent.listed, order, {n: i for i, n in enumerate(order)})
+            self._keep_walk(parent.url, walk)
         return walk
+
+    def _keep_walk(self, url: str, walk: Walk) -> None:
+        """Remember the walk through the folder `url` on its entry: for the folders being walked now (64 at
+        most), not every one ever read."""
+        folder = self.entries.at(url)
+        if folder.walk is None:
+            self._walked.append(url)
+        folder.walk = walk
+        while len(self._walked) > 64:
+            old = self.entries.get(self._walked.popleft())
+            if old is not None:
+                old.walk = None
+                self.entries.release(old)
 
     def _is_file(self, inode: int) -> bool:
         child = self.ns.table.get(inode)
