@@ -17,6 +17,7 @@ flock, which excludes other threads and other processes alike.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 
 from .backends.base import Backend, ObjectInfo
 from .config import parse_size
-from .errors import ConfigError, NoSpace
+from .errors import ConfigError, NoSpace, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ DEFAULT_CONTEXT = "global"
 LOCK_PREFIX = ".lock."
 LOCK_SUFFIX = ".clearml"
 PARTIAL_SUFFIX = ".partially"
+FETCH_PART = 8 * 1024 * 1024  # the range a whole-object fetch asks for at a time
 STALE_PARTIAL_SECONDS = 24 * 3600
 T = TypeVar("T")
 SERVED_OFFLINE = "served_offline"  # the counter of opens served from the cache, the server unreachable
@@ -121,14 +123,78 @@ class Pin:
         self.release()
 
 
+class Landing:
+    """One download into the cache, and the only way a downloaded object enters it (streaming reads, small
+    objects, whole fetches for writers and for the StorageManager API).
+
+    It holds the entry's download lock (so one process downloads an object at a time) and fills a
+    `*.partially` file, skipped by every scan until it is renamed into place with the ETag of the version its
+    ranges were read from (each read is pinned to that version: a change on the server fails it, never mixes
+    two versions). `discard` drops it instead; `close` closes its descriptor, which a download with reads still
+    in flight closes last.
+    """
+
+    def __init__(self, cache: CacheContext, url: str, partial: Path, fd: int, lock_fd: int) -> None:
+        self.cache, self.url, self.partial, self.fd = cache, url, partial, fd
+        self._lock_fd = lock_fd
+
+    def fill(
+        self, backend: Backend, info: ObjectInfo, start: int, length: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Bytes [start, start + length) of the object at `info`'s version, at their offset of the file."""
+        backend.read_to(self.fd, info.key, start, length, info.etag, progress)
+
+    def fill_all(self, backend: Backend, info: ObjectInfo, concurrency: int) -> None:
+        """The whole object, `concurrency` ranges at a time; the first failure stops the rest."""
+        os.ftruncate(self.fd, info.size)
+        ranges = [(start, min(FETCH_PART, info.size - start)) for start in range(0, info.size, FETCH_PART)]
+        if len(ranges) <= 1:
+            for start, length in ranges:
+                self.fill(backend, info, start, length)
+            return
+        with concurrent.futures.ThreadPoolExecutor(min(concurrency, len(ranges))) as pool:
+            futures = [pool.submit(self.fill, backend, info, start, length) for start, length in ranges]
+            done, pending = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+            for future in done:
+                future.result()
+
+    def publish(self, info: ObjectInfo) -> Path:
+        """The complete file becomes the cache entry, recorded as `info`'s version."""
+        final = self.cache.path_for(self.url)
+        os.replace(self.partial, final)
+        self.cache.save_state(EntryState(self.url, info.etag, info.size), durable=False)
+        log.debug("fetched %s (%d bytes)", self.url, info.size)
+        self._release_lock()
+        return final
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.partial.unlink()
+        self._release_lock()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _release_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
 class CacheContext:
     """One cache context (``global`` by default) under the configured base folder."""
 
     def __init__(
         self, base_dir: Path, context: str = DEFAULT_CONTEXT, file_limit: int = 100, byte_limit: int | None = None,
-        min_free: str = "",
+        min_free: str = "", fetch_concurrency: int = 8,
     ) -> None:
         self.context = context
+        self.fetch_concurrency = fetch_concurrency  # ranges of a whole-object fetch in flight at once
         self.folder = Path(base_dir).expanduser() / STORAGE_MANAGER_FOLDER / context
         self.state_folder = Path(base_dir).expanduser() / STATE_FOLDER / context
         self.file_limit = file_limit
@@ -256,13 +322,35 @@ class CacheContext:
         cached = None if force else self.lookup(url, info)
         if cached is not None:
             return cached
-        with self._fetch_lock(url):
+        landing = self.land(url, wait=True)
+        assert landing is not None
+        try:
             # Another thread or process may have fetched it while we waited for the lock.
             cached = None if force else self.lookup(url, info)
             if cached is not None:
+                landing.discard()
                 return cached
             self.clean()
-            return self._with_room(info.size if info else 0, self._download, url, backend, key)
+            info = info or backend.stat(key)
+            return self._with_room(info.size, self._fill_whole, landing, backend, info)
+        except BaseException:
+            landing.discard()
+            raise
+        finally:
+            landing.close()
+
+    def _fill_whole(self, landing: Landing, backend: Backend, info: ObjectInfo) -> Path:
+        """Fill `landing` with the whole object and publish it; if the object changed since `info` (its reads
+        are pinned to that version), once more with the version the server has now."""
+        try:
+            landing.fill_all(backend, info, self.fetch_concurrency)
+        except StorageError:
+            current = backend.stat(info.key)
+            if current.etag == info.etag:
+                raise
+            info = current
+            landing.fill_all(backend, info, self.fetch_concurrency)
+        return landing.publish(info)
 
     def fetch_small(
         self, url: str, backend: Backend, key: str, limit: int, known: ObjectInfo | None = None
@@ -284,69 +372,51 @@ class CacheContext:
             with contextlib.suppress(OSError):
                 os.utime(final)
             return final, None
-        lock_fd = self.try_fetch_lock(url)
-        if lock_fd is None:
+        landing = self.land(url)
+        if landing is None:
             return None
-        partial = self.partial_for(url)
+        published = False
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                unless = state.etag if cached and state else None
-                info = self._with_room(limit, backend.read_small, fd, key, limit, unless)
-            finally:
-                os.close(fd)
+            unless = state.etag if cached and state else None
+            info = self._with_room(limit, backend.read_small, landing.fd, key, limit, unless)
             if info is None:  # unchanged since we cached it
                 assert state is not None
                 os.utime(final)
                 return final, ObjectInfo(key, state.size, known.mtime if known else final.stat().st_mtime, state.etag)
             if info.size > limit:
                 return None, info
-            os.replace(partial, final)
-            self.save_state(EntryState(url, info.etag, info.size), durable=False)
-            return final, info
+            published = True
+            return landing.publish(info), info
         finally:
-            os.close(lock_fd)
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
+            if not published:
+                landing.discard()
+            landing.close()
 
-    @contextlib.contextmanager
-    def _fetch_lock(self, url: str) -> Iterator[None]:
-        fd = os.open(self._fetch_lock_path(url), os.O_RDWR | os.O_CREAT, 0o600)
+    def land(self, url: str, size: int = 0, wait: bool = False) -> Landing | None:
+        """Begin a download of `url` into the cache (`size` bytes, if known: the file is made that size, sparse,
+        so that ranges land at their offsets). None, if not `wait`ing, when another thread or process is
+        downloading it (it holds the entry's download lock)."""
+        lock_fd = os.open(self._fetch_lock_path(url), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def try_fetch_lock(self, url: str) -> int | None:
-        """Take `url`'s download lock without waiting: the locked fd (close it to release), or None."""
-        fd = os.open(self._fetch_lock_path(url), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            os.close(lock_fd)
             return None
-        return fd
+        try:
+            partial = self.partial_for(url)
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        if size:
+            os.ftruncate(fd, size)
+        return Landing(self, url, partial, fd, lock_fd)
 
     def _fetch_lock_path(self, url: str) -> Path:
         return self._fetch_lock_of(self.path_for(url).name)
 
     def _fetch_lock_of(self, name: str) -> Path:
         return self.state_folder / f"{name}.fetch"
-
-    def _download(self, url: str, backend: Backend, key: str) -> Path:
-        final, partial = self.path_for(url), self.partial_for(url)
-        try:
-            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            info = backend.download(key, partial)
-            os.chmod(partial, 0o600)
-            os.replace(partial, final)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
-        self.save_state(EntryState(url, info.etag, info.size), durable=False)
-        log.debug("fetched %s (%d bytes)", url, info.size)
-        return final
 
     # -- pins ---------------------------------------------------------------------------------------
     def pin(self, path: Path) -> Pin:

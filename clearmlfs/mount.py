@@ -172,7 +172,7 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
     cache_dir = opts.cache_dir or settings.cache_dir
     cache = CacheContext(
         cache_dir, "global", opts.cache_files or settings.cache_file_limit, opts.cache_max_bytes,
-        settings.cache_min_free,
+        settings.cache_min_free, settings.s3.max_multipart_concurrency,
     )
     backends = backends or BackendPool(settings)
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency), timeouts=settings.timeouts)

@@ -44,7 +44,8 @@ class _Runtime:
         with self.lock:
             if name not in self.contexts:
                 self.contexts[name] = CacheContext(
-                    self.settings.cache_dir, name, self.settings.cache_file_limit, min_free=self.settings.cache_min_free
+                    self.settings.cache_dir, name, self.settings.cache_file_limit,
+                    min_free=self.settings.cache_min_free, fetch_concurrency=self.settings.s3.max_multipart_concurrency,
                 )
             return self.contexts[name]
 

@@ -49,6 +49,7 @@ from .base import (
     Prefix,
     Progress,
     Reader,
+    ReaderAbandoned,
     local_error,
     log_request,
     paged,
@@ -183,7 +184,7 @@ class AzureBackend(Backend):
         except _CAUGHT as exc:
             self._discard_staged(blob, before)
             raise _translate(exc, self._url(key)) from None
-        except Exception as exc:  # the reader abandoned the upload
+        except ReaderAbandoned as exc:
             self._discard_staged(blob, before)
             raise StorageError(f"{self._url(key)}: upload stopped: {_reason(exc, None, None)}") from None
         return self.stat(key)

@@ -73,9 +73,13 @@ Progress = Callable[[], None]
 
 
 class Reader(Protocol):
-    """What `Backend.upload_stream` reads from."""
+    """What `Backend.upload_stream` reads from; its `read` raises `ReaderAbandoned` to abandon the upload."""
 
     def read(self, size: int = -1, /) -> bytes: ...
+
+
+class ReaderAbandoned(Exception):
+    """Raised by a `Reader` into the SDK's reading thread: the upload is abandoned (and aborted)."""
 
 
 class Backend(ABC):

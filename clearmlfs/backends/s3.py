@@ -7,6 +7,7 @@ botocore's errors become clearmlfs errors.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import email.utils
@@ -20,9 +21,11 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import boto3
+import boto3.exceptions
 import botocore.config
 import botocore.exceptions
 import botocore.utils
+import s3transfer.exceptions
 from boto3.s3.transfer import S3Transfer, TransferConfig, create_transfer_manager
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -40,6 +43,7 @@ from .base import (
     Prefix,
     Progress,
     Reader,
+    ReaderAbandoned,
     local_error,
     log_request,
     pwrite_all,
@@ -48,6 +52,23 @@ from .base import (
 )
 
 log = logging.getLogger(__name__)
+
+# What botocore, boto3 and s3transfer document they raise, the transport's failures beneath them, local file
+# errors (a full cache disk mid-download), and a stream's reader giving up. Anything else is a bug, left to
+# reach the operation (EIO, with its traceback in the log).
+_CAUGHT: tuple[type[BaseException], ...] = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    boto3.exceptions.Boto3Error,
+    s3transfer.exceptions.RetriesExceededError,
+    s3transfer.exceptions.S3UploadFailedError,
+    concurrent.futures.CancelledError,
+    ReaderAbandoned,
+    *TRANSPORT_FAILURES,
+    OSError,
+)
+# Setting up plain GETs reads private attributes of the client: if they moved, the client serves instead.
+_SETUP_FAILURES: tuple[type[BaseException], ...] = (*_CAUGHT, AttributeError, KeyError, TypeError, ValueError)
 
 MAX_PARTS = 10_000  # S3's limit on the parts of one object
 READ_PIECE = 1024 * 1024  # body bytes read and written at a time
@@ -306,7 +327,7 @@ class PlainGet:
     def for_client(cls, client: Any, bucket: str) -> PlainGet | None:
         try:
             return cls(client, bucket)
-        except Exception as exc:
+        except _SETUP_FAILURES as exc:
             log.debug("plain GETs unavailable for bucket %r: %s", bucket, exc)
             return None
 
@@ -330,7 +351,7 @@ def list_buckets(client: Any, host: str) -> list[str]:
     """Bucket names `client`'s credentials can see on their host (for a host-wide clearml.conf entry)."""
     try:
         return sorted(b["Name"] for b in client.list_buckets().get("Buckets", ()))
-    except Exception as exc:
+    except _CAUGHT as exc:
         raise _translate(exc, f"s3://{host}") from None
 
 
@@ -397,7 +418,7 @@ class S3Backend(Backend):
     def stat(self, key: str) -> ObjectInfo:
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=key)
-        except Exception as exc:
+        except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         return ObjectInfo(key, head["ContentLength"], head["LastModified"].timestamp(), head["ETag"].strip('"'))
 
@@ -412,7 +433,7 @@ class S3Backend(Backend):
                     yield Prefix(common["Prefix"])
                 for obj in page.get("Contents", ()):
                     yield ObjectInfo(obj["Key"], obj["Size"], obj["LastModified"].timestamp(), obj["ETag"].strip('"'))
-        except Exception as exc:
+        except _CAUGHT as exc:
             raise _translate(exc, self._url(prefix)) from None
 
     def _get(self, key: str, start: int, length: int | None, etag: str | None) -> Any:
@@ -429,7 +450,7 @@ class S3Backend(Backend):
         try:
             resp = self._get(key, start, length, etag)
             data: bytes = resp["Body"].read()
-        except Exception as exc:
+        except _CAUGHT as exc:
             if _code(exc) == "InvalidRange":
                 return b""  # start is at or past the end of the object
             raise _translate(exc, self._url(key)) from None
@@ -451,7 +472,7 @@ class S3Backend(Backend):
                 offset += pwrite_all(fd, piece, offset)
                 if progress is not None and offset < start + length:  # the caller learns of the end anyway
                     progress(offset - start)
-        except Exception as exc:
+        except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         if offset != start + length:
             raise Transient(f"{self._url(key)}: short read ({offset - start} of {length} bytes at {start})")
@@ -473,7 +494,7 @@ class S3Backend(Backend):
             args["IfNoneMatch"] = f'"{unless_etag}"'
         try:
             resp = self._client.get_object(**args)
-        except Exception as exc:
+        except _CAUGHT as exc:
             if _code(exc) in ("304", "NotModified"):
                 return None
             raise _translate(exc, self._url(key)) from None
@@ -487,7 +508,7 @@ class S3Backend(Backend):
             return None
         try:
             response = self._plain.send(key, unless_etag)
-        except Exception as exc:  # the client's own retries and error codes are better at it
+        except _CAUGHT as exc:  # the client's own retries and error codes are better at it
             log.debug("plain GET of %s failed (%s): asking through the client", self._url(key), type(exc).__name__)
             return None
         if response.status_code == 304:
@@ -515,7 +536,7 @@ class S3Backend(Backend):
         try:
             for piece in pieces:
                 offset += pwrite_all(fd, piece, offset)
-        except Exception as exc:
+        except _CAUGHT as exc:
             close()
             raise _translate(exc, self._url(info.key)) from None
         if offset != info.size:
@@ -528,7 +549,7 @@ class S3Backend(Backend):
         info = self.stat(key)
         try:
             self._client.download_file(self.bucket, key, str(dest), Config=self._transfer)
-        except Exception as exc:
+        except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         if dest.stat().st_size != info.size:
             raise Transient(f"{self._url(key)}: downloaded {dest.stat().st_size} of {info.size} bytes")
@@ -543,7 +564,7 @@ class S3Backend(Backend):
                 S3Transfer(self._client, self._transfer, osutil=_Bodies()) as transfer,
             ):
                 transfer.upload_file(str(src), self.bucket, key, callback=_ticks(progress))
-        except Exception as exc:
+        except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)
 
@@ -557,7 +578,7 @@ class S3Backend(Backend):
             ):
                 subscribers = [] if progress is None else [_Sent(progress)]
                 manager.upload(reader, self.bucket, key, subscribers=subscribers).result()
-        except Exception as exc:
+        except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)
 
@@ -565,7 +586,7 @@ class S3Backend(Backend):
     def delete(self, key: str) -> None:
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
-        except Exception as exc:
+        except _CAUGHT as exc:
             error = _translate(exc, self._url(key))
             if not isinstance(error, NotFound):
                 raise error from None
@@ -575,7 +596,7 @@ class S3Backend(Backend):
         try:
             with self._multipart_ends(dst_key):
                 self._client.copy({"Bucket": self.bucket, "Key": src_key}, self.bucket, dst_key, Config=self._transfer)
-        except Exception as exc:
+        except _CAUGHT as exc:
             raise _translate(exc, self._url(src_key)) from None
         return self.stat(dst_key)
 
@@ -583,7 +604,7 @@ class S3Backend(Backend):
     def abort_upload(self, key: str, upload_id: str) -> None:
         try:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except Exception as exc:
+        except _CAUGHT as exc:
             error = _translate(exc, self._url(key))
             if not isinstance(error, NotFound):  # NoSuchUpload: completed or aborted already
                 raise error from None

@@ -158,7 +158,7 @@ class OpenFiles:
         if path is None and not writable:
             download = await self.downloads.attach(node.url, backend, info)
             if download is not None:
-                return self._streaming(node, download, keep_cache)
+                return await self._streaming(node, download, keep_cache)
 
         async def fetch() -> Path:  # to write into it, or while another process downloads it: the whole file
             fetched = await self.workers.transfer(
@@ -178,10 +178,10 @@ class OpenFiles:
         preparation and our pin, `prepare` it again, twice at most."""
         for _ in range(2):
             try:
-                return self._open_cached(node, path, flags)
+                return await self._open_cached(node, path, flags)
             except FileNotFoundError:
                 path = await prepare()
-        return self._open_cached(node, path, flags)
+        return await self._open_cached(node, path, flags)
 
     async def _open_small(self, node: Node, flags: int) -> OpenFile | None:
         try:
@@ -191,7 +191,7 @@ class OpenFiles:
         if path is None:
             return None
         try:
-            handle = self._open_cached(node, path, flags)
+            handle = await self._open_cached(node, path, flags)
         except FileNotFoundError:  # evicted between its fetch and now: the general path fetches it again
             return None
         handle.keep_cache = self._keep_cache(node)
@@ -204,22 +204,27 @@ class OpenFiles:
         node.kernel_etag = node.etag
         return keep
 
-    def _open_cached(self, node: Node, path: Path, flags: int) -> OpenFile:
+    async def _open_cached(self, node: Node, path: Path, flags: int) -> OpenFile:
+        pin, fd = await self.workers.disk(self._pin_and_open, path, os.O_RDWR if flags & WRITE_FLAGS else os.O_RDONLY)
+        return self._register(node, fd, node.url, pin)
+
+    def _pin_and_open(self, path: Path, flags: int, create: bool = False) -> tuple[Pin, int]:
+        """`path` pinned and opened (in a worker thread); FileNotFoundError if it was evicted meanwhile."""
         pin = self.cache.pin(path)
         try:
-            fd = os.open(path, os.O_RDWR if flags & WRITE_FLAGS else os.O_RDONLY)
+            fd = os.open(path, flags | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
         except OSError:
             pin.release()
             raise
-        if os.fstat(fd).st_ino != _inode(path):  # evicted (or replaced) between our pin and our open
+        if not create and os.fstat(fd).st_ino != _inode(path):  # evicted (or replaced) between pin and open
             os.close(fd)
             pin.release()
             raise FileNotFoundError(errno.ENOENT, "evicted from the cache while being opened", str(path))
-        return self._register(node, fd, node.url, pin)
+        return pin, fd
 
-    def _streaming(self, node: Node, download: Download, keep_cache: bool) -> OpenFile:
+    async def _streaming(self, node: Node, download: Download, keep_cache: bool) -> OpenFile:
         # Pinned under the entry's final name: it is renamed into place once complete.
-        pin = self.cache.pin(self.cache.path_for(node.url))
+        pin = await self.workers.disk(self.cache.pin, self.cache.path_for(node.url))
         handle = self._register(node, os.dup(download.fd), node.url, pin)
         handle.download, handle.keep_cache = download, keep_cache
         return handle
@@ -228,12 +233,12 @@ class OpenFiles:
         # The old content is about to be dropped: do not download it.
         async def create() -> Path:
             path = self.cache.path_for(node.url)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            await self.workers.disk(_touch, path)
             return path
 
         handle = await self._open_prepared(node, flags, await create(), create)
         await self._make_dirty(handle)
-        os.ftruncate(handle.fd, 0)
+        await self.workers.disk(os.ftruncate, handle.fd, 0)  # (freeing a large file's blocks takes a while)
         node.size = 0
         self._may_stream(handle)
         return handle
@@ -260,8 +265,7 @@ class OpenFiles:
         handle = self._register(node, -1, url, None)
         handle.writer = True
         await self._make_dirty(handle)  # recorded before the file exists: a crash cannot lose it
-        handle.pin = self.cache.pin(path)
-        handle.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        handle.pin, handle.fd = await self.workers.disk(self._pin_and_open, path, os.O_RDWR, True)
         if parent.children is not None:
             parent.children[name] = node.inode
         self._may_stream(handle)
@@ -282,7 +286,7 @@ class OpenFiles:
         if handle.behind is not None:
             self.passthrough.drop_behind(handle.entry, handle.node.inode, handle.behind, offset, size,
                                          handle.node.size)
-        return view if view is not None else os.pread(handle.fd, size, offset)
+        return view if view is not None else await self.workers.disk(os.pread, handle.fd, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         handle = self._handles[fh]
@@ -303,7 +307,7 @@ class OpenFiles:
     async def truncate(self, fh: int, size: int) -> None:
         handle = self._handles[fh]
         if not handle.url:
-            os.ftruncate(handle.fd, size)
+            await self.workers.transfer(os.ftruncate, handle.fd, size)  # (may be NFS)
             return
         self._check_not_failed(handle)
         try:
@@ -317,14 +321,14 @@ class OpenFiles:
         handle.node.size = size
 
     async def _with_room(self, needed: int, fn: Callable[..., R], *args: object) -> R:
-        """`fn(*args)`, a write into a cache file; if the cache disk is full, once more after evicting what
-        nobody uses (`CacheContext.make_room`)."""
+        """`fn(*args)`, a write into a cache file, in a worker thread (a disk that stalls must not stall the
+        loop); if the cache disk is full, once more after evicting what nobody uses (`CacheContext.make_room`)."""
         try:
-            return fn(*args)
+            return await self.workers.disk(fn, *args)
         except OSError as exc:
             if exc.errno != errno.ENOSPC or not await self.workers.metadata(self.cache.make_room, needed):
                 raise
-        return fn(*args)
+        return await self.workers.disk(fn, *args)
 
     @staticmethod
     def _check_not_failed(handle: OpenFile) -> None:
@@ -436,8 +440,8 @@ class OpenFiles:
         if handle.writer:
             self.writeback.close_writer(entry)
         self.passthrough.release(entry, handle.node.inode, handle.backing_id, handle.behind)
-        os.close(handle.fd)
         try:
+            await self.workers.disk(os.close, handle.fd)  # (the last one of a deleted file frees its blocks)
             if handle.download is not None:
                 # Its last ranges checked the version as a stat would: a re-open right after needs no stat.
                 self.ns.confirm(handle.node, handle.download.info.etag, handle.download.confirmed)
@@ -457,3 +461,7 @@ def _inode(path: Path) -> int:
         return os.stat(path).st_ino
     except FileNotFoundError:
         return -1
+
+
+def _touch(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))

@@ -18,13 +18,12 @@ import mmap
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..backends import Backend, ObjectInfo
-from ..cache import CacheContext, EntryState
+from ..cache import CacheContext, Landing
 from ..errors import NoSpace, StorageError, TimedOut
 from .workers import Workers
 from .writeback import WriteBack
@@ -48,12 +47,12 @@ class StreamSettings:
 
 class Download:
     def __init__(
-        self, entry: Entry, backend: Backend, info: ObjectInfo, partial: Path, fd: int, lock_fd: int,
+        self, entry: Entry, backend: Backend, info: ObjectInfo, landing: Landing,
         settings: StreamSettings, workers: Workers, cleaner: Cleaner, writeback: WriteBack,
     ) -> None:
         self.entry, self.url, self.backend, self.info, self.workers = entry, entry.url, backend, info, workers
         self._cleaner, self._writeback = cleaner, writeback
-        self.partial, self.fd, self._lock_fd = partial, fd, lock_fd
+        self.landing, self.fd = landing, landing.fd
         self.settings = settings
         count = -(-info.size // settings.part_size)
         self.parts = bytearray(count)  # MISSING / FETCHING / PRESENT per part
@@ -211,9 +210,7 @@ class Download:
                 if self._abandoned:
                     return
                 info, asked = self.info, time.monotonic()
-                await self.workers.transfer(
-                    self.backend.read_to, self.fd, info.key, start, length, info.etag, progress
-                )
+                await self.workers.transfer(self.landing.fill, self.backend, info, start, length, progress)
                 if self.backend.pinned_read_is_current:
                     self.confirmed = max(self.confirmed, asked)
         except Exception as exc:  # handed to the waiting readers, who turn it into an errno
@@ -278,52 +275,34 @@ class Download:
             return
         self._finishing = True
         self._close_map()
-        cache = self._cleaner.cache
-        final = cache.path_for(self.url)
-
-        def publish() -> None:
-            os.replace(self.partial, final)
-            cache.save_state(EntryState(self.url, self.info.etag, self.info.size), durable=False)
-
-        entry, published = self.entry, False
+        entry = self.entry
         if not entry.local_changes:  # (an upload holds the lock only while there are some)
             async with self._writeback.lock(entry.url):  # a writer opening it waits until the file is in place
                 if not entry.local_changes:
                     entry.check_publish()
-                    await self.workers.metadata(publish)
-                    published = True
-        if published:
-            self.published = True
+                    await self.workers.metadata(self.landing.publish, self.info)
+                    self.published = True
+        if self.published:
             await self._cleaner.added(self.info.size)
         else:  # written here meanwhile: the cache file is the writer's; this copy serves only its open readers
-            with contextlib.suppress(FileNotFoundError):
-                self.partial.unlink()
-        self._release_lock()
+            self.landing.discard()
         self.done.set()
 
     def abandon(self) -> None:
         """Nobody reads it any more and it is incomplete: stop fetching and drop the partial file."""
         self._abandoned = True  # queued fetches return at once; running ones finish their part
         self._close_map()
-        with contextlib.suppress(FileNotFoundError):
-            self.partial.unlink()
-        self._release_lock()
+        self.landing.discard()
         if self._inflight == 0:
             self._close_fd()
 
     def _close_fd(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.landing.close()
+        self.fd = -1
 
     def close_file(self) -> None:
         self._close_map()
         self._close_fd()
-
-    def _release_lock(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
 
 
 class Cleaner:
@@ -389,13 +368,14 @@ class Downloads(TaskHost):
         if current is not None and current.info.etag == info.etag:
             current.readers += 1
             return current
-        started = await self.workers.metadata(self._start_files, url, info)
-        if started is None:
+        # The cache's download lock (StorageManager takes it too), without waiting: if another process holds
+        # it, that process is downloading the object; the caller then waits for it instead.
+        landing = await self.workers.metadata(self.cache.land, url, info.size)
+        if landing is None:
             return None
-        partial, fd, lock_fd = started
         entry = self.entries.at(url)
         download = Download(
-            entry, backend, info, partial, fd, lock_fd, self.settings, self.workers, self.cleaner, self.writeback
+            entry, backend, info, landing, self.settings, self.workers, self.cleaner, self.writeback
         )
         download.readers = 1
         entry.download = download  # (one of an older version goes on for its own readers)
@@ -403,17 +383,6 @@ class Downloads(TaskHost):
         if info.size == 0:
             await download.finish()
         return download
-
-    def _start_files(self, url: str, info: ObjectInfo) -> tuple[Path, int, int] | None:
-        # The cache's download lock (StorageManager takes it too), without waiting: if another process
-        # holds it, that process is downloading the object; the caller then waits for it instead.
-        lock_fd = self.cache.try_fetch_lock(url)
-        if lock_fd is None:
-            return None
-        partial = self.cache.partial_for(url)
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.ftruncate(fd, info.size)  # sparse: parts land at their offsets
-        return partial, fd, lock_fd
 
     async def read(self, download: Download, start: int, size: int) -> None:
         assert self.nursery is not None
@@ -428,7 +397,7 @@ class Downloads(TaskHost):
         if start >= end:
             return b""
         if download.present(start, end):
-            return os.pread(download.fd, end - start, start)
+            return await self.workers.disk(os.pread, download.fd, end - start, start)
         info = download.info
         data: bytes = await self.workers.transfer(
             download.backend.read, info.key, start, end - start, info.etag, retry_for=self.workers.timeouts.operation

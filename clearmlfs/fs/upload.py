@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import trio
 
 from ..backends import ObjectInfo
+from ..backends.base import ReaderAbandoned
 from .workers import Watch
 
 
-class StreamAborted(Exception):
+class StreamAborted(ReaderAbandoned):
     """Raised into the SDK's reading thread so that it abandons (and aborts) the multipart upload."""
 
 

@@ -50,7 +50,13 @@ class Workers:
         self._metadata = trio.CapacityLimiter(metadata_threads)
         self._transfers = trio.CapacityLimiter(transfer_threads)
         self._streams = trio.CapacityLimiter(stream_threads)
+        self._disk = trio.CapacityLimiter(metadata_threads)
         self.timeouts = timeouts
+
+    async def disk(self, fn: Callable[..., T], *args: object) -> T:
+        """A call on a cache file (open, pin, truncate, close): off the loop, which a slow disk must not stall,
+        and never abandoned, so that a descriptor it opens always reaches its owner."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._disk)
 
     async def metadata(self, fn: Callable[..., T], *args: object, budget: float | None = None) -> T:
         """A short request (HEAD, LIST, DELETE, small PUT) or a local file operation: TimedOut after `budget`

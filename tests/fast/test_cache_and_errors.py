@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from clearmlfs.backends.memory import MemoryBackend
 from clearmlfs.cache import CacheContext, EntryState, entry_name
 from clearmlfs.errors import (
     AccessDenied,
@@ -133,3 +134,64 @@ def test_an_unfinished_multipart_upload_is_remembered_until_forgotten(tmp_path: 
     assert cache.unfinished_uploads() == [("s3://b/k", "upload-1")]
     cache.forget_upload("s3://b/k", "upload-1")
     assert cache.unfinished_uploads() == []
+
+
+# -- the one way into the cache ------------------------------------------------------------------------------
+URL = "s3://mem:1/bucket/big.bin"
+
+
+def test_a_whole_fetch_lands_range_by_range_and_records_the_version(tmp_path: Path) -> None:
+    cache, backend = CacheContext(tmp_path, fetch_concurrency=3), MemoryBackend("s3://mem:1/bucket")
+    data = os.urandom(20 * 1024 * 1024 + 5)
+    info = backend.put("big.bin", data)
+    path = cache.fetch(URL, backend, "big.bin", info)
+    assert path.read_bytes() == data and path == cache.path_for(URL)
+    state = cache.state(URL)
+    assert state is not None and state.etag == info.etag and state.size == len(data)
+    assert backend.count("GET") == 3  # 8 MiB ranges
+    assert not list(cache.folder.glob("*.partially"))
+
+
+def test_a_whole_fetch_of_an_object_changed_since_its_stat_gets_the_new_version(tmp_path: Path) -> None:
+    cache, backend = CacheContext(tmp_path), MemoryBackend("s3://mem:1/bucket")
+    old = backend.put("big.bin", b"old" * 1000)
+    new = backend.put("big.bin", b"new" * 2000)
+    path = cache.fetch(URL, backend, "big.bin", old)
+    assert path.read_bytes() == b"new" * 2000
+    state = cache.state(URL)
+    assert state is not None and state.etag == new.etag
+
+
+def test_a_failed_fetch_leaves_neither_a_partial_file_nor_its_lock(tmp_path: Path) -> None:
+    cache, backend = CacheContext(tmp_path), MemoryBackend("s3://mem:1/bucket")
+    info = backend.put("big.bin", b"x" * 100)
+    backend.fail_next(100, Transient("injected"))
+    with pytest.raises(Transient):
+        cache.fetch(URL, backend, "big.bin", info)
+    assert not list(cache.folder.glob("*.partially")) and cache.lookup(URL) is None
+    landing = cache.land(URL)  # nobody holds the download lock any more
+    assert landing is not None
+    landing.discard()
+    landing.close()
+
+
+def test_only_one_download_of_an_object_at_a_time(tmp_path: Path) -> None:
+    cache = CacheContext(tmp_path)
+    first = cache.land(URL, 10)
+    assert first is not None and os.fstat(first.fd).st_size == 10  # sparse, ranges land at their offsets
+    assert cache.land(URL) is None  # another thread or process is downloading it
+    first.discard()
+    first.close()
+    second = cache.land(URL)
+    assert second is not None
+    second.discard()
+    second.close()
+
+
+def test_a_small_object_lands_in_one_request(tmp_path: Path) -> None:
+    cache, backend = CacheContext(tmp_path), MemoryBackend("s3://mem:1/bucket")
+    info = backend.put("big.bin", b"small")
+    fetched = cache.fetch_small(URL, backend, "big.bin", 1024)
+    assert fetched is not None and fetched[0] is not None and fetched[0].read_bytes() == b"small"
+    assert fetched[1] is not None and fetched[1].etag == info.etag
+    assert not list(cache.folder.glob("*.partially"))
