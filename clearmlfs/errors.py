@@ -21,6 +21,10 @@ class InvalidURL(ClearmlfsError):
     """A URL that names no storage clearmlfs understands."""
 
 
+class NameTooLong(InvalidURL):
+    """A name over 255 bytes, or an object key over its provider's limit."""
+
+
 class StorageError(ClearmlfsError):
     """A storage request failed; subclasses say why."""
 
@@ -81,6 +85,7 @@ _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (NotEmpty, errno.ENOTEMPTY),
     (CrossDevice, errno.EXDEV),
     (ReadOnly, errno.EROFS),
+    (NameTooLong, errno.ENAMETOOLONG),
     (InvalidURL, errno.EINVAL),
     (ConfigError, errno.EACCES),
     (Transient, errno.EIO),

@@ -53,22 +53,6 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
-# What botocore, boto3 and s3transfer document they raise, the transport's failures beneath them, local file
-# errors (a full cache disk mid-download), and a stream's reader giving up. Anything else is a bug, left to
-# reach the operation (EIO, with its traceback in the log).
-_CAUGHT: tuple[type[BaseException], ...] = (
-    botocore.exceptions.BotoCoreError,
-    botocore.exceptions.ClientError,
-    boto3.exceptions.Boto3Error,
-    s3transfer.exceptions.RetriesExceededError,
-    s3transfer.exceptions.S3UploadFailedError,
-    concurrent.futures.CancelledError,
-    ReaderAbandoned,
-    *TRANSPORT_FAILURES,
-    OSError,
-)
-# Setting up plain GETs reads private attributes of the client: if they moved, the client serves instead.
-_SETUP_FAILURES: tuple[type[BaseException], ...] = (*_CAUGHT, AttributeError, KeyError, TypeError, ValueError)
 
 MAX_PARTS = 10_000  # S3's limit on the parts of one object
 READ_PIECE = 1024 * 1024  # body bytes read and written at a time
@@ -85,6 +69,25 @@ _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
 
 class SourceShrank(Exception):
     """The file being uploaded got shorter than it was when its upload began: rewritten meanwhile."""
+
+
+# What botocore, boto3 and s3transfer document they raise, the transport's failures beneath them, local file
+# errors (a full cache disk mid-download), and our own readers giving up (a stream's; a file that shrank).
+# Anything else is a bug, left to reach the operation (EIO, with its traceback in the log).
+_CAUGHT: tuple[type[BaseException], ...] = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    boto3.exceptions.Boto3Error,
+    s3transfer.exceptions.RetriesExceededError,
+    s3transfer.exceptions.S3UploadFailedError,
+    concurrent.futures.CancelledError,
+    ReaderAbandoned,
+    SourceShrank,
+    *TRANSPORT_FAILURES,
+    OSError,
+)
+# Setting up plain GETs reads private attributes of the client: if they moved, the client serves instead.
+_SETUP_FAILURES: tuple[type[BaseException], ...] = (*_CAUGHT, AttributeError, KeyError, TypeError, ValueError)
 
 
 _TRANSIENT_EXC = (

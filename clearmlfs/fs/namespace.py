@@ -13,6 +13,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from ..errors import (
     AlreadyExists,
     CrossDevice,
     InvalidURL,
+    NameTooLong,
     NotEmpty,
     NotFound,
     StorageError,
@@ -47,6 +49,10 @@ LOOKUP_LIST_CAP = 5000  # a lookup lists its parent when the parent holds no mor
 
 
 NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
+KEY_MAX = 1024  # an object key's limit on S3 and GCS (UTF-8 bytes) and Azure (characters)
+# What a bucket or container name can be, at its most permissive (old S3 regions: up to 255 characters, capitals
+# and underscores): anything else, the dot-files shells and tools probe for among them, is not asked about.
+BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
 # After a bucket's server failed to answer, what is cached of it is served without asking it again for this
 # long: one stall costs a path walk one revalidation budget, not one per component.
 OFFLINE_HOLD = 10.0
@@ -62,6 +68,12 @@ def valid_name(name: str) -> bool:
         bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
         and len(os.fsencode(name)) <= NAME_MAX
     )
+
+
+def check_length(name: str) -> None:
+    """ENAMETOOLONG for a name longer than a directory entry can be."""
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise NameTooLong(f"{name[:40]}...: a name is at most {NAME_MAX} bytes")
 
 
 def valid_key_name(name: str) -> bool:
@@ -219,8 +231,8 @@ class Namespace:
             is_host = name.endswith(AZURE_SUFFIX) if parent.path == "azure" else ":" in name
             if is_host:
                 return self.table.add(parent, name, Kind.HOST, f"{parent.url}{name}")
-        if parent.kind is Kind.ROOT:
-            raise NotFound(name)
+        if parent.kind is Kind.ROOT or parent.path == "azure" or not BUCKET_NAME.fullmatch(name):
+            raise NotFound(parent.child_path(name))  # (azure/ holds storage accounts only)
         known = self.table.at(parent.child_path(name))
         if known is not None and known.kind is Kind.BUCKET:
             return known  # verified once; buckets do not come and go under a mount
@@ -242,6 +254,7 @@ class Namespace:
     async def lookup(self, parent: Node, name: str) -> Node:
         if parent.kind is Kind.LOCAL:
             return await self._lookup_local(parent, name)
+        check_length(name)
         if not valid_key_name(name):
             raise NotFound(name)
         if parent.kind in (Kind.ROOT, Kind.SCHEME, Kind.HOST):
@@ -452,18 +465,23 @@ class Namespace:
         return node.kind is Kind.LOCAL or (node.kind is Kind.FILE and node.path.startswith("file/"))
 
     # -- changes -----------------------------------------------------------------------------------
-    def check_new_object(self, parent: Node, name: str) -> None:
-        """Raise unless `parent/name` can be created as an object."""
+    def check_new_object(self, parent: Node, name: str, folder: bool = False) -> None:
+        """Raise unless `parent/name` can be created as an object (`folder`: as a folder's marker object)."""
         if parent.kind not in (Kind.BUCKET, Kind.DIR):
             raise Unsupported(f"{parent.path or '/'} holds buckets, not objects")
+        check_length(name)
         if not valid_key_name(name):
             raise InvalidURL(f"{name!r} cannot be part of an object key")
+        key = parse_url(parent.child_url(name)).key + ("/" if folder else "")
+        length = len(key) if parent.url.startswith("azure://") else len(key.encode("utf-8"))
+        if length > KEY_MAX:
+            raise NameTooLong(f"{parent.child_url(name)}: its key would be {length} long, over {KEY_MAX}")
 
     async def mkdir(self, parent: Node, name: str) -> Node:
         if self.is_local(parent):
             await self.workers.metadata(os.mkdir, os.path.join(parent.url, name))
             return await self._lookup_local(parent, name)
-        self.check_new_object(parent, name)
+        self.check_new_object(parent, name, folder=True)
         url = parent.child_url(name)
         backend, key = self.backends.get(parse_url(url)), parse_url(url).key
         await self.workers.metadata(backend.upload, EMPTY, key + "/")

@@ -96,7 +96,7 @@ class Operations(pyfuse3.Operations):
         self.ns, self.files, self.ttl = ns, files, ttl
         self.enable_passthrough = files.passthrough.enabled  # read by the patched pyfuse3's init
         self.uid, self.gid = os.getuid(), os.getgid()
-        self._dirs: dict[int, list[Node]] = {}
+        self._dirs: dict[int, tuple[Node, list[Node]]] = {}  # fh → (the folder, its entries)
         self._dir_fh = itertools.count(1)
 
     # -- attributes --------------------------------------------------------------------------------
@@ -168,17 +168,21 @@ class Operations(pyfuse3.Operations):
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = next(self._dir_fh)
-        self._dirs[fh] = await self.ns.listdir(node)  # a snapshot: offsets stay valid while it is read
+        self._dirs[fh] = (node, await self.ns.listdir(node))  # a snapshot: offsets stay valid while it is read
         return fh
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dirs[fh]
-        for index in range(start_id, len(entries)):
-            node = entries[index]
-            if not pyfuse3.readdir_reply(token, os.fsencode(node.name), await self._attributes(node), index + 1):
+        folder, entries = self._dirs[fh]
+        dots = [(b".", folder), (b"..", self.ns.table.get(folder.parent) or folder)]
+        for index in range(start_id, len(entries) + len(dots)):
+            # "." and ".." first; the kernel takes no reference to them (a readdirplus reply links neither)
+            name, node = dots[index] if index < len(dots) else (None, entries[index - len(dots)])
+            reply = name if name is not None else os.fsencode(node.name)
+            if not pyfuse3.readdir_reply(token, reply, await self._attributes(node), index + 1):
                 return
-            self.ns.table.revive(node).lookups += 1  # readdirplus: the kernel now holds a reference
+            if name is None:
+                self.ns.table.revive(node).lookups += 1  # readdirplus: the kernel now holds a reference
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -212,6 +216,25 @@ class Operations(pyfuse3.Operations):
             self.ns.table[parent_inode_old], _name(name_old), self.ns.table[parent_inode_new], _name(name_new),
             replace=not flags & pyfuse3.RENAME_NOREPLACE,
         )
+
+    # Objects have no links, devices or fifos: refused as a filesystem without them refuses them.
+    @_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     # -- files -------------------------------------------------------------------------------------
     @_errors

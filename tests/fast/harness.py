@@ -107,6 +107,11 @@ class Client:
         return bytes(out)
 
     async def listdir(self, path: str) -> list[str]:
+        """The names in a folder, as os.listdir gives them (without "." and "..")."""
+        return [n for n in await self.readdir(path) if n not in (".", "..")]
+
+    async def readdir(self, path: str) -> list[str]:
+        """Every name readdir replies with."""
         fh = await self.ops.opendir(await self.inode(path), CTX)
         names: list[str] = []
 

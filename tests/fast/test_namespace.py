@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from clearmlfs.backends import ObjectInfo, Prefix
-from tests.fast.harness import HOST, ROOT, Client, errno_of, is_dir, run
+from tests.fast.harness import CTX, HOST, ROOT, Client, MemoryPool, errno_of, is_dir, run
 
 
 def test_the_configured_levels_are_listed(tmp_path: Path) -> None:
@@ -318,5 +318,71 @@ def test_a_listing_sent_before_a_create_or_a_delete_shows_the_change(tmp_path: P
         assert await c.listdir(f"{ROOT}/d") == ["new.bin"]
         assert (await c.attrs(f"{ROOT}/d/new.bin")).st_size == 10
         assert await errno_of(c.attrs(f"{ROOT}/d/gone.bin")) == errno.ENOENT
+
+    run(test, tmp_path)
+
+
+# -- names and limits ------------------------------------------------------------------------------------------
+def test_a_name_over_255_bytes_is_enametoolong(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        long = "n" * 256
+        assert await errno_of(c.attrs(f"{ROOT}/{long}")) == errno.ENAMETOOLONG
+        assert await errno_of(c.open(f"{ROOT}/{long}", os.O_WRONLY | os.O_CREAT)) == errno.ENAMETOOLONG
+        assert await errno_of(c.mkdir(f"{ROOT}/{long}")) == errno.ENAMETOOLONG
+        await c.write(f"{ROOT}/short", b"x")
+        assert await errno_of(c.rename(f"{ROOT}/short", f"{ROOT}/{long}")) == errno.ENAMETOOLONG
+        assert c.backend.data("short") == b"x"
+
+    run(test, tmp_path)
+
+
+def test_a_key_over_1024_bytes_is_refused_when_created_not_when_uploaded(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        path = ROOT
+        for i in range(4):  # 4 folders of 200 bytes: "0...0/1...1/2...2/3...3/" is 804 bytes
+            path = f"{path}/{str(i) * 200}"
+            await c.mkdir(path)
+        assert await errno_of(c.open(f"{path}/{'f' * 221}", os.O_WRONLY | os.O_CREAT)) == errno.ENAMETOOLONG
+        assert await errno_of(c.mkdir(f"{path}/{'d' * 220}")) == errno.ENAMETOOLONG  # (its marker ends in /)
+        await c.write(f"{path}/{'f' * 220}", b"fits")  # exactly 1,024 bytes
+        assert b"fits" in [c.backend.data(k) for k in c.backend.objects]
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("call", ["symlink", "mknod", "link"])
+def test_links_devices_and_fifos_are_eperm(tmp_path: Path, call: str) -> None:
+    async def test(c: Client) -> None:
+        await c.write(f"{ROOT}/f", b"x")
+        folder, name = await c.inode(ROOT), b"new"
+        action = {
+            "symlink": lambda: c.ops.symlink(folder, name, b"f", CTX),
+            "mknod": lambda: c.ops.mknod(folder, name, 0o10644, 0, CTX),
+            "link": lambda: c.ops.link(c_inode, folder, name, CTX),
+        }
+        c_inode = await c.inode(f"{ROOT}/f")
+        assert await errno_of(action[call]()) == errno.EPERM
+
+    run(test, tmp_path)
+
+
+def test_readdir_gives_dot_and_dotdot_first(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("d/a", b"x")
+        assert await c.readdir(f"{ROOT}/d") == [".", "..", "a"]
+        assert (await c.readdir(""))[:2] == [".", ".."]
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("name", [".git", ".Trash-0", "autorun.inf~", "x", "-a"])
+def test_names_that_cannot_be_buckets_are_enoent_without_asking(tmp_path: Path, name: str) -> None:
+    async def test(c: Client) -> None:
+        pool = c.fs.backends
+        assert isinstance(pool, MemoryPool)
+        before = set(pool.buckets)
+        assert await errno_of(c.attrs(f"s3/{HOST}/{name}")) == errno.ENOENT
+        assert await errno_of(c.attrs(f"azure/{name}")) == errno.ENOENT
+        assert set(pool.buckets) == before  # no bucket was asked about
 
     run(test, tmp_path)
