@@ -100,6 +100,7 @@ class EntryState:
     dirty: bool = False  # written locally, not yet uploaded
     extracted: str = ""  # ETag of the archive content last extracted next to it
     version: int = 0  # bumped each time the entry is dirtied: an upload clears only the version it read
+    failed: str = ""  # why its upload failed for good (the server refused it): not retried until told to
 
 
 class Pin:
@@ -237,6 +238,38 @@ class CacheContext:
                 continue
             if isinstance(record, dict):
                 yield record
+
+    def mark_failed(self, url: str, reason: str) -> bool:
+        """Record that `url`'s dirty content was refused by the server for good; False if it is not dirty."""
+        state = self.state(url)
+        if state is None or not state.dirty:
+            return False
+        state.failed = reason
+        self.save_state(state)
+        return True
+
+    def retry(self, url: str) -> bool:
+        """Let a failed upload of `url` be tried again (by the mount's retry loop); False if none failed."""
+        state = self.state(url)
+        if state is None or not state.failed:
+            return False
+        state.failed = ""
+        self.save_state(state)
+        return True
+
+    def pending_report(self) -> list[tuple[str, str, float, str]]:
+        """(what, url, since, reason) of each file not uploaded: "failed" (refused by the server), "uploading"
+        (a multipart upload is open) or "dirty"; `since`: when its record last changed (epoch seconds)."""
+        uploading = {url for url, _ in self.unfinished_uploads()}
+        report = []
+        for state in self.dirty_entries():
+            try:
+                since = self._state_path(self.path_for(state.url).name).stat().st_mtime
+            except OSError:
+                continue
+            what = "failed" if state.failed else "uploading" if state.url in uploading else "dirty"
+            report.append((what, state.url, since, state.failed))
+        return sorted(report, key=lambda r: r[2])
 
     def dirty_entries(self) -> list[EntryState]:
         states = []

@@ -149,9 +149,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"kept free on its disk: {cache.min_free}")
         print(f"served offline: {cache.counters().get(SERVED_OFFLINE, 0)} (opens of cached files the server could "
               "not confirm)")
+        failed = [s for s in dirty if s.failed]
         print(f"dirty (not yet uploaded): {len(dirty)}")
         for state in dirty:
             print(f"  {state.url}")
+        print(f"failed (refused by the server, not retried): {len(failed)}")
+        return 0
+    if args.action in ("retry", "discard"):
+        if not args.url:
+            raise InvalidURL(f"`clearmlfs cache {args.action}` needs the URL of a file not uploaded")
+        waiting = cache.state(args.url)
+        if waiting is None or not waiting.dirty:
+            print(f"clearmlfs: {args.url} has nothing waiting to be uploaded", file=sys.stderr)
+            return EXIT_FAILED
+        if args.action == "retry":
+            cache.retry(args.url)
+            print(f"{args.url}: will be uploaded again by the mount (within 30 s) or at the next mount")
+        else:
+            cache.forget(args.url)
+            print(f"{args.url}: dropped from the cache; the server's object is as it was")
         return 0
     if args.action == "prune":
         cache.byte_limit = args.max_bytes
@@ -163,6 +179,29 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"removed {len(cache.clear(include_dirty=args.force))} entries")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Every file of the cache not uploaded yet, with what it is waiting for and since when."""
+    from .cache import DEFAULT_CONTEXT, CacheContext
+
+    settings = _settings(args)
+    cache = CacheContext(settings.cache_dir, DEFAULT_CONTEXT, settings.cache_file_limit)
+    pending = cache.pending_report()
+    if not pending:
+        print("every file is uploaded")
+        return 0
+    for what, url, since, reason in pending:
+        line = f"{what:<9} {_age(time.time() - since):>6}  {url}"
+        print(f"{line}  ({reason})" if reason else line)
+    return 0
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
 
 
 def cmd_path(args: argparse.Namespace) -> int:
@@ -290,13 +329,17 @@ def _last_line(path: Path) -> str:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    """Unmount, then wait for the daemon to finish uploading what is dirty and exit."""
+    """Unmount, then wait for the daemon to finish uploading what is dirty and exit; exit 1 naming the files it
+    could not upload."""
+    from .mount import unuploaded_report
 
     mountpoint = Path(args.mountpoint).absolute()
     if not os.path.ismount(mountpoint):
         print(f"clearmlfs: {mountpoint} is not mounted", file=sys.stderr)
         return EXIT_FAILED
     daemons = _daemons_of(mountpoint)
+    report = unuploaded_report(mountpoint)
+    report.unlink(missing_ok=True)  # (an earlier mount's)
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -312,7 +355,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if alive:
         print(f"clearmlfs: the daemon (pid {alive[0]}) is still uploading; its log says more", file=sys.stderr)
         return EXIT_FAILED
-    return 0
+    return _report_unuploaded(report)
+
+
+def _report_unuploaded(report: Path) -> int:
+    """Name the files the mount could not upload (they stay in its cache: `clearmlfs status`)."""
+    try:
+        lines = [line.split("\t", 1) for line in report.read_text().splitlines() if line]
+    except FileNotFoundError:
+        return 0
+    print(f"clearmlfs: {len(lines)} file(s) could not be uploaded; they stay in the cache (`clearmlfs status`, "
+          "`clearmlfs cache retry|discard URL`):", file=sys.stderr)
+    for url, reason in (line if len(line) == 2 else [line[0], ""] for line in lines):
+        print(f"  {url}: {reason}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _daemons_of(mountpoint: Path) -> list[int]:
@@ -361,9 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ls", cmd_ls, "list the objects under URL")
     p.add_argument("url")
     p = add("cache", cmd_cache, "show, prune or clear the managed cache")
-    p.add_argument("action", choices=["stats", "prune", "clear"])
+    p.add_argument("action", choices=["stats", "prune", "clear", "retry", "discard"])
+    p.add_argument("url", nargs="?", help="retry, discard: the file not uploaded (`clearmlfs status` lists them)")
     p.add_argument("--max-bytes", type=_byte_size, default=None, help="prune: evict until the cache is this small")
     p.add_argument("--force", action="store_true", help="clear: also drop files not uploaded yet")
+    add("status", cmd_status, "list the files not uploaded yet: dirty, uploading, or refused by the server")
     p = add("path", cmd_path, "print the path of URL inside a clearmlfs mount")
     p.add_argument("url")
     p.add_argument("--mountpoint", help="the mount to use (default: the only clearmlfs mount)")
@@ -383,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _from_mount_helper(argv: list[str]) -> list[str]:
     """mount(8) → mount.fuse3 runs `clearmlfs SOURCE MOUNTPOINT -o OPTS`: that is `clearmlfs mount`."""
-    parser_commands = {"config", "get", "put", "ls", "cache", "path", "url", "mount", "umount"}
+    parser_commands = {"config", "get", "put", "ls", "cache", "status", "path", "url", "mount", "umount"}
     if len(argv) >= 2 and argv[0] not in parser_commands and not argv[0].startswith("-"):
         return ["mount", *argv[1:]]
     return argv

@@ -69,6 +69,10 @@ class CrossDevice(StorageError):
     """A rename the storage cannot do in place (a directory, across buckets): callers fall back to copying."""
 
 
+class Rejected(StorageError):
+    """The server refused the request as made (a 4xx other than 408 and 429): the same request cannot succeed."""
+
+
 class ReadOnly(StorageError):
     """The mount is read-only."""
 
@@ -93,6 +97,13 @@ _ERRNO: tuple[tuple[type[BaseException], int], ...] = (
     (FileNotFoundError, errno.ENOENT),
     (PermissionError, errno.EACCES),
 )
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether an upload that failed with `exc` cannot succeed by being tried again as it is (the bucket is
+    missing, access is denied, the server rejects the key or the request), as opposed to a server that did not
+    answer or answered 5xx/408/429."""
+    return isinstance(exc, (Rejected, AccessDenied, NotFound, InvalidURL, Unsupported, ConfigError))
 
 
 def unreachable(exc: BaseException) -> bool:

@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from .backends import BackendPool
-from .cache import CacheContext
+from .cache import CacheContext, private_dirs
 from .config import Settings, Timeouts, parse_bool, parse_size
 from .errors import ConfigError
 from .fetcher import Setup
@@ -271,6 +271,27 @@ async def _main(fs: Filesystem, mountpoint: Path, read_ahead_kb: int) -> None:
     left = await fs.writeback.upload_pending()
     if left:
         log.error("%d file(s) could not be uploaded; they stay in the cache and are retried on the next mount", left)
+    await trio.to_thread.run_sync(write_unuploaded, mountpoint, fs.cache)
+
+
+def unuploaded_report(mountpoint: Path) -> Path:
+    """Where a mount, as it ends, lists the files it could not upload, for `clearmlfs umount` to report."""
+    folder = Path("/run/clearmlfs") if os.geteuid() == 0 else Path(f"/tmp/clearmlfs-{os.getuid()}")
+    name = str(mountpoint.absolute()).strip("/").replace("/", "-") or "root"
+    return folder / f"{name}.unuploaded"
+
+
+def write_unuploaded(mountpoint: Path, cache: CacheContext) -> None:
+    report = unuploaded_report(mountpoint)
+    lines = [f"{s.url}\t{s.failed or 'not uploaded yet: retried on the next mount'}" for s in cache.dirty_entries()]
+    try:
+        if lines:
+            private_dirs(report.parent)
+            report.write_text("\n".join(lines) + "\n")
+        else:
+            report.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", report, exc)
 
 
 async def _on_signals() -> None:

@@ -36,6 +36,7 @@ from ..errors import (
     ClearmlfsError,
     ConfigError,
     NotFound,
+    Rejected,
     StorageError,
     Transient,
     Unsupported,
@@ -376,6 +377,8 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
         return Transient(f"{url}: {reason}")
     if isinstance(exc, OSError) and exc.errno is not None:
         return local_error(exc, url)
+    if isinstance(status, int) and 400 <= status < 500:
+        return Rejected(f"{url}: {reason}")
     return StorageError(f"{url}: {reason}")
 
 

@@ -34,7 +34,7 @@ from s3transfer.utils import OSUtils, ReadFileChunk
 
 from .. import __version__
 from ..config import DEFAULT_TIMEOUTS, S3Credentials, S3Settings, Timeouts
-from ..errors import AccessDenied, Changed, ClearmlfsError, NotFound, StorageError, Transient
+from ..errors import AccessDenied, Changed, ClearmlfsError, NameTooLong, NotFound, Rejected, StorageError, Transient
 from .base import (
     STREAM_PARTS_IN_MEMORY,
     TRANSPORT_FAILURES,
@@ -115,7 +115,10 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
             return AccessDenied(f"{url}: access denied ({code or status}) for bucket {url.split('/')[2]!r}")
         if code in _TRANSIENT or status == 429 or status >= 500:
             return Transient(f"{url}: {code or status}")
-        return StorageError(f"{url}: {code or status}: {cause.response.get('Error', {}).get('Message', '')}")
+        message = f"{url}: {code or status}: {cause.response.get('Error', {}).get('Message', '')}"
+        if code == "KeyTooLongError":
+            return NameTooLong(message)
+        return Rejected(message) if 400 <= status < 500 and status != 408 else StorageError(message)
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return AccessDenied(f"{url}: no S3 credentials configured (sdk.aws.s3 key/secret or the AWS chain)")
     if isinstance(exc, _TRANSIENT_EXC):

@@ -20,7 +20,7 @@ import trio
 from ..backends import Backend, BackendPool, ObjectInfo
 from ..backends.base import Progress
 from ..cache import CacheContext, EntryState
-from ..errors import ClearmlfsError, StorageError, TimedOut
+from ..errors import ClearmlfsError, StorageError, TimedOut, permanent
 from ..urls import parse_url
 from .entries import Entries, Entry
 from .upload import GrowingFile, Stream
@@ -94,7 +94,8 @@ class WriteBack:
 
         def bump() -> None:
             state = self.cache.state(url) or EntryState(url)
-            state.dirty, state.version = True, state.version + 1
+            # New content: whatever refused the old one, it is tried again.
+            state.dirty, state.version, state.failed = True, state.version + 1, ""
             self.cache.save_state(state)
 
         await self.workers.metadata(bump)
@@ -157,6 +158,7 @@ class WriteBack:
                     entry.end_upload(clean)
         except StorageError as exc:
             job.error = exc
+            await self._failed_for_good(job.url, exc)
         except Exception as exc:  # never let a surprise end the mount: the writer sees EIO, the entry stays dirty
             log.exception("upload of %s failed", job.url)
             job.error = StorageError(f"{job.url}: {type(exc).__name__}: {exc}")
@@ -233,7 +235,12 @@ class WriteBack:
     async def upload_pending(self) -> int:
         """Upload every dirty entry nobody has open; returns how many are still dirty."""
         remaining = 0
-        for state in await self.workers.metadata(self.cache.dirty_entries):
+        dirty = await self.workers.metadata(self.cache.dirty_entries)
+        self._forget_discarded({s.url for s in dirty})
+        for state in dirty:
+            if state.failed:
+                remaining += 1  # refused by the server: `clearmlfs cache retry` (or a new write) tries again
+                continue
             if self.entries.held(state.url):
                 remaining += 1  # being uploaded now (a flush's upload, perhaps still going after the flush)
                 continue
@@ -244,8 +251,26 @@ class WriteBack:
                     await self._retry_one(entry)
                 except StorageError as exc:
                     remaining += 1
-                    log.warning("upload of %s failed again (%s); will retry", state.url, exc)
+                    if not await self._failed_for_good(state.url, exc):
+                        log.warning("upload of %s failed again (%s); will retry", state.url, exc)
         return remaining
+
+    def _forget_discarded(self, dirty: set[str]) -> None:
+        """Entries pending here whose cache record is no longer dirty, with nobody writing or uploading them,
+        were dropped from the cache (`clearmlfs cache discard`): they have no local changes any more."""
+        for entry in self.entries:
+            if entry.pending and entry.url not in dirty and not (entry.writers or entry.uploading or entry.lock_users):
+                entry.discarded()
+                self.entries.release(entry)
+
+    async def _failed_for_good(self, url: str, exc: StorageError) -> bool:
+        """If `exc` says the upload of `url` cannot succeed as it is, record it failed (kept in the cache, not
+        retried: `clearmlfs status` lists it, `clearmlfs cache retry` or a new write tries again)."""
+        if not permanent(exc) or not await self.workers.metadata(self.cache.mark_failed, url, str(exc)):
+            return False
+        log.error("upload of %s refused by the server: %s. Kept in the cache, not retried until `clearmlfs cache "
+                  "retry %s` or a new write", url, exc, url)
+        return True
 
     async def discard(self, url: str) -> None:
         """Drop `url`'s local changes, cache file and state: nothing of them is to be uploaded any more (the
@@ -260,7 +285,9 @@ class WriteBack:
         """Upload the dirty cache file of `entry`, whose lock is held."""
         url = entry.url
         state = await self.workers.metadata(self.cache.state, url)
-        if state is None or not state.dirty:  # uploaded meanwhile by a writer's flush
+        if state is None or not state.dirty:  # uploaded meanwhile by a writer's flush, or discarded by the CLI
+            if entry.pending and not entry.busy:
+                entry.discarded()
             return
         path = self.cache.path_for(url)
         if not path.exists():

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from clearmlfs.errors import AccessDenied, NoSpace, Transient
+from clearmlfs.errors import AccessDenied, NoSpace, Rejected, Transient
 from clearmlfs.fs import files
 from tests.fast.harness import ROOT, Client, MemoryPool, errno_of, memory_mount, run, settings_for
 
@@ -101,6 +101,62 @@ def test_a_refused_upload_fails_close_with_eio(tmp_path: Path) -> None:
         c.backend.fail_next(100, AccessDenied("denied"))
         assert await errno_of(c.write(f"{ROOT}/refused", b"x")) == errno.EIO
         assert c.backend.data("refused") is None
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("refusal", [AccessDenied("denied"), Rejected("400 InvalidArgument")])
+def test_an_upload_refused_for_good_is_kept_and_not_retried_until_told(tmp_path: Path, refusal: Exception) -> None:
+    async def test(c: Client) -> None:
+        url = f"{c.backend.url_prefix}/refused"
+        c.backend.fail_next(1, refusal)  # type: ignore[arg-type]
+        assert await errno_of(c.write(f"{ROOT}/refused", b"kept")) == errno.EIO
+        state = c.fs.cache.state(url)
+        assert state is not None and state.dirty and str(refusal) in state.failed
+        puts = c.backend.count("PUT")
+        assert await c.fs.writeback.upload_pending() == 1
+        assert c.backend.count("PUT") == puts  # not tried again
+        assert await c.read(f"{ROOT}/refused") == b"kept"  # still served from the cache
+        assert c.fs.cache.retry(url)
+        assert await c.fs.writeback.upload_pending() == 0
+        assert c.backend.data("refused") == b"kept"
+
+    run(test, tmp_path)
+
+
+def test_a_new_write_tries_a_refused_file_again(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.fail_next(1, AccessDenied("denied"))
+        assert await errno_of(c.write(f"{ROOT}/refused", b"first")) == errno.EIO
+        await c.write(f"{ROOT}/refused", b"second")
+        assert c.backend.data("refused") == b"second"
+        state = c.fs.cache.state(f"{c.backend.url_prefix}/refused")
+        assert state is not None and not state.dirty and not state.failed
+
+    run(test, tmp_path)
+
+
+def test_a_transient_failure_is_not_taken_for_a_refusal(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.fail_next(100, Transient("503"))
+        assert await errno_of(c.write(f"{ROOT}/later", b"x")) == errno.EIO
+        state = c.fs.cache.state(f"{c.backend.url_prefix}/later")
+        assert state is not None and state.dirty and not state.failed
+        c.backend._failures.clear()
+        assert await c.fs.writeback.upload_pending() == 0
+
+    run(test, tmp_path)
+
+
+def test_a_file_discarded_from_the_cache_is_no_longer_shown(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.fail_next(1, AccessDenied("denied"))
+        assert await errno_of(c.write(f"{ROOT}/dropped", b"x")) == errno.EIO
+        c.fs.cache.forget(f"{c.backend.url_prefix}/dropped")  # `clearmlfs cache discard URL`
+        await c.fs.writeback.upload_pending()
+        assert not c.fs.writeback.entries.pending(f"{c.backend.url_prefix}/dropped")
+        c.fs.ops.ns.table.at(ROOT).listed = 0.0  # type: ignore[union-attr]
+        assert "dropped" not in await c.listdir(ROOT)
 
     run(test, tmp_path)
 
