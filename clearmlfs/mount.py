@@ -270,7 +270,7 @@ async def _main(fs: Filesystem, mountpoint: Path, read_ahead_kb: int) -> None:
     _notify_systemd(b"STOPPING=1")
     left = await fs.writeback.upload_pending()
     if left:
-        log.error("%d file(s) could not be uploaded; they stay in the cache and are retried on the next mount", left)
+        log.error("%d file(s) could not be uploaded; they stay in the cache (`clearmlfs status` says why)", left)
     await trio.to_thread.run_sync(write_unuploaded, mountpoint, fs.cache)
 
 

@@ -444,7 +444,7 @@ def _start_up_retry_race(seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, t
     key = key_of(store, url)
     conf, cache = conf_for(tmp_path, "c", store)
     old = write_random_file(tmp_path / "old.bin", 128 * MIB, 8 * MIB, 4000)
-    with mounted(conf, tmp_path / "mnt") as mnt:
+    with mounted(conf, tmp_path / "mnt", check_unmount=False) as mnt:  # (umount exits 1: the file is refused)
         target = at(mnt, url)
         target.parent.mkdir(parents=True)
         with target.open("wb") as f:
@@ -455,6 +455,7 @@ def _start_up_retry_race(seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, t
     assert poll(lambda: not daemon_running(tmp_path / "mnt"), 120, 0.2)
     assert (state_of(cache, url) or {}).get("dirty"), "the refused file is not recorded as dirty"
     seaweedfs_proxy.reset()
+    assert run_cli("cache", "retry", url, "--config", conf).returncode == 0  # refused for good: retried when told
     new = b"the user's newer content"
     with mounted(conf, tmp_path / "mnt") as mnt:
         assert poll(lambda: seaweedfs_proxy.count("POST", key) > 0, 30, 0.01), "the start-up retry never began"
@@ -607,7 +608,9 @@ def test_eviction_under_a_tiny_cache_spares_open_and_dirty_files(
                 assert problems == [], "\n".join(problems)
             finally:
                 kept.close()
-                refusing.reset()  # the unmount may now upload the dirty file
+                refusing.reset()
+                # Refused for good (403), the file waits to be told; then the unmount uploads it.
+                assert run_cli("cache", "retry", dirty_url, "--config", conf).returncode == 0
         assert server_bytes(client, seaweedfs.bucket, key_of(writes, dirty_url)) == dirty_body
 
 

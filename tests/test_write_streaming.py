@@ -286,6 +286,9 @@ def test_upload_failure_in_the_middle_fails_close_and_the_bytes_are_uploaded_lat
         assert (state_of(s.cache, s.url) or {}).get("dirty"), "the refused file is not recorded as dirty"
         assert path.read_bytes() == data, "the mount does not serve what was written"
         seaweedfs_proxy.reset()
+        # Refused for good (403), it waits to be told: then the unmount uploads it.
+        told = subprocess.run(clearmlfs("cache", "retry", s.url, "--config", s.conf), capture_output=True, text=True)
+        assert told.returncode == 0, told.stderr
     assert poll(lambda: s.on_server() == data, 60.0, 0.2), "the file was not uploaded at unmount"
 
 
