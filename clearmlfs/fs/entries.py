@@ -71,6 +71,7 @@ class Entry:
     backing: Backing | None = None  # passthrough opens of its inode
     cached_opens: int = 0  # opens of its inode in cached (not passthrough) mode
     dropping: bool = False  # a drop of its inode's page cache is under way
+    unlinked: bool = False  # its name was removed while open: its handles go on, nothing of it is uploaded
 
     # -- state ----------------------------------------------------------------------------------------
     @property
@@ -220,6 +221,12 @@ class Entries:
         """Whether `url`'s lock is held or waited for right now."""
         entry = self._by_url.get(url)
         return entry is not None and entry.lock_users > 0
+
+    def detach(self, entry: Entry) -> None:
+        """`entry`'s object was unlinked while open: its handles keep it, and its URL is free for a new one."""
+        entry.unlinked = True
+        if self._by_url.get(entry.url) is entry:
+            del self._by_url[entry.url]
 
     def move(self, old_url: str, new_url: str) -> None:
         """The object was renamed: its entry (if any) answers to the new URL."""

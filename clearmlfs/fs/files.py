@@ -45,9 +45,9 @@ R = TypeVar("R")
 class OpenFile:
     fh: int
     node: Node
-    entry: Entry  # its object's (for a direct-access file, its path's)
+    entry: Entry  # its object's (for a direct-access file, its path's): renamed with it
     fd: int
-    url: str  # '' for a direct-access file
+    local: bool  # a direct-access file
     pin: Pin | None
     dirty: bool = False
     download: Download | None = None  # set while the object is still streaming in
@@ -67,6 +67,11 @@ class OpenFile:
     # it may be uploaded. Every later write, flush and fsync of the handle fails with it.
     failed: int = 0
 
+    @property
+    def url(self) -> str:
+        """The object's URL as it is now (renames move it); '' for a direct-access file."""
+        return "" if self.local else self.entry.url
+
 
 class OpenFiles:
     def __init__(
@@ -80,9 +85,9 @@ class OpenFiles:
         self._handles: dict[int, OpenFile] = {}  # fh → handle (each also listed by its entry)
         self._fh = itertools.count(1)
 
-    def _register(self, node: Node, fd: int, url: str, pin: Pin | None) -> OpenFile:
+    def _register(self, node: Node, fd: int, pin: Pin | None, local: bool = False) -> OpenFile:
         entry = self.entries.at(node.url)
-        handle = OpenFile(next(self._fh), node, entry, fd, url, pin)
+        handle = OpenFile(next(self._fh), node, entry, fd, local, pin)
         self._handles[handle.fh] = handle
         entry.handles.append(handle)
         return handle
@@ -128,7 +133,7 @@ class OpenFiles:
         mode_flags = flags & (os.O_ACCMODE | os.O_TRUNC | os.O_APPEND)
         if self.ns.is_local(node):
             fd = await self.workers.metadata(os.open, node.url, mode_flags)
-            return self._register(node, fd, "", None)
+            return self._register(node, fd, None, local=True)
         if node.kind is not Kind.FILE:
             raise IsADirectoryError(errno.EISDIR, "Is a directory")
         if flags & WRITE_FLAGS:
@@ -206,7 +211,7 @@ class OpenFiles:
 
     async def _open_cached(self, node: Node, path: Path, flags: int) -> OpenFile:
         pin, fd = await self.workers.disk(self._pin_and_open, path, os.O_RDWR if flags & WRITE_FLAGS else os.O_RDONLY)
-        return self._register(node, fd, node.url, pin)
+        return self._register(node, fd, pin)
 
     def _pin_and_open(self, path: Path, flags: int, create: bool = False) -> tuple[Pin, int]:
         """`path` pinned and opened (in a worker thread); FileNotFoundError if it was evicted meanwhile."""
@@ -225,7 +230,7 @@ class OpenFiles:
     async def _streaming(self, node: Node, download: Download, keep_cache: bool) -> OpenFile:
         # Pinned under the entry's final name: it is renamed into place once complete.
         pin = await self.workers.disk(self.cache.pin, self.cache.path_for(node.url))
-        handle = self._register(node, os.dup(download.fd), node.url, pin)
+        handle = self._register(node, os.dup(download.fd), pin)
         handle.download, handle.keep_cache = download, keep_cache
         return handle
 
@@ -254,7 +259,7 @@ class OpenFiles:
             local = os.path.join(parent.url, name)
             fd = await self.workers.metadata(os.open, local, (flags & ~os.O_CREAT) | os.O_CREAT, mode & 0o7777)
             node = await self.ns.lookup(parent, name)
-            return self._register(node, fd, "", None)
+            return self._register(node, fd, None, local=True)
         self.ns.check_new_object(parent, name)
         url = parent.child_url(name)
         self.ns.created(url)
@@ -262,7 +267,7 @@ class OpenFiles:
         node.size, node.etag, node.checked = 0, "", time.monotonic()
         path = self.cache.path_for(url)
         await self.writeback.open_writer(url)
-        handle = self._register(node, -1, url, None)
+        handle = self._register(node, -1, None)
         handle.writer = True
         await self._make_dirty(handle)  # recorded before the file exists: a crash cannot lose it
         handle.pin, handle.fd = await self.workers.disk(self._pin_and_open, path, os.O_RDWR, True)
@@ -346,6 +351,8 @@ class OpenFiles:
             if other.writer:
                 other.failed, other.dirty = other.failed or code, False
                 self._stop_streaming(other, "a write failed")
+        if handle.entry.unlinked:
+            return  # (its cache file and state went with its name)
         await self.writeback.discard(handle.url)
         node = handle.node
         node.checked, node.kernel_etag = 0.0, ""  # the next open asks the server again
@@ -354,6 +361,9 @@ class OpenFiles:
             pyfuse3.invalidate_entry_async(node.parent, os.fsencode(node.name), ignore_enoent=True)
 
     async def _make_dirty(self, handle: OpenFile) -> None:
+        if handle.entry.unlinked:  # written to a file that no longer has a name: nothing to record or upload
+            handle.dirty = True
+            return
         if not handle.dirty:
             # Another writer: the file is no longer what a streaming handle wrote. Stopped before the dirty
             # version moves, so a stream that still completes is seen as older than this write.
@@ -364,6 +374,8 @@ class OpenFiles:
 
     # -- uploading while written (a new or truncated file, written in order from its first byte) ---------
     def _may_stream(self, handle: OpenFile) -> None:
+        if handle.entry.unlinked:
+            return
         threshold = self.writeback.stream_threshold(handle.url)
         alone = not any(h.dirty for h in self._others(handle))
         if threshold is not None and alone:
@@ -399,8 +411,12 @@ class OpenFiles:
         if not handle.url:
             return
         if handle.failed:
-            await self._end_stream(handle)
+            await self._end_stream(handle, "a write failed")
             self._check_not_failed(handle)
+        if handle.entry.unlinked:  # its name is gone: what it wrote dies with its last handle
+            await self._end_stream(handle, "unlinked")
+            handle.dirty = False
+            return
         if not handle.dirty:
             return
         # A streaming upload ends here with what was written so far; if the handle goes on appending, the
@@ -424,12 +440,12 @@ class OpenFiles:
             return
         await self.flush(fh)
 
-    async def _end_stream(self, handle: OpenFile) -> None:
-        """Wait (within the operation budget) until `handle`'s aborted stream has aborted its upload on the
+    async def _end_stream(self, handle: OpenFile, reason: str) -> None:
+        """Abort `handle`'s stream, and wait (within the operation budget) until it has aborted its upload on the
         server too, so that a failed close leaves no unfinished multipart upload behind."""
-        stream, handle.stream = handle.stream, None
+        stream, handle.stream, handle.appended = handle.stream, None, None
         if stream is not None:
-            stream.file.abort("a write failed")
+            stream.file.abort(reason)
             with trio.move_on_after(self.workers.timeouts.operation):
                 await stream.done.wait()
 

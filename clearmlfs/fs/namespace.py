@@ -9,7 +9,6 @@ A zero-byte ``prefix/`` marker object is how an empty directory persists.
 from __future__ import annotations
 
 import contextlib
-import errno
 import itertools
 import logging
 import os
@@ -37,6 +36,7 @@ from ..errors import (
     unreachable,
 )
 from ..urls import parse_url
+from .entries import Entry
 from .inodes import InodeTable, Kind, Node
 from .workers import Workers
 from .writeback import WriteBack
@@ -516,10 +516,12 @@ class Namespace:
         if self.is_local(node):
             await self.workers.metadata(os.unlink, node.url)
         else:
-            if self.entries.busy(node.url):
-                raise OSError(errno.EBUSY, "open for writing; close it first")
+            entry = self.entries.get(node.url)
+            if entry is not None and entry.handles:
+                await self._unlink_open(entry)
             backend, key = self.locate(node)
-            await self.workers.metadata(backend.delete, key)
+            with contextlib.suppress(NotFound):  # (never uploaded)
+                await self.workers.metadata(backend.delete, key)
             await self.writeback.discard(node.url)
             self.entries.note_absent(node.url)  # a listing in flight may still show it
         self.table.remove(node)
@@ -545,22 +547,42 @@ class Namespace:
             with contextlib.suppress(NotFound):
                 await self.workers.metadata(backend.stat, new_key)
                 raise AlreadyExists(new_url)
-        if self.entries.pending(node.url):
+        info: ObjectInfo | None = None
+        if self.entries.busy(node.url):
+            await self._rename_open_write(node, new_url)  # uploaded by its handles' close
+        elif self.entries.pending(node.url):
             info = await self._rename_local_write(node, new_url)
         else:
             info = await self.workers.transfer(backend.copy, key, new_key)
             await self.workers.metadata(self.cache.move, node.url, new_url, info.etag)
             self.entries.move(node.url, new_url)
-        await self.workers.metadata(backend.delete, key)
+        with contextlib.suppress(NotFound):  # (never uploaded)
+            await self.workers.metadata(backend.delete, key)
         self.entries.note_absent(node.url)
         self.created(new_url)
         self.table.move(node, new_parent, new_name, new_url)
-        self.set_object(node, info)
+        if info is not None:
+            self.set_object(node, info)
+
+    async def _unlink_open(self, entry: Entry) -> None:
+        """`entry`'s object loses its name while open, as a local file would: its handles read and write what
+        they have; nothing of it is uploaded (a stream under way is aborted), and the name is free."""
+        async with self.entries.lock(entry.url):  # an upload of it under way ends first
+            if entry.stream is not None:
+                entry.stream.file.abort("unlinked")
+            self.entries.detach(entry)
+
+    async def _rename_open_write(self, node: Node, new_url: str) -> None:
+        """A file open with writes not uploaded moves in the cache: its handles go on writing, and their close
+        uploads it under the new name (a stream to the old name is aborted: the close uploads the file whole)."""
+        async with self.entries.lock(node.url) as entry:  # an upload of it under way ends first
+            if entry.stream is not None:
+                entry.stream.file.abort("renamed")
+            await self.workers.metadata(self.cache.move, node.url, new_url, "")
+            self.entries.move(node.url, new_url)
 
     async def _rename_local_write(self, node: Node, new_url: str) -> ObjectInfo:
         """A file not uploaded yet moves in the cache and is uploaded under its new name."""
-        if self.entries.busy(node.url):
-            raise OSError(errno.EBUSY, "open for writing; close it first")
         await self.workers.metadata(self.cache.move, node.url, new_url, "")
         self.entries.move(node.url, new_url)
         fd = await self.workers.metadata(os.open, self.cache.path_for(new_url), os.O_RDONLY)

@@ -207,3 +207,69 @@ def test_the_cache_stays_within_its_file_limit(tmp_path: Path) -> None:
         assert files <= 8
 
     run(test, tmp_path, "cache_files=8,readahead_files=0")
+
+
+# -- rename and unlink of open files ------------------------------------------------------------------------------
+async def _write_fh(c: Client, fh: int, offset: int, data: bytes) -> int:
+    for start in range(0, len(data), 128 * 1024):
+        await c.ops.write(fh, offset + start, data[start:start + 128 * 1024])
+    return offset + len(data)
+
+
+@pytest.mark.parametrize("size", [10, 20 * 1024 * 1024])  # (the large one is uploading while written)
+def test_a_file_renamed_while_written_lands_under_its_new_name(tmp_path: Path, size: int) -> None:
+    async def test(c: Client) -> None:
+        first, more = os.urandom(size), os.urandom(1000)
+        fh = await c.open(f"{ROOT}/x.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        end = await _write_fh(c, fh, 0, first)
+        await c.rename(f"{ROOT}/x.tmp", f"{ROOT}/x")
+        await _write_fh(c, fh, end, more)
+        await c.close(fh)
+        assert c.backend.data("x") == first + more
+        assert c.backend.data("x.tmp") is None
+        assert await c.read(f"{ROOT}/x") == first + more
+        assert "x.tmp" not in await c.listdir(ROOT)
+
+    run(test, tmp_path)
+
+
+def test_a_renamed_open_file_replaces_the_object_at_its_new_name(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("x", b"old")
+        fh = await c.open(f"{ROOT}/x.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        await c.ops.write(fh, 0, b"new")
+        await c.rename(f"{ROOT}/x.tmp", f"{ROOT}/x")
+        await c.close(fh)
+        assert c.backend.data("x") == b"new"
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("size", [10, 20 * 1024 * 1024])
+def test_an_unlinked_open_file_goes_on_and_is_never_uploaded(tmp_path: Path, size: int) -> None:
+    async def test(c: Client) -> None:
+        data = os.urandom(size)
+        fh = await c.open(f"{ROOT}/scratch", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        end = await _write_fh(c, fh, 0, data)
+        await c.unlink(f"{ROOT}/scratch")
+        await _write_fh(c, fh, end, b"tail")
+        assert await c.read_fh(fh, 0, size + 4) == data + b"tail"  # (TemporaryFile: create, unlink, use)
+        await c.write(f"{ROOT}/scratch", b"someone else's")  # the name is free for a new file
+        await c.close(fh)
+        assert c.backend.data("scratch") == b"someone else's"
+        assert await c.fs.writeback.upload_pending() == 0
+        assert c.backend.data("scratch") == b"someone else's"
+
+    run(test, tmp_path)
+
+
+def test_an_object_unlinked_while_read_is_still_read_by_its_handle(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("r", b"content")
+        fh = await c.open(f"{ROOT}/r")
+        await c.unlink(f"{ROOT}/r")
+        assert await c.read_fh(fh) == b"content"
+        await c.ops.release(fh)
+        assert c.backend.data("r") is None
+
+    run(test, tmp_path)
