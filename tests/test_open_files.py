@@ -23,7 +23,8 @@ def key_of(url: str) -> str:
 
 def server_keys(sw: servers.SeaweedFS, prefix: str) -> list[str]:
     listed = sw.client().list_objects_v2(Bucket=sw.bucket, Prefix=key_of(prefix) + "/")
-    return sorted(o["Key"][len(key_of(prefix)) + 1 :] for o in listed.get("Contents", []))
+    names = (o["Key"][len(key_of(prefix)) + 1 :] for o in listed.get("Contents", []))
+    return sorted(n for n in names if n)  # (without the folder's own marker)
 
 
 def unfinished_uploads(sw: servers.SeaweedFS, prefix: str) -> list[Any]:
