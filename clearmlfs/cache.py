@@ -28,6 +28,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ DEFAULT_CONTEXT = "global"
 LOCK_PREFIX = ".lock."
 LOCK_SUFFIX = ".clearml"
 PARTIAL_SUFFIX = ".partially"
+RENAME_SUFFIX = ".rename"  # a folder rename's journal, in the state folder
 FETCH_PART = 8 * 1024 * 1024  # the range a whole-object fetch asks for at a time
 STALE_PARTIAL_SECONDS = 24 * 3600
 T = TypeVar("T")
@@ -300,6 +302,29 @@ class CacheContext:
         """(url, upload id) of each multipart upload noted and not forgotten: cut short by a crash."""
         records = self._records(".upload")
         return [(str(r["url"]), str(r["upload_id"])) for r in records if "url" in r and "upload_id" in r]
+
+    # -- folder renames in progress: every object is copied before any is deleted ----------------------
+    def begin_rename(self, old_url: str, new_url: str, names: list[str]) -> Path:
+        """Journal a folder rename (fsync'd) before its first copy: a crash leaves it for `unfinished_renames`."""
+        journal = self.state_folder / f"rename-{uuid.uuid4().hex}{RENAME_SUFFIX}"
+        _replace_file(journal, {"old": old_url, "new": new_url, "names": names, "phase": "copy"}, durable=True)
+        return journal
+
+    def renamed_all(self, journal: Path) -> None:
+        """Every object is copied: from now on the rename is finished, not undone, after a crash."""
+        record = json.loads(journal.read_text())
+        record["phase"] = "delete"
+        _replace_file(journal, record, durable=True)
+
+    def unfinished_renames(self) -> list[tuple[Path, dict[str, Any]]]:
+        """(journal, record) of each folder rename a crash cut short."""
+        found = []
+        for journal in self.state_folder.glob(f"*{RENAME_SUFFIX}"):
+            with contextlib.suppress(OSError, ValueError):
+                record = json.loads(journal.read_text())
+                if isinstance(record, dict) and {"old", "new", "names", "phase"} <= record.keys():
+                    found.append((journal, record))
+        return found
 
     def forget(self, url: str) -> None:
         """Drop the cached copy and state of `url` (the object was deleted)."""

@@ -69,6 +69,7 @@ class MountOptions:
     revalidate_timeout: float | None = None
     offline: bool | None = None  # serve cached files while the server cannot say whether they are current
     cache_min_free: str | None = None  # a size or a percentage of the cache's filesystem
+    rename_dir_limit: int = 10_000  # objects a folder rename moves at most: EXDEV beyond (mv then copies)
 
 
 def parse_options(values: list[str]) -> MountOptions:
@@ -122,12 +123,14 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         opts.offline = parse_bool(value)
     elif name == "cache_min_free":
         opts.cache_min_free = value
+    elif name == "rename_dir_limit":
+        opts.rename_dir_limit = max(0, int(value))
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
             "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=, small_file_size=, "
             "readahead_files=, fetch_processes=, passthrough=on|off, connect_timeout=, read_timeout=, op_timeout=, "
-            "revalidate_timeout=, offline=on|off, cache_min_free=)"
+            "revalidate_timeout=, offline=on|off, cache_min_free=, rename_dir_limit=)"
         )
 
 
@@ -178,7 +181,8 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency), timeouts=settings.timeouts)
     entries = Entries()
     writeback = WriteBack(backends, cache, workers, entries)
-    ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl)
+    ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl,
+                   rename_dir_limit=opts.rename_dir_limit)
     setup = Setup(settings, cache_dir, cache.context, cache.file_limit, cache.byte_limit,
                   logging.getLevelName(logging.getLogger().getEffectiveLevel()))
     fetchers = Fetchers(setup, opts.fetch_processes)
@@ -195,6 +199,7 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
 async def start(fs: Filesystem, nursery: trio.Nursery) -> None:
     """Start the filesystem's background tasks in `nursery`, after learning what earlier mounts left dirty."""
     await fs.writeback.load()  # before the first request: files left dirty must show as they are locally
+    await fs.ops.ns.finish_renames()  # and folders renamed across a crash show whole, under one name
     await nursery.start(fs.downloads.run)
     await nursery.start(fs.small.run)
     await nursery.start(fs.fetchers.run)

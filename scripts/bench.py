@@ -17,6 +17,7 @@ first, unmeasured, so that no tool makes the server's first run of it):
   walk    `find` through 3 folders of distinct objects, one after the other, the kernel's dentries dropped
           between walks: the daemon's RSS after the third walk against after the first (memory that follows
           the kernel stays level)
+  rename  `mv` of a big file, then of a folder of 1,000 small objects (fresh server-side copies each run)
           object cold
 
 "Cold" = the tool unmounted, its cache folder emptied, mounted again, then `sync; echo 3 > drop_caches`.
@@ -47,7 +48,8 @@ import bench_lib as lib  # noqa: E402 - the script's own folder is not on sys.pa
 MB = 1_000_000
 DISK_NEEDED = 20 * lib.GiB
 SUBJECTS = ("clearmlfs", "rclone", "s3fs", "baseline")
-GROUPS = ("read", "ttfb", "write", "ls", "small", "rss", "walk")
+GROUPS = ("read", "ttfb", "write", "ls", "small", "rss", "walk", "rename")
+RENAME_DIR_COUNT = 1_000
 ALIASES = {"cold-read": "read", "hot-read": "read", "cold_read": "read", "hot_read": "read", "ls-lR": "ls"}
 
 
@@ -97,6 +99,8 @@ def metrics(sizes: Sizes) -> list[Metric]:
         Metric("walk_rss_first", "walk", f"daemon RSS after a find of {sizes.walk_count:,} objects", "MB", False),
         Metric("walk_rss_third", "walk", f"... after 2 more of {sizes.walk_count:,} others each", "MB", False),
         Metric("walk_rss_growth", "walk", "RSS after the 3rd walk / after the 1st", "x", False),
+        Metric("rename_file", "rename", f"mv of a {big} file, cold", "s", False),
+        Metric("rename_dir", "rename", f"mv of a folder of {RENAME_DIR_COUNT:,} objects, cold", "s", False),
     ]
 
 
@@ -285,6 +289,24 @@ class Bench:
         if sampler.samples == 0:
             raise BenchError(f"no RSS sample of pid {tool.pid}")
         return {"rss_peak": sampler.peak / MB, "stream_read": self.sizes.stream / MB / elapsed}
+
+    def tool_rename(self, tool: lib.Tool) -> dict[str, float]:
+        """`mv` of a big file and of a folder of small objects, each a fresh copy (on the server) made for the run."""
+        c, b = self.client, self.bucket
+        base = f"bench/rename-{tool.name}-{uuid.uuid4().hex[:8]}"
+        c.copy({"Bucket": b, "Key": self.keys["big"]}, b, f"{base}/big.bin")
+        lib.ensure_many(c, b, f"{base}/dir/", [f"{i:04d}.bin" for i in range(RENAME_DIR_COUNT)], 1024)
+        try:
+            tool.fresh()
+            file_seconds, _, _ = timed(["mv", str(tool.path(f"{base}/big.bin")), str(tool.path(f"{base}/moved.bin"))])
+            dir_seconds, _, _ = timed(["mv", str(tool.path(f"{base}/dir")), str(tool.path(f"{base}/moved"))])
+            if lib.object_size(c, b, f"{base}/moved.bin") != self.sizes.big:
+                raise BenchError(f"{base}/moved.bin is not the {self.sizes.big} bytes renamed")
+            if lib.count_keys(c, b, f"{base}/moved/") < RENAME_DIR_COUNT:
+                raise BenchError(f"{base}/moved/ does not hold the {RENAME_DIR_COUNT} objects renamed")
+        finally:
+            lib.delete_prefix(c, b, f"{base}/")
+        return {"rename_file": file_seconds, "rename_dir": dir_seconds}
 
     def tool_walk(self, tool: lib.Tool) -> dict[str, float]:
         tool.fresh()

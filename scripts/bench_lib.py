@@ -292,6 +292,15 @@ def ensure_object(client: Any, bucket: str, key: str, size: int) -> bool:
     return True
 
 
+def delete_prefix(client: Any, bucket: str, prefix: str) -> None:
+    """Every object under ``prefix`` deleted (a thousand a request)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
 def count_keys(client: Any, bucket: str, prefix: str) -> int:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return sum(page.get("KeyCount", 0) for page in pages)

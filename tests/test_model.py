@@ -9,8 +9,8 @@ How faults are accounted for (the comparison stays exact):
   mkdir) counts as "applied by the first attempt".
 - A write whose `close()` fails with EIO is applied: the mount keeps the bytes in its cache, dirty, serves them
   (read-your-writes) and uploads them later (the retry loop, or at unmount at the latest); the model applies it.
-- Documented differences are not generated: directories are never renamed (EXDEV), and a path held open by the
-  writer handle is never renamed or unlinked (POSIX keeps an unlinked open file alive; object storage cannot).
+- Not generated (tested on their own: test_rename.py, test_open_files.py): directory renames, and renames and
+  unlinks of the path held open by the writer handle.
   Reading, truncating and rewriting a file while the writer handle is open are generated: a local folder
   serves the bytes written so far, and so must the mount (it keeps them in its cache).
 """

@@ -417,7 +417,47 @@ def test_mkdir_rmdir_rm_and_mv(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> 
         assert keys() == []
 
 
-def test_directory_rename_is_exdev_and_mv_falls_back_to_copy(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> None:
+def test_a_directory_renames_with_everything_under_it(target: Target, tmp_path: Path) -> None:
+    base = target.store.fresh_prefix()
+    names = ["x.txt", "sub/y.txt", "sub/deep/z.txt"]
+    for name in names:
+        target.write(f"{base}/old/{name}", name.encode())
+    conf, _ = conf_for(tmp_path, "c", target.store)
+    with mounted(conf, tmp_path / "mnt") as mnt:
+        root = at(mnt, base)
+        os.rename(root / "old", root / "new")
+        assert os.listdir(root) == ["new"]
+        assert (root / "new" / "sub" / "deep" / "z.txt").read_bytes() == b"sub/deep/z.txt"
+    with mounted(conf, tmp_path / "mnt2") as mnt:  # another mount: the server says the same
+        root = at(mnt, base)
+        assert os.listdir(root) == ["new"]
+        assert sorted(str(p.relative_to(root / "new")) for p in (root / "new").rglob("*.txt")) == sorted(names)
+    for name in names:
+        assert target.read(f"{base}/new/{name}") == name.encode()
+        with pytest.raises(Exception):  # noqa: B017 - each SDK raises its own "not found"
+            target.read(f"{base}/old/{name}")
+
+
+def test_a_directory_of_1000_objects_renames_on_the_server(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> None:
+    store = stores.seaweed_store(seaweedfs)
+    base = store.fresh_prefix()
+    prefix = base[len(store.root) + 1 :]
+    client = seaweedfs.client()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/old/{i:04d}", Body=b"x"),
+                      range(1000)))
+    conf, _ = conf_for(tmp_path, "c", store)
+    with mounted(conf, tmp_path / "mnt") as mnt:
+        root = at(mnt, base)
+        os.rename(root / "old", root / "new")
+        assert len(os.listdir(root / "new")) == 1000
+    keys = s3_keys(client, seaweedfs.bucket, prefix + "/")
+    assert len(keys) == 1000 and all(k.startswith(f"{prefix}/new/") for k in keys)
+
+
+def test_directory_rename_over_the_limit_is_exdev_and_mv_falls_back_to_copy(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
     store = stores.seaweed_store(seaweedfs)
     base = store.fresh_prefix()
     prefix = base[len(store.root) + 1 :]
@@ -425,7 +465,7 @@ def test_directory_rename_is_exdev_and_mv_falls_back_to_copy(seaweedfs: servers.
     for name in ("old/x.txt", "old/sub/y.txt"):
         client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/{name}", Body=name.encode())
     conf, _ = conf_for(tmp_path, "c", store)
-    with mounted(conf, tmp_path / "mnt") as mnt:
+    with mounted(conf, tmp_path / "mnt", extra_args=["-o", "rename_dir_limit=1"]) as mnt:
         root = at(mnt, base)
         assert errno_of(lambda: os.rename(root / "old", root / "new")) == errno.EXDEV
         sh("mv", root / "old", root / "new")

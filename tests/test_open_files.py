@@ -4,14 +4,18 @@ atomically (write x.tmp, rename to x, close) and of tempfile.TemporaryFile (crea
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import servers, stores
-from tests.mounting import at, mounted, no_mounts_left  # noqa: F401 - a session fixture, used by being imported
+from tests.mounting import at, daemon_pid, mounted, no_mounts_left, poll  # noqa: F401 - a session fixture
+from tests.proxy import Proxy
 from tests.stores import conf_for, random_bytes
 
 MIB = 1024 * 1024
@@ -73,3 +77,43 @@ def test_a_file_unlinked_while_open_is_used_and_never_uploaded(
             assert os.listdir(folder) == []
     assert server_keys(seaweedfs, base) == []
     assert unfinished_uploads(seaweedfs, base) == []
+
+
+def test_a_directory_rename_cut_short_by_a_killed_daemon_is_completed_or_undone_by_the_next_mount(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
+) -> None:
+    """The daemon is killed once every copy is sent (the server stalled from then on): the next mount finishes
+    the move from its journal if the copies were recorded done, else undoes it; either way every object is under
+    one name, and only one."""
+    store = stores.seaweed_store(seaweedfs, host=seaweedfs_proxy.host)
+    base = store.fresh_prefix()
+    prefix = key_of(base)
+    client = seaweedfs.client()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/old/{i:03d}", Body=b"x"),
+                      range(300)))
+    conf, _ = conf_for(tmp_path, "crash", store)
+    mountpoint = tmp_path / "mnt"
+    with mounted(conf, mountpoint, check_unmount=False) as mnt:
+        root = at(mnt, base)
+        assert len(os.listdir(root / "old")) == 300
+        mover = subprocess.Popen(["mv", str(root / "old"), str(root / "new")], stderr=subprocess.DEVNULL)
+        # Every copy sent: stall the server, so the deletions that follow hang, and kill the daemon there.
+        assert poll(lambda: seaweedfs_proxy.count("PUT") >= 300, 60, 0.005), "the copies never all went out"
+        seaweedfs_proxy.stall()
+        pid = daemon_pid(mountpoint)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        mover.wait(30)
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True, timeout=30)
+    seaweedfs_proxy.reset()  # (resumes the stalled requests: they are reset, not forwarded)
+    keys = [k["Key"] for k in client.list_objects_v2(Bucket=seaweedfs.bucket, Prefix=prefix + "/").get("Contents", [])]
+    assert len([k for k in keys if "/new/" in k]) == 300, "the copies did not all land before the kill"
+    with mounted(conf, tmp_path / "mnt2") as mnt:  # completes or undoes the rename from its journal as it starts
+        root = at(mnt, base)
+        names = os.listdir(root)
+        assert names in (["new"], ["old"]), names
+        assert len(os.listdir(root / names[0])) == 300
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=seaweedfs.bucket, Prefix=prefix + "/")
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    assert len(keys) == 300 and all(k.startswith(f"{prefix}/{names[0]}/") for k in keys), keys[:5]

@@ -112,6 +112,18 @@ class InodeTable:
         if new_parent.children is not None:
             new_parent.children[new_name] = node.inode
 
+    def move_tree(self, node: Node, new_parent: Node, new_name: str, new_url: str) -> None:
+        """`move` a folder, and every node known under it along with it (inodes stay)."""
+        old_path, old_url = node.path, node.url
+        below = [n for n in self._nodes.values() if n.path.startswith(old_path + "/")]
+        self.move(node, new_parent, new_name, new_url)
+        for child in below:
+            if self._by_path.get(child.path) == child.inode:
+                del self._by_path[child.path]
+            child.path = node.path + child.path[len(old_path):]
+            child.url = new_url + child.url[len(old_url):]
+            self._by_path[child.path] = child.inode
+
     def forget(self, inode: int, count: int, keep: Callable[[Node], bool] = lambda node: False) -> None:
         """The kernel dropped `count` references to `inode`. A node it holds none of leaves the table, so that
         memory follows the kernel's caches: a removed one always, a file unless `keep` says (not uploaded

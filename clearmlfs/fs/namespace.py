@@ -9,6 +9,7 @@ A zero-byte ``prefix/`` marker object is how an empty directory persists.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -26,6 +27,7 @@ from ..cache import SERVED_OFFLINE, CacheContext
 from ..config import Settings
 from ..errors import (
     AlreadyExists,
+    ClearmlfsError,
     CrossDevice,
     InvalidURL,
     NameTooLong,
@@ -49,6 +51,7 @@ LOOKUP_LIST_CAP = 5000  # a lookup lists its parent when the parent holds no mor
 
 
 NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
+RENAME_CONCURRENCY = 16  # copies (then deletions) in flight while a folder is renamed
 KEY_MAX = 1024  # an object key's limit on S3 and GCS (UTF-8 bytes) and Azure (characters)
 # What a bucket or container name can be, at its most permissive (old S3 regions: up to 255 characters, capitals
 # and underscores): anything else, the dot-files shells and tools probe for among them, is not asked about.
@@ -88,7 +91,7 @@ def valid_key_name(name: str) -> bool:
 class Namespace:
     def __init__(
         self, settings: Settings, backends: BackendPool, cache: CacheContext, workers: Workers, writeback: WriteBack,
-        ttl: float = 1.0, list_ttl: float = 10.0,
+        ttl: float = 1.0, list_ttl: float = 10.0, rename_dir_limit: int = 10_000,
     ) -> None:
         self.settings, self.backends, self.cache, self.workers = settings, backends, cache, workers
         self.writeback = writeback
@@ -96,6 +99,7 @@ class Namespace:
         self.table = InodeTable()
         self.ttl = ttl  # object attributes (and so the ETag checked on open) are at most this old
         self.list_ttl = max(ttl, list_ttl)  # a listing answers readdir and positive lookups this long
+        self.rename_dir_limit = rename_dir_limit  # objects a folder rename moves at most (EXDEV beyond)
         self._unreachable: dict[str, float] = {}  # bucket root URL → time.monotonic() its server last failed
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -539,8 +543,11 @@ class Namespace:
             return
         self.check_new_object(new_parent, new_name)
         new_url = new_parent.child_url(new_name)
-        if node.kind is not Kind.FILE or parse_url(new_url).root != parse_url(node.url).root:
-            raise CrossDevice(f"{node.path}: only files rename in place, within one bucket")
+        if node.kind not in (Kind.FILE, Kind.DIR) or parse_url(new_url).root != parse_url(node.url).root:
+            raise CrossDevice(f"{node.path}: only files and folders rename in place, within one bucket")
+        if node.kind is Kind.DIR:
+            await self._rename_dir(node, new_parent, new_name, replace)
+            return
         backend, key = self.locate(node)
         new_key = parse_url(new_url).key
         if not replace:
@@ -563,6 +570,64 @@ class Namespace:
         self.table.move(node, new_parent, new_name, new_url)
         if info is not None:
             self.set_object(node, info)
+
+    # -- folder rename: a server-side copy of every object under it, then their deletion -------------------
+    async def _rename_dir(self, node: Node, new_parent: Node, new_name: str, replace: bool) -> None:
+        """Rename a folder: every object under it is copied to the new prefix, then deleted from the old one, as
+        journaled in the cache (`finish_renames` completes or undoes it after a crash). More objects than
+        `rename_dir_limit` is EXDEV, so that `mv` copies instead; files open for writing under it are EBUSY."""
+        new_url = new_parent.child_url(new_name)
+        backend, key = self.locate(node)
+        old_prefix, new_prefix = f"{key}/", f"{parse_url(new_url).key}/"
+        if new_prefix.startswith(old_prefix):
+            raise InvalidURL(f"{node.url} cannot move into itself")
+        await self._check_rename_target(backend, new_prefix, replace)
+        names = await self.workers.metadata(_names_under, backend, old_prefix, self.rename_dir_limit + 1)
+        if len(names) > self.rename_dir_limit:
+            raise CrossDevice(f"{node.url} holds more than {self.rename_dir_limit} objects (rename_dir_limit)")
+        base = node.url.rstrip("/") + "/"
+        local = [e for e in self.entries if e.url.startswith(base)]
+        if any(e.writers or e.uploading or e.lock_users for e in local):
+            raise OSError(errno.EBUSY, f"{node.url}: files under it are open for writing or uploading")
+        journal = await self.workers.metadata(self.cache.begin_rename, node.url, new_url, names)
+        await _move_objects(self.workers, backend, old_prefix, new_prefix, names, journal, self.cache)
+        for entry in local:  # closed files not uploaded yet: uploaded under their new names
+            moved = new_url + entry.url[len(node.url):]
+            await self.workers.metadata(self.cache.move, entry.url, moved, "")
+            self.entries.move(entry.url, moved)
+        self.entries.note_absent(node.url)
+        self.created(new_url)
+        self.table.move_tree(node, new_parent, new_name, new_url)
+        node.checked = time.monotonic()
+
+    async def _check_rename_target(self, backend: Backend, new_prefix: str, replace: bool) -> None:
+        """A folder may replace an empty folder only (ENOTEMPTY otherwise), never a file (ENOTDIR)."""
+        with contextlib.suppress(NotFound):
+            await self.workers.metadata(backend.stat, new_prefix.rstrip("/"))
+            raise NotADirectoryError(errno.ENOTDIR, f"{new_prefix.rstrip('/')} is a file")
+        there = await self.workers.metadata(_names_under, backend, new_prefix, 2)
+        if [n for n in there if n]:
+            raise NotEmpty(f"{new_prefix} is not empty")
+        if there and not replace:
+            raise AlreadyExists(new_prefix)
+
+    async def finish_renames(self) -> None:
+        """Complete, or undo, the folder renames an earlier mount was cut short in (started once, at mount)."""
+        for journal, record in await self.workers.metadata(self.cache.unfinished_renames):
+            try:
+                old, new = parse_url(str(record["old"])), parse_url(str(record["new"]))
+                backend = self.backends.get(old)
+                names = [str(n) for n in record["names"]]
+                if record["phase"] == "copy":  # not every object was copied: the old folder is still whole
+                    await _delete_all(self.workers, backend, f"{new.key}/", names)
+                    log.info("undid the rename of %s to %s cut short by an earlier mount", old.url, new.url)
+                else:  # every object was copied: only deletions of the old ones were left
+                    await _delete_all(self.workers, backend, f"{old.key}/", names)
+                    log.info("finished the rename of %s to %s cut short by an earlier mount", old.url, new.url)
+                await self.workers.metadata(journal.unlink)
+            except (ClearmlfsError, OSError) as exc:
+                log.warning("cannot finish the folder rename journaled in %s (%s); the next mount tries again",
+                            journal, exc)
 
     async def _unlink_open(self, entry: Entry) -> None:
         """`entry`'s object loses its name while open, as a local file would: its handles read and write what
@@ -590,6 +655,65 @@ class Namespace:
             return await self.writeback.upload(new_url, fd)
         finally:
             os.close(fd)
+
+
+def _names_under(backend: Backend, prefix: str, limit: int) -> list[str]:
+    """The keys under `prefix`, without it, at all depths (the folder's own marker is ''); at most `limit`."""
+    return [e.key[len(prefix):] for e in itertools.islice(backend.list(prefix, None), limit)]
+
+
+async def _move_objects(
+    workers: Workers, backend: Backend, old_prefix: str, new_prefix: str, names: list[str], journal: Path,
+    cache: CacheContext,
+) -> None:
+    """Copy every object, then delete the old ones. A failed copy undoes the copies (the rename fails, nothing
+    moved); a failed deletion leaves the journal for the next mount to finish."""
+    try:
+        await _each(workers, backend.copy, [(old_prefix + n, new_prefix + n) for n in names])
+    except (ClearmlfsError, OSError):
+        with contextlib.suppress(ClearmlfsError, OSError):
+            await _delete_all(workers, backend, new_prefix, names)
+            await workers.metadata(journal.unlink)
+        raise
+    await workers.metadata(cache.renamed_all, journal)
+    log.info("renamed %s to %s: %d objects copied", old_prefix, new_prefix, len(names))
+    await _delete_all(workers, backend, old_prefix, names)
+    await workers.metadata(journal.unlink)
+
+
+async def _delete_all(workers: Workers, backend: Backend, prefix: str, names: list[str]) -> None:
+    """Delete `prefix` + each name, then the folders they were in, deepest first: servers that keep folders
+    as entries of their own (SeaweedFS's filer) would list the emptied ones (a delete of a missing key is a
+    no-op elsewhere)."""
+    def delete(key: str) -> None:
+        with contextlib.suppress(NotFound):
+            backend.delete(key)
+
+    await _each(workers, delete, [(prefix + n,) for n in names])
+    folders = {n[: i + 1] for n in names for i, ch in enumerate(n) if ch == "/"} | {""}
+    for depth in sorted({f.count("/") for f in folders}, reverse=True):
+        await _each(workers, delete, [(prefix + f,) for f in folders if f.count("/") == depth])
+
+
+async def _each(workers: Workers, fn: Callable[..., object], calls: list[tuple[str, ...]]) -> None:
+    """`fn(*args)` for every args of `calls`, RENAME_CONCURRENCY at a time; the first failure is raised."""
+    limiter = trio.CapacityLimiter(RENAME_CONCURRENCY)
+    failures: list[BaseException] = []
+
+    async def one(args: tuple[str, ...]) -> None:
+        async with limiter:
+            if failures:
+                return
+            try:
+                await workers.transfer(fn, *args)
+            except (ClearmlfsError, OSError) as exc:
+                failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for args in calls:
+            nursery.start_soon(one, args)
+    if failures:
+        raise failures[0]
 
 
 def _first_entry(backend: Backend, prefix: str = "") -> ObjectInfo | Prefix | None:

@@ -13,7 +13,8 @@ import pytest
 import trio
 
 from clearmlfs.backends import ObjectInfo, Prefix
-from tests.fast.harness import CTX, HOST, ROOT, Client, MemoryPool, errno_of, is_dir, run
+from clearmlfs.errors import AccessDenied
+from tests.fast.harness import CTX, HOST, ROOT, Client, MemoryPool, errno_of, is_dir, memory_mount, run, settings_for
 
 
 def test_the_configured_levels_are_listed(tmp_path: Path) -> None:
@@ -142,12 +143,90 @@ def test_rename_without_replace_onto_an_existing_object_is_eexist(tmp_path: Path
     run(test, tmp_path)
 
 
-def test_rename_of_a_folder_is_exdev_so_that_mv_copies(tmp_path: Path) -> None:
+def test_a_folder_renames_with_everything_under_it(tmp_path: Path) -> None:
     async def test(c: Client) -> None:
-        c.backend.put("dir/x", b"1")
-        assert await errno_of(c.rename(f"{ROOT}/dir", f"{ROOT}/dir2")) == errno.EXDEV
+        for name in ("dir/", "dir/x", "dir/sub/y", "dir/sub/deep/z"):
+            c.backend.put(name, name.encode())
+        sub_inode = await c.inode(f"{ROOT}/dir/sub")
+        await c.rename(f"{ROOT}/dir", f"{ROOT}/dir2")
+        assert sorted(c.backend.objects) == ["dir2/", "dir2/sub/deep/z", "dir2/sub/y", "dir2/x"]
+        assert await c.listdir(ROOT) == ["dir2"]
+        assert await c.read(f"{ROOT}/dir2/sub/deep/z") == b"dir/sub/deep/z"
+        assert await c.inode(f"{ROOT}/dir2/sub") == sub_inode  # (inodes move with their paths)
+        assert await errno_of(c.attrs(f"{ROOT}/dir/x")) == errno.ENOENT
+        assert not list(c.fs.cache.state_folder.glob("*.rename"))  # the journal is gone
 
     run(test, tmp_path)
+
+
+def test_a_folder_over_the_limit_is_exdev_so_that_mv_copies(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        for i in range(4):
+            c.backend.put(f"dir/{i}", b"1")
+        assert await errno_of(c.rename(f"{ROOT}/dir", f"{ROOT}/dir2")) == errno.EXDEV
+        assert sorted(c.backend.objects) == [f"dir/{i}" for i in range(4)]
+
+    run(test, tmp_path, "rename_dir_limit=3")
+
+
+def test_a_folder_renames_onto_an_empty_one_but_not_onto_a_full_one_or_a_file(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        for name in ("a/x", "empty/", "full/y", "file"):
+            c.backend.put(name, b"1")
+        assert await errno_of(c.rename(f"{ROOT}/a", f"{ROOT}/full")) == errno.ENOTEMPTY
+        assert await errno_of(c.rename(f"{ROOT}/a", f"{ROOT}/file")) == errno.ENOTDIR
+        await c.rename(f"{ROOT}/a", f"{ROOT}/empty")
+        assert sorted(c.backend.objects) == ["empty/", "empty/x", "file", "full/y"]
+
+    run(test, tmp_path)
+
+
+def test_a_failed_copy_undoes_the_folder_rename(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        for i in range(5):
+            c.backend.put(f"dir/{i}", b"1")
+        original = c.backend.copy
+        calls = 0
+
+        def failing_copy(src: str, dst: str) -> ObjectInfo:
+            nonlocal calls
+            calls += 1
+            if calls == 3:
+                raise AccessDenied("injected")
+            return original(src, dst)
+
+        c.backend.copy = failing_copy  # type: ignore[method-assign]
+        assert await errno_of(c.rename(f"{ROOT}/dir", f"{ROOT}/dir2")) == errno.EACCES
+        assert sorted(c.backend.objects) == [f"dir/{i}" for i in range(5)]
+        assert not list(c.fs.cache.state_folder.glob("*.rename"))
+
+    run(test, tmp_path)
+
+
+@pytest.mark.parametrize("phase", ["copy", "delete"])
+def test_a_folder_rename_cut_short_is_undone_or_finished_by_the_next_mount(tmp_path: Path, phase: str) -> None:
+    async def main() -> None:
+        pool = MemoryPool(settings_for(tmp_path / "cache"))
+        bucket = pool.bucket()
+        names = ["", "x", "sub/y"]
+        for name in names:
+            bucket.put(f"dir/{name}", name.encode())
+        # A crash after copying two of three objects (phase copy), or after copying all and deleting one (delete).
+        bucket.copy("dir/", "dir2/")
+        bucket.copy("dir/x", "dir2/x")
+        async with memory_mount(tmp_path, pool=pool) as c:
+            journal = c.fs.cache.begin_rename(f"{bucket.url_prefix}/dir", f"{bucket.url_prefix}/dir2", names)
+            if phase == "delete":
+                bucket.copy("dir/sub/y", "dir2/sub/y")
+                bucket.delete("dir/x")
+                c.fs.cache.renamed_all(journal)
+            c.fs.writeback._nursery = None  # (the crash)
+        async with memory_mount(tmp_path, pool=pool) as c:
+            whole = "dir" if phase == "copy" else "dir2"
+            assert sorted(bucket.objects) == [f"{whole}/", f"{whole}/sub/y", f"{whole}/x"]
+            assert not list(c.fs.cache.state_folder.glob("*.rename"))
+
+    trio.run(main)
 
 
 def test_rename_exchange_is_not_supported(tmp_path: Path) -> None:
