@@ -205,10 +205,13 @@ class Entries:
         return [e.url for e in self._by_url.values() if e.pending]
 
     # -- the per-object lock ------------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def lock(self, url: str) -> AsyncIterator[Entry]:
+    def lock(self, url: str) -> contextlib.AbstractAsyncContextManager[Entry]:
         """Hold `url`'s lock (one upload, or fetch into the cache, of an object at a time)."""
-        entry = self.at(url)
+        return self.hold(self.at(url))
+
+    @contextlib.asynccontextmanager
+    async def hold(self, entry: Entry) -> AsyncIterator[Entry]:
+        """Hold `entry`'s lock, whatever URL it answers to by the time it is taken (a rename may move it)."""
         entry.lock_users += 1
         try:
             async with entry.lock:

@@ -423,7 +423,7 @@ class OpenFiles:
         # next part of the file starts a new one (from byte 0: an object cannot be appended to).
         stream, handle.stream = handle.stream, None
         try:
-            info = await self.writeback.upload(handle.url, handle.fd, stream)
+            info = await self.writeback.upload(handle.entry, handle.fd, stream)
         except StorageError as exc:
             log.error("upload of %s failed: %s (kept in the cache, will retry)", handle.url, exc)
             # EIO, whatever the cause (as close(2) reports a failed write-back); a stalled one says so.

@@ -652,7 +652,7 @@ class Namespace:
         self.entries.move(node.url, new_url)
         fd = await self.workers.metadata(os.open, self.cache.path_for(new_url), os.O_RDONLY)
         try:
-            return await self.writeback.upload(new_url, fd)
+            return await self.writeback.upload(self.entries.at(new_url), fd)
         finally:
             os.close(fd)
 

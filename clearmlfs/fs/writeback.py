@@ -35,7 +35,7 @@ RETRY_INTERVAL = 30.0
 class _Upload:
     """One upload of a file being flushed, which may outlive the flush that started it."""
 
-    url: str
+    entry: Entry  # whose URL, read once its lock is held, is where it goes (a rename meanwhile moves it)
     fd: int  # our own descriptor of the file: its writer may close theirs meanwhile
     stream: Stream | None
     watch: Watch = field(default_factory=Watch)
@@ -117,8 +117,8 @@ class WriteBack:
         entry.writers -= 1
         self.entries.release(entry)
 
-    async def upload(self, url: str, fd: int, stream: Stream | None = None) -> ObjectInfo:
-        """Upload what the file `fd` holds as `url`, and record it clean.
+    async def upload(self, entry: Entry, fd: int, stream: Stream | None = None) -> ObjectInfo:
+        """Upload what the file `fd` holds as `entry`'s object, and record it clean.
 
         With `stream` (an upload of this same content, started while it was written): complete that one
         instead, and upload the file only if the stream failed or was aborted. Waits as long as the upload
@@ -126,12 +126,12 @@ class WriteBack:
         from its own descriptor and under the URL's lock (so no newer upload can overtake it), and records
         the entry clean if it succeeds.
         """
-        job = _Upload(url, os.dup(fd), stream, stream.watch if stream is not None else Watch())
+        job = _Upload(entry, os.dup(fd), stream, stream.watch if stream is not None else Watch())
         if self._nursery is None:  # unmounting: nothing to leave it running in
             await self._run_upload(job)
             return job.outcome()
         self._nursery.start_soon(self._run_upload, job)
-        if self._reports_progress(url):
+        if self._reports_progress(entry.url):
             await self.workers.watched(job.done, job.watch)
         else:  # no way to tell a slow upload from a stalled one: bounded by its requests' timeouts alone
             await job.done.wait()
@@ -144,24 +144,25 @@ class WriteBack:
             return False
 
     async def _run_upload(self, job: _Upload) -> None:
+        entry = job.entry
         try:
-            async with self.lock(job.url) as entry:
+            async with self.entries.hold(entry):
                 job.watch.tick()  # from now on it is ours that has to move
                 entry.begin_upload()
                 clean = False
                 try:
                     if job.stream is not None:
-                        job.info, clean = await self._finish_stream(job.stream)
+                        job.info, clean = await self._finish_stream(job.stream, entry.url)
                     if job.info is None:
-                        job.info, clean = await self._upload_locked(job.url, fd_path(job.fd), job.watch.tick)
+                        job.info, clean = await self._upload_locked(entry.url, fd_path(job.fd), job.watch.tick)
                 finally:
                     entry.end_upload(clean)
         except StorageError as exc:
             job.error = exc
-            await self._failed_for_good(job.url, exc)
+            await self._failed_for_good(entry.url, exc)
         except Exception as exc:  # never let a surprise end the mount: the writer sees EIO, the entry stays dirty
-            log.exception("upload of %s failed", job.url)
-            job.error = StorageError(f"{job.url}: {type(exc).__name__}: {exc}")
+            log.exception("upload of %s failed", entry.url)
+            job.error = StorageError(f"{entry.url}: {type(exc).__name__}: {exc}")
         finally:
             os.close(job.fd)
             job.done.set()
@@ -222,15 +223,15 @@ class WriteBack:
                 self.entries.release(entry)
             stream.done.set()
 
-    async def _finish_stream(self, stream: Stream) -> tuple[ObjectInfo | None, bool]:
-        """Let `stream` upload its last parts and complete: its info (None if it did not complete), and whether
-        that left the entry clean."""
-        before = await self.workers.metadata(self.cache.state, stream.url)
+    async def _finish_stream(self, stream: Stream, url: str) -> tuple[ObjectInfo | None, bool]:
+        """Let `stream` upload its last parts and complete as `url` (a stream is aborted when its file is
+        renamed): its info (None if it did not complete), and whether that left the entry clean."""
+        before = await self.workers.metadata(self.cache.state, url)
         stream.file.finish()
         await stream.done.wait()  # also after an abort: the SDK's abort of the multipart upload is done then
         if stream.info is None:
             return None, False
-        return stream.info, await self._settle(stream.url, before, stream.info)
+        return stream.info, await self._settle(url, before, stream.info)
 
     async def upload_pending(self) -> int:
         """Upload every dirty entry nobody has open; returns how many are still dirty."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+import trio
 
 from tests.fast.harness import ROOT, Client, errno_of, run
 
@@ -271,5 +273,30 @@ def test_an_object_unlinked_while_read_is_still_read_by_its_handle(tmp_path: Pat
         assert await c.read_fh(fh) == b"content"
         await c.ops.release(fh)
         assert c.backend.data("r") is None
+
+    run(test, tmp_path)
+
+
+def test_a_close_that_waited_for_a_rename_uploads_under_the_new_name(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        fh = await c.open(f"{ROOT}/x.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        await c.ops.write(fh, 0, b"data")
+        moving, go_on = threading.Event(), threading.Event()
+        move = c.fs.cache.move
+
+        def slow_move(url: str, new_url: str, etag: str) -> None:
+            moving.set()
+            go_on.wait(10)  # the rename holds the file's lock meanwhile
+            move(url, new_url, etag)
+
+        c.fs.cache.move = slow_move  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(c.rename, f"{ROOT}/x.tmp", f"{ROOT}/x")
+            await trio.to_thread.run_sync(moving.wait, 10)
+            nursery.start_soon(c.close, fh)  # its upload waits for the lock, then goes where the file is now
+            await trio.sleep(0.1)
+            go_on.set()
+        assert c.backend.data("x") == b"data"
+        assert c.backend.data("x.tmp") is None
 
     run(test, tmp_path)
