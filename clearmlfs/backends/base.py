@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
@@ -172,6 +172,11 @@ class Backend(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove one object; deleting an absent object is not an error."""
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove objects (absent ones are no error), in as few requests as the provider allows."""
+        for key in keys:
+            self.delete(key)
 
     @abstractmethod
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:

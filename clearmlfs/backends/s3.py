@@ -15,7 +15,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -98,6 +98,8 @@ _TRANSIENT_EXC = (
     botocore.exceptions.ResponseStreamingError,
     *TRANSPORT_FAILURES,  # a body cut off while read (urllib3's ProtocolError), also on the plain-GET path
 )
+COPY_CUTOFF = 4_768 * 1024 * 1024  # CopyObject takes up to 5 GiB; beyond (rclone's cutoff too) a multipart copy
+DELETE_BATCH = 1000  # keys per DeleteObjects request, S3's maximum
 SDK_ATTEMPTS = 3  # botocore's, per request; `retry` adds its own around them, within the caller's deadline
 
 
@@ -598,8 +600,27 @@ class S3Backend(Backend):
                 raise error from None
 
     @retry()
+    def delete_many(self, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = [{"Key": key} for key in keys[start:start + DELETE_BATCH]]
+            try:
+                result = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            except _CAUGHT as exc:
+                raise _translate(exc, self._url(batch[0]["Key"])) from None
+            failed = [e for e in result.get("Errors", []) if e.get("Code") not in _NOT_FOUND]
+            if failed:
+                raise StorageError(f"{self._url(failed[0].get('Key', ''))}: {failed[0].get('Code')}: "
+                                   f"{failed[0].get('Message', '')} ({len(failed)} of {len(batch)} not deleted)")
+
+    @retry()
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
         try:
+            size = self._client.head_object(Bucket=self.bucket, Key=src_key)["ContentLength"]
+            if size <= COPY_CUTOFF:  # one CopyObject, as rclone does: no parts to plan, no transfer manager
+                result = self._client.copy_object(
+                    Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key}
+                )["CopyObjectResult"]
+                return ObjectInfo(dst_key, size, result["LastModified"].timestamp(), result["ETag"].strip('"'))
             with self._multipart_ends(dst_key):
                 self._client.copy({"Bucket": self.bucket, "Key": src_key}, self.bucket, dst_key, Config=self._transfer)
         except _CAUGHT as exc:

@@ -51,6 +51,7 @@ LOOKUP_LIST_CAP = 5000  # a lookup lists its parent when the parent holds no mor
 
 
 NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
+DELETE_CHUNK = 100  # keys a folder rename deletes per call (the provider batches them as it can)
 RENAME_CONCURRENCY = 16  # copies (then deletions) in flight while a folder is renamed
 KEY_MAX = 1024  # an object key's limit on S3 and GCS (UTF-8 bytes) and Azure (characters)
 # What a bucket or container name can be, at its most permissive (old S3 regions: up to 255 characters, capitals
@@ -685,22 +686,19 @@ async def _delete_all(workers: Workers, backend: Backend, prefix: str, names: li
     """Delete `prefix` + each name, then the folders they were in, deepest first: servers that keep folders
     as entries of their own (SeaweedFS's filer) would list the emptied ones (a delete of a missing key is a
     no-op elsewhere)."""
-    def delete(key: str) -> None:
-        with contextlib.suppress(NotFound):
-            backend.delete(key)
-
-    await _each(workers, delete, [(prefix + n,) for n in names])
+    keys = [prefix + n for n in names]
+    await _each(workers, backend.delete_many, [(keys[i:i + DELETE_CHUNK],) for i in range(0, len(keys), DELETE_CHUNK)])
     folders = {n[: i + 1] for n in names for i, ch in enumerate(n) if ch == "/"} | {""}
     for depth in sorted({f.count("/") for f in folders}, reverse=True):
-        await _each(workers, delete, [(prefix + f,) for f in folders if f.count("/") == depth])
+        await workers.transfer(backend.delete_many, [prefix + f for f in folders if f.count("/") == depth])
 
 
-async def _each(workers: Workers, fn: Callable[..., object], calls: list[tuple[str, ...]]) -> None:
+async def _each(workers: Workers, fn: Callable[..., object], calls: list[tuple[object, ...]]) -> None:
     """`fn(*args)` for every args of `calls`, RENAME_CONCURRENCY at a time; the first failure is raised."""
     limiter = trio.CapacityLimiter(RENAME_CONCURRENCY)
     failures: list[BaseException] = []
 
-    async def one(args: tuple[str, ...]) -> None:
+    async def one(args: tuple[object, ...]) -> None:
         async with limiter:
             if failures:
                 return
