@@ -72,6 +72,8 @@ class Entry:
     cached_opens: int = 0  # opens of its inode in cached (not passthrough) mode
     dropping: bool = False  # a drop of its inode's page cache is under way
     unlinked: bool = False  # its name was removed while open: its handles go on, nothing of it is uploaded
+    retries: int = 0  # the retry loop's failed uploads of it in a row
+    retry_at: float = 0.0  # time.monotonic() before which the retry loop leaves it alone
 
     # -- state ----------------------------------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from .workers import Watch, Workers
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL = 30.0
+MAX_RETRY_INTERVAL = 15 * 60.0  # between two retries of a file whose uploads keep failing
 
 
 @dataclass(eq=False)
@@ -233,8 +235,10 @@ class WriteBack:
             return None, False
         return stream.info, await self._settle(url, before, stream.info)
 
-    async def upload_pending(self) -> int:
-        """Upload every dirty entry nobody has open; returns how many are still dirty."""
+    async def upload_pending(self, backoff: bool = False) -> int:
+        """Upload every dirty entry nobody has open; returns how many are still dirty. With `backoff` (the retry
+        loop), an entry whose upload failed is left until its next turn: 30 s after the first failure, then
+        twice as long after each (up to 15 min), so that a server that keeps failing is not hammered."""
         remaining = 0
         dirty = await self.workers.metadata(self.cache.dirty_entries)
         self._forget_discarded({s.url for s in dirty})
@@ -242,7 +246,7 @@ class WriteBack:
             if state.failed:
                 remaining += 1  # refused by the server: `clearmlfs cache retry` (or a new write) tries again
                 continue
-            if self.entries.held(state.url):
+            if self.entries.held(state.url) or backoff and self._waiting(state.url):
                 remaining += 1  # being uploaded now (a flush's upload, perhaps still going after the flush)
                 continue
             async with self.lock(state.url) as entry:
@@ -253,8 +257,23 @@ class WriteBack:
                 except StorageError as exc:
                     remaining += 1
                     if not await self._failed_for_good(state.url, exc):
-                        log.warning("upload of %s failed again (%s); will retry", state.url, exc)
+                        wait = self._back_off(entry)
+                        log.warning("upload of %s failed again (%s); next try in %.0f s", state.url, exc, wait)
+                else:
+                    entry.retries, entry.retry_at = 0, 0.0
         return remaining
+
+    def _waiting(self, url: str) -> bool:
+        entry = self.entries.get(url)
+        return entry is not None and entry.retry_at > time.monotonic()
+
+    @staticmethod
+    def _back_off(entry: Entry) -> float:
+        """Schedule `entry`'s next retry after one more failure; the seconds until then."""
+        entry.retries += 1
+        wait: float = min(RETRY_INTERVAL * 2.0 ** (entry.retries - 1), MAX_RETRY_INTERVAL)
+        entry.retry_at = time.monotonic() + wait
+        return wait
 
     def _forget_discarded(self, dirty: set[str]) -> None:
         """Entries pending here whose cache record is no longer dirty, with nobody writing or uploading them,
@@ -312,7 +331,7 @@ class WriteBack:
             try:
                 nursery.start_soon(self._abort_crashed_uploads)
                 while True:
-                    await self.upload_pending()
+                    await self.upload_pending(backoff=True)
                     await trio.sleep(interval)
             finally:
                 # Unmounting: stop the streams (their SDK threads would wait for writers forever); the files

@@ -244,3 +244,25 @@ def test_an_object_bigger_than_the_room_left_is_read_from_the_server(tmp_path: P
         monkeypatch.setattr(c.backend, "read_to", real)
 
     run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_the_retry_loop_backs_off_from_a_file_whose_uploads_keep_failing(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        url = f"{c.backend.url_prefix}/later"
+        c.backend.fail_next(100, Transient("503"))
+        assert await errno_of(c.write(f"{ROOT}/later", b"x")) == errno.EIO
+        writeback = c.fs.writeback
+        assert await writeback.upload_pending(backoff=True) == 1  # the loop's try fails: next one in 30 s
+        entry = writeback.entries.get(url)
+        assert entry is not None and entry.retries == 1 and entry.retry_at - time.monotonic() > 25
+        puts = c.backend.count("PUT")
+        assert await writeback.upload_pending(backoff=True) == 1
+        assert c.backend.count("PUT") == puts  # left alone until its turn
+        entry.retry_at = 0.0
+        assert await writeback.upload_pending(backoff=True) == 1
+        assert entry.retries == 2 and entry.retry_at - time.monotonic() > 55  # twice as long
+        c.backend._failures.clear()
+        assert await writeback.upload_pending() == 0  # (the unmount does not wait for the turn)
+        assert c.backend.data("later") == b"x"
+
+    run(test, tmp_path)
