@@ -507,8 +507,7 @@ class Namespace:
             if node.kind is not Kind.DIR:
                 raise Unsupported(f"{node.path}: buckets are not removed through the mount")
             backend, key = self.locate(node)
-            entries = await self.workers.metadata(lambda: list(itertools.islice(backend.list(key + "/", None), 2)))
-            if any(e.key != key + "/" for e in entries):
+            if any(await self.workers.metadata(_names_under, backend, key + "/", 2)):  # (its marker is '')
                 raise NotEmpty(f"{node.url} is not empty")
             await self.workers.metadata(backend.delete, key + "/")
             self.entries.note_absent(node.url)
@@ -562,8 +561,7 @@ class Namespace:
             info = await self._rename_local_write(node, new_url)
         else:
             info = await self.workers.transfer(backend.copy, key, new_key)
-            await self.workers.metadata(self.cache.move, node.url, new_url, info.etag)
-            self.entries.move(node.url, new_url)
+            await self._move_local(node.url, new_url, info.etag)
         with contextlib.suppress(NotFound):  # (never uploaded)
             await self.workers.metadata(backend.delete, key)
         self.entries.note_absent(node.url)
@@ -593,9 +591,7 @@ class Namespace:
         journal = await self.workers.metadata(self.cache.begin_rename, node.url, new_url, names)
         await _move_objects(self.workers, backend, old_prefix, new_prefix, names, journal, self.cache)
         for entry in local:  # closed files not uploaded yet: uploaded under their new names
-            moved = new_url + entry.url[len(node.url):]
-            await self.workers.metadata(self.cache.move, entry.url, moved, "")
-            self.entries.move(entry.url, moved)
+            await self._move_local(entry.url, new_url + entry.url[len(node.url):])
         self.entries.note_absent(node.url)
         self.created(new_url)
         self.table.move_tree(node, new_parent, new_name, new_url)
@@ -644,13 +640,16 @@ class Namespace:
         async with self.entries.lock(node.url) as entry:  # an upload of it under way ends first
             if entry.stream is not None:
                 entry.stream.file.abort("renamed")
-            await self.workers.metadata(self.cache.move, node.url, new_url, "")
-            self.entries.move(node.url, new_url)
+            await self._move_local(node.url, new_url)
+
+    async def _move_local(self, url: str, new_url: str, etag: str = "") -> None:
+        """What the mount holds of `url` (its cached copy and state, its entry) answers to `new_url` now."""
+        await self.workers.metadata(self.cache.move, url, new_url, etag)
+        self.entries.move(url, new_url)
 
     async def _rename_local_write(self, node: Node, new_url: str) -> ObjectInfo:
         """A file not uploaded yet moves in the cache and is uploaded under its new name."""
-        await self.workers.metadata(self.cache.move, node.url, new_url, "")
-        self.entries.move(node.url, new_url)
+        await self._move_local(node.url, new_url)
         fd = await self.workers.metadata(os.open, self.cache.path_for(new_url), os.O_RDONLY)
         try:
             return await self.writeback.upload(self.entries.at(new_url), fd)
