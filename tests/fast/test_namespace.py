@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -332,6 +332,30 @@ def test_an_object_changed_on_the_server_is_seen_after_ttl(tmp_path: Path) -> No
 
 
 
+async def _while_d_is_listed(c: Client, changes: Callable[[], Awaitable[None]]) -> None:
+    """Run `changes` while a listing of folder d, taken from the server before them, is still on its way: it is
+    delivered (to a lookup under d) only once they are done."""
+    taken, answer = threading.Event(), threading.Event()
+    list_now = c.backend.list
+
+    def late_list(prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
+        entries = list(list_now(prefix, delimiter))  # the server's answer as of now...
+        if prefix.endswith("d/") and not taken.is_set():
+            taken.set()
+            answer.wait(10)  # ...delivered after the changes
+        return iter(entries)
+
+    c.backend.list = late_list  # type: ignore[method-assign]
+    folder = c.fs.ops.ns.table.at(f"{ROOT}/d")
+    assert folder is not None
+    folder.listed = 0.0  # the next lookup under it lists it again
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(errno_of, c.attrs(f"{ROOT}/d/other"))
+        await trio.to_thread.run_sync(taken.wait, 10)
+        await changes()
+        answer.set()
+
+
 def test_a_listing_sent_before_an_upload_does_not_bring_back_the_old_size(tmp_path: Path) -> None:
     """A listing in flight while a flush uploads answers with the object as it was: the node must keep what
     the upload made, or the kernel is told the old size and an O_APPEND writer writes inside the file."""
@@ -339,25 +363,7 @@ def test_a_listing_sent_before_an_upload_does_not_bring_back_the_old_size(tmp_pa
     async def test(c: Client) -> None:
         c.backend.put("d/f.bin", b"o" * 30)
         assert await c.listdir(f"{ROOT}/d") == ["f.bin"]
-        taken, answer = threading.Event(), threading.Event()
-        list_now = c.backend.list
-
-        def late_list(prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
-            entries = list(list_now(prefix, delimiter))  # the server's answer as of now...
-            if prefix.endswith("d/") and not taken.is_set():
-                taken.set()
-                answer.wait(10)  # ...delivered after the upload below
-            return iter(entries)
-
-        c.backend.list = late_list  # type: ignore[method-assign]
-        folder = c.fs.ops.ns.table.at(f"{ROOT}/d")
-        assert folder is not None
-        folder.listed = 0.0  # the next lookup under it lists it again
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(errno_of, c.attrs(f"{ROOT}/d/other"))
-            await trio.to_thread.run_sync(taken.wait, 10)
-            await c.write(f"{ROOT}/d/f.bin", b"n" * 100)
-            answer.set()
+        await _while_d_is_listed(c, lambda: c.write(f"{ROOT}/d/f.bin", b"n" * 100))
         assert (await c.attrs(f"{ROOT}/d/f.bin")).st_size == 100
         fh = await c.open(f"{ROOT}/d/f.bin", os.O_WRONLY | os.O_APPEND)
         await c.ops.write(fh, (await c.attrs(f"{ROOT}/d/f.bin")).st_size, b"+")
@@ -374,26 +380,12 @@ def test_a_listing_sent_before_a_create_or_a_delete_shows_the_change(tmp_path: P
     async def test(c: Client) -> None:
         c.backend.put("d/gone.bin", b"x")
         assert await c.listdir(f"{ROOT}/d") == ["gone.bin"]
-        taken, answer = threading.Event(), threading.Event()
-        list_now = c.backend.list
 
-        def late_list(prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
-            entries = list(list_now(prefix, delimiter))
-            if prefix.endswith("d/") and not taken.is_set():
-                taken.set()
-                answer.wait(10)
-            return iter(entries)
-
-        c.backend.list = late_list  # type: ignore[method-assign]
-        folder = c.fs.ops.ns.table.at(f"{ROOT}/d")
-        assert folder is not None
-        folder.listed = 0.0
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(errno_of, c.attrs(f"{ROOT}/d/other"))
-            await trio.to_thread.run_sync(taken.wait, 10)
+        async def create_and_delete() -> None:
             await c.write(f"{ROOT}/d/new.bin", b"n" * 10)
             await c.unlink(f"{ROOT}/d/gone.bin")
-            answer.set()
+
+        await _while_d_is_listed(c, create_and_delete)
         assert await c.listdir(f"{ROOT}/d") == ["new.bin"]
         assert (await c.attrs(f"{ROOT}/d/new.bin")).st_size == 10
         assert await errno_of(c.attrs(f"{ROOT}/d/gone.bin")) == errno.ENOENT
