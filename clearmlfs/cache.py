@@ -103,6 +103,7 @@ class EntryState:
     extracted: str = ""  # ETag of the archive content last extracted next to it
     version: int = 0  # bumped each time the entry is dirtied: an upload clears only the version it read
     failed: str = ""  # why its upload failed for good (the server refused it): not retried until told to
+    mode: int | None = None  # the permission bits its upload stores (chmod, create); None: the object's own
 
 
 class Pin:
@@ -325,6 +326,14 @@ class CacheContext:
                 if isinstance(record, dict) and {"old", "new", "names", "phase"} <= record.keys():
                     found.append((journal, record))
         return found
+
+    def same_content(self, url: str, etag: str, new_etag: str) -> None:
+        """`url`'s object went from version `etag` to `new_etag` with its content unchanged (only its metadata
+        did): a cached copy of the one is a copy of the other."""
+        state = self.state(url)
+        if etag and state is not None and not state.dirty and state.etag == etag:
+            state.etag = new_etag
+            self.save_state(state, durable=False)
 
     def forget(self, url: str) -> None:
         """Drop the cached copy and state of `url` (the object was deleted)."""

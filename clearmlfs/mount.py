@@ -70,6 +70,7 @@ class MountOptions:
     offline: bool | None = None  # serve cached files while the server cannot say whether they are current
     cache_min_free: str | None = None  # a size or a percentage of the cache's filesystem
     rename_dir_limit: int = 10_000  # objects a folder rename moves at most: EXDEV beyond (mv then copies)
+    server_times: bool = False  # S3: show the server's time, not the stored one, where that would take a HEAD
 
 
 def parse_options(values: list[str]) -> MountOptions:
@@ -125,12 +126,14 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         opts.cache_min_free = value
     elif name == "rename_dir_limit":
         opts.rename_dir_limit = max(0, int(value))
+    elif name == "server_times":
+        opts.server_times = parse_bool(value) if value else True
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
             "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=, small_file_size=, "
             "readahead_files=, fetch_processes=, passthrough=on|off, connect_timeout=, read_timeout=, op_timeout=, "
-            "revalidate_timeout=, offline=on|off, cache_min_free=, rename_dir_limit=)"
+            "revalidate_timeout=, offline=on|off, cache_min_free=, rename_dir_limit=, server_times)"
         )
 
 
@@ -182,7 +185,7 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
     entries = Entries()
     writeback = WriteBack(backends, cache, workers, entries)
     ns = Namespace(settings, backends, cache, workers, writeback, ttl=opts.ttl, list_ttl=opts.list_ttl,
-                   rename_dir_limit=opts.rename_dir_limit)
+                   rename_dir_limit=opts.rename_dir_limit, stored_times=not opts.server_times)
     setup = Setup(settings, cache_dir, cache.context, cache.file_limit, cache.byte_limit,
                   logging.getLevelName(logging.getLogger().getEffectiveLevel()))
     fetchers = Fetchers(setup, opts.fetch_processes)
@@ -200,6 +203,7 @@ async def start(fs: Filesystem, nursery: trio.Nursery) -> None:
     """Start the filesystem's background tasks in `nursery`, after learning what earlier mounts left dirty."""
     await fs.writeback.load()  # before the first request: files left dirty must show as they are locally
     await fs.ops.ns.finish_renames()  # and folders renamed across a crash show whole, under one name
+    await nursery.start(fs.ops.ns.run)
     await nursery.start(fs.downloads.run)
     await nursery.start(fs.small.run)
     await nursery.start(fs.fetchers.run)

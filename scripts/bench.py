@@ -47,7 +47,7 @@ import bench_lib as lib  # noqa: E402 - the script's own folder is not on sys.pa
 
 MB = 1_000_000
 DISK_NEEDED = 20 * lib.GiB
-SUBJECTS = ("clearmlfs", "rclone", "s3fs", "baseline")
+SUBJECTS = (*lib.TOOLS, "baseline")
 GROUPS = ("read", "ttfb", "write", "ls", "small", "rss", "walk", "rename")
 RENAME_DIR_COUNT = 1_000
 ALIASES = {"cold-read": "read", "hot-read": "read", "cold_read": "read", "hot_read": "read", "ls-lR": "ls"}
@@ -482,7 +482,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="runs per workload and tool (default 3; 1 with --quick)")
     parser.add_argument("--json", type=Path, help="raw values + medians (default WORKDIR/results.json)")
     parser.add_argument("--only", help=f"comma-separated workloads out of {','.join(GROUPS)}")
-    parser.add_argument("--tools", default="clearmlfs,rclone,s3fs", help="comma-separated subset")
+    parser.add_argument("--tools", default="clearmlfs,rclone,s3fs",
+                        help=f"comma-separated, out of {','.join(lib.TOOLS)}")
     parser.add_argument("--workdir", type=Path, default=lib.REPO / ".bench",
                         help="server data, caches, mounts, logs (default .bench/)")
     parser.add_argument("--fresh-data", action="store_true", help="wipe the server data kept from earlier runs")

@@ -557,7 +557,21 @@ class S3fs(Tool):
         return bool(argv) and argv[0].endswith("s3fs") and str(self.mountpoint) in argv
 
 
-TOOLS: dict[str, type[Tool]] = {"clearmlfs": Clearmlfs, "rclone": Rclone, "s3fs": S3fs}
+class ClearmlfsServerTimes(Clearmlfs):
+    """clearmlfs with `-o server_times`: S3 files show Last-Modified, not their stored times (no HEAD each)."""
+
+    def prepare(self) -> str:
+        version = super().prepare()
+        self.settings["config"] = self.settings["config"].replace("mount options default", "-o server_times")
+        return version
+
+    def mount_command(self) -> list[str]:
+        return [*super().mount_command()[:-1], "-o", "server_times", str(self.mountpoint)]
+
+
+TOOLS: dict[str, type[Tool]] = {
+    "clearmlfs": Clearmlfs, "clearmlfs-server-times": ClearmlfsServerTimes, "rclone": Rclone, "s3fs": S3fs,
+}
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ log() { echo "[setup] $*"; }
 # --- system packages ---------------------------------------------------------------------------
 # pyfuse3 builds from source: it needs libfuse3 headers, pkg-config, a C compiler and Python headers; `patch`
 # and `curl` build the libfuse below.
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr gcc python3-dev python3-venv ca-certificates patch curl)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config attr gcc python3-dev python3-venv ca-certificates patch curl rsync)
 command -v node >/dev/null 2>&1 || APT_PACKAGES+=(nodejs)
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 

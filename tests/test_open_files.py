@@ -79,6 +79,31 @@ def test_a_file_unlinked_while_open_is_used_and_never_uploaded(
     assert unfinished_uploads(seaweedfs, base) == []
 
 
+@pytest.mark.parametrize("size", [100 * 1024, 40 * MIB])  # the large one is uploading while it is written
+def test_a_folder_renamed_while_a_file_in_it_is_written_takes_the_file_along(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path, size: int
+) -> None:
+    store = stores.seaweed_store(seaweedfs)
+    base = store.fresh_prefix()
+    conf, _ = conf_for(tmp_path, "rename-dir", store)
+    first, more = random_bytes(size, 4), random_bytes(MIB, 5)
+    with mounted(conf, tmp_path / "mnt") as mnt:
+        folder = at(mnt, base)
+        (folder / "step-100.tmp").mkdir(parents=True)
+        (folder / "step-100.tmp" / "config.json").write_bytes(b"{}")
+        with open(folder / "step-100.tmp" / "model.pt", "wb") as f:
+            f.write(first)
+            f.flush()
+            os.rename(folder / "step-100.tmp", folder / "step-100")
+            f.write(more)
+        assert sorted(os.listdir(folder)) == ["step-100"]
+        assert (folder / "step-100" / "model.pt").read_bytes() == first + more
+    assert server_keys(seaweedfs, base) == ["step-100/", "step-100/config.json", "step-100/model.pt"]
+    body = seaweedfs.client().get_object(Bucket=seaweedfs.bucket, Key=key_of(f"{base}/step-100/model.pt"))
+    assert body["Body"].read() == first + more
+    assert unfinished_uploads(seaweedfs, base) == []
+
+
 def test_a_directory_rename_cut_short_by_a_killed_daemon_is_completed_or_undone_by_the_next_mount(
     seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, tmp_path: Path
 ) -> None:

@@ -10,9 +10,9 @@ from collections.abc import Callable
 from ..config import S3Credentials, Settings
 from ..errors import ClearmlfsError
 from ..urls import StorageURL, parse_url
-from .base import Backend, ObjectInfo, Prefix, retry
+from .base import Attrs, Backend, ObjectInfo, Prefix, retry
 
-__all__ = ["Backend", "BackendPool", "ObjectInfo", "Prefix", "retry"]
+__all__ = ["Attrs", "Backend", "BackendPool", "ObjectInfo", "Prefix", "retry"]
 
 log = logging.getLogger(__name__)
 

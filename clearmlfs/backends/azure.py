@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
@@ -45,14 +45,17 @@ from ..urls import parse_url
 from .base import (
     STREAM_PARTS_IN_MEMORY,
     TRANSPORT_FAILURES,
+    Attrs,
     Backend,
     ObjectInfo,
     Prefix,
     Progress,
     Reader,
     ReaderAbandoned,
+    attrs_metadata,
     local_error,
     log_request,
+    metadata_attrs,
     paged,
     request_log,
     retry,
@@ -143,15 +146,16 @@ class AzureBackend(Backend):
             raise _translate(exc, self._url(key)) from None
 
     @retry()
-    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
+    def upload(self, src: Path, key: str, progress: Progress | None = None, attrs: Attrs | None = None) -> ObjectInfo:
         hook = _hook(progress)
+        meta = _metadata(attrs)
         with open(src, "rb") as data:  # a missing source is the caller's OSError, not a storage error
             size = os.fstat(data.fileno()).st_size
             blob = self._blob(key)
             try:
                 try:
                     result = blob.upload_blob(
-                        data, length=size, overwrite=True, max_concurrency=self._concurrency, **hook
+                        data, length=size, overwrite=True, max_concurrency=self._concurrency, metadata=meta, **hook
                     )
                 except HttpResponseError as exc:
                     if _code(exc) != "InvalidBlobOrBlock":
@@ -162,13 +166,16 @@ class AzureBackend(Backend):
                     data.seek(0)
                     result = blob.upload_blob(
                         cast(IO[bytes], _Unseekable(data)), length=size, overwrite=True,
-                        max_concurrency=self._concurrency, **hook,
+                        max_concurrency=self._concurrency, metadata=meta, **hook,
                     )
             except _CAUGHT as exc:
                 raise _translate(exc, self._url(key)) from None
-        return ObjectInfo(key, size, result["last_modified"].timestamp(), _etag(result["etag"]))
+        # An upload replaces the blob's metadata with `meta`: that is what it now stores.
+        return ObjectInfo(key, size, result["last_modified"].timestamp(), _etag(result["etag"]), metadata_attrs(meta))
 
-    def upload_stream(self, reader: Reader, key: str, progress: Progress | None = None) -> ObjectInfo:
+    def upload_stream(
+        self, reader: Reader, key: str, progress: Progress | None = None, attrs: Attrs | None = None
+    ) -> ObjectInfo:
         # Given no length, the SDK reads the stream a block at a time and stages up to `max_concurrency` blocks
         # at once, each held in memory until sent. If the reader raises, nothing is committed: the blob is as
         # it was, and the blocks staged meanwhile are discarded (`_discard_staged`).
@@ -180,7 +187,8 @@ class AzureBackend(Backend):
             raise _translate(exc, self._url(key)) from None
         try:
             blob.upload_blob(
-                cast(IO[bytes], reader), length=None, overwrite=True, max_concurrency=threads, **_hook(progress)
+                cast(IO[bytes], reader), length=None, overwrite=True, max_concurrency=threads,
+                metadata=_metadata(attrs), **_hook(progress),
             )
         except _CAUGHT as exc:
             self._discard_staged(blob, before)
@@ -254,6 +262,24 @@ class AzureBackend(Backend):
         except _CAUGHT as exc:
             raise _translate(exc, self._url(dst_key)) from None
 
+    @retry()
+    def set_attrs(self, key: str, attrs: Attrs) -> ObjectInfo:
+        blob = self._blob(key)
+        try:
+            props = blob.get_blob_properties()
+            meta = _with_attrs(props.metadata, attrs)
+            # Set Blob Metadata replaces all of it: only onto the version read, else a writer's metadata set
+            # meanwhile would be lost (412, Transient: retried from a fresh read).
+            result: dict[str, Any] = blob.set_blob_metadata(
+                meta, etag=props.etag, match_condition=MatchConditions.IfNotModified
+            )
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+        # The content is untouched, but Last-Modified and the ETag move with the metadata.
+        return ObjectInfo(
+            key, props.size, result["last_modified"].timestamp(), _etag(result["etag"]), metadata_attrs(meta)
+        )
+
     def close(self) -> None:
         self._service.close()
 
@@ -261,14 +287,16 @@ class AzureBackend(Backend):
     @retry()
     def _page(self, prefix: str, delimiter: str | None, token: str | None) -> tuple[_Page, str | None]:
         """One page of a listing and the token of the next (None after the last)."""
+        # Listed with their metadata, so that every entry carries its attrs without a HEAD each.
         try:
             if delimiter:
                 items: Any = self._container.walk_blobs(
-                    name_starts_with=prefix or None, delimiter=delimiter, results_per_page=self._page_size
+                    name_starts_with=prefix or None, delimiter=delimiter, results_per_page=self._page_size,
+                    include=["metadata"],
                 )
             else:
                 items = self._container.list_blobs(
-                    name_starts_with=prefix or None, results_per_page=self._page_size
+                    name_starts_with=prefix or None, results_per_page=self._page_size, include=["metadata"]
                 )
             pages = items.by_page(continuation_token=token)
             page: Any = next(pages, [])
@@ -348,7 +376,21 @@ def _wait_for_copy(dst: BlobClient, status: str, copy_id: str, url: str) -> Blob
 
 
 def _info(props: BlobProperties) -> ObjectInfo:
-    return ObjectInfo(props.name, props.size, props.last_modified.timestamp(), _etag(props.etag))
+    return ObjectInfo(
+        props.name, props.size, props.last_modified.timestamp(), _etag(props.etag), metadata_attrs(props.metadata)
+    )
+
+
+def _metadata(attrs: Attrs | None) -> dict[str, str] | None:
+    """upload_blob's `metadata` for `attrs` (None: none; an upload stores no metadata then)."""
+    return None if attrs is None else attrs_metadata(attrs)
+
+
+def _with_attrs(meta: Mapping[str, str] | None, attrs: Attrs) -> dict[str, str]:
+    """`meta` with `attrs` stored in it. Azure's keys are case-insensitive: one that differs from ours only in
+    case is replaced, not sent twice."""
+    ours = attrs_metadata(attrs)
+    return {**{k: v for k, v in (meta or {}).items() if k.lower() not in ours}, **ours}
 
 
 def _etag(etag: str) -> str:

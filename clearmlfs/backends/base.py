@@ -13,16 +13,18 @@ its SDK's errors in one function (`_translate`) and says which are transient;
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import functools
 import http.client
 import logging
 import os
 import random
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, Protocol, TypeVar
@@ -53,13 +55,24 @@ STREAM_PARTS_IN_MEMORY = 8  # parts (blocks) an `upload_stream` holds in memory 
 
 
 @dataclass(frozen=True)
+class Attrs:
+    """What object metadata keeps of a file's inode, for `stat` to show after a remount (either may be
+    missing: an object written by another tool stores what that tool stores)."""
+
+    mtime_ns: int | None = None
+    mode: int | None = None  # st_mode, type bits included (as s3fs stores it)
+
+
+@dataclass(frozen=True)
 class ObjectInfo:
     """What a HEAD (or a listing entry) tells about one object."""
 
     key: str
     size: int
-    mtime: float  # seconds since the epoch
+    mtime: float  # the server's Last-Modified, seconds since the epoch
     etag: str  # ETag (S3, Azure) or generation (GCS); changes whenever the content does
+    attrs: Attrs = Attrs()  # what its metadata stores
+    attrs_known: bool = True  # False where the answer cannot carry metadata (an S3 listing entry)
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,60 @@ class Reader(Protocol):
 
 class ReaderAbandoned(Exception):
     """Raised by a `Reader` into the SDK's reading thread: the upload is abandoned (and aborted)."""
+
+
+# Metadata keys, as rclone and s3fs name them on S3 (``x-amz-meta-mtime``, ``x-amz-meta-mode``) and rclone on
+# Azure and GCS; gcsfuse's and gsutil's mtimes are read too.
+META_MTIME, META_MODE = "mtime", "mode"
+_OTHER_MTIMES = ("gcsfuse_mtime", "goog-reserved-file-mtime")
+_SECONDS = re.compile(r"(-?\d{1,12})(?:\.(\d+))?")
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", re.IGNORECASE)
+_MODE_TEXT_MAX = 0o177777  # a decimal st_mode is at most this; a larger number is rclone's octal text
+
+
+def attrs_metadata(attrs: Attrs) -> dict[str, str]:
+    """Object metadata storing `attrs`: mtime in seconds with nine decimals (what rclone writes and s3fs and
+    rclone read), mode as a decimal st_mode (s3fs's form)."""
+    meta = {}
+    if attrs.mtime_ns is not None:
+        seconds, nanos = divmod(attrs.mtime_ns, 1_000_000_000)
+        meta[META_MTIME] = f"{seconds}.{nanos:09d}"
+    if attrs.mode is not None:
+        meta[META_MODE] = str(attrs.mode)
+    return meta
+
+
+def metadata_attrs(meta: Mapping[str, str] | None) -> Attrs:
+    """The `Attrs` an object's metadata stores; a value no peer writes is ignored, not an error."""
+    meta = {k.lower(): v for k, v in (meta or {}).items() if isinstance(v, str)}  # (an emulator's null)
+    mtime_ns = None
+    for key in (META_MTIME, *_OTHER_MTIMES):
+        if key in meta and (mtime_ns := _parse_time(meta[key])) is not None:
+            break
+    return Attrs(mtime_ns, _parse_mode(meta.get(META_MODE)))
+
+
+def _parse_time(text: str) -> int | None:
+    """Nanoseconds since the epoch from seconds (``1700000000.123456789``) or RFC 3339 text."""
+    if match := _SECONDS.fullmatch(text.strip()):
+        return int(match[1]) * 1_000_000_000 + _nanos(match[2])
+    if match := _RFC3339.fullmatch(text.strip()):
+        stamp = datetime.datetime.fromisoformat(match[1] + (match[3] or "+00:00").replace("Z", "+00:00"))
+        return int(stamp.timestamp()) * 1_000_000_000 + _nanos(match[2])
+    return None
+
+
+def _nanos(fraction: str | None) -> int:
+    return int(((fraction or "") + "0" * 9)[:9])
+
+
+def _parse_mode(text: str | None) -> int | None:
+    if text is None or not text.strip().isdigit():
+        return None
+    value = int(text)
+    if value > _MODE_TEXT_MAX:  # rclone writes the mode as octal text ("100644")
+        value = int(text, 8) if set(text.strip()) <= set("01234567") else -1
+    return value if 0 <= value <= _MODE_TEXT_MAX else None
 
 
 class Backend(ABC):
@@ -149,13 +216,21 @@ class Backend(ABC):
         """Write the whole object to `dest` (created or truncated), with the SDK's parallel transfer."""
 
     @abstractmethod
-    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
-        """Store the file `src` as `key`; multipart/parallel where the provider and settings allow.
+    def upload(self, src: Path, key: str, progress: Progress | None = None, attrs: Attrs | None = None) -> ObjectInfo:
+        """Store the file `src` as `key`, with `attrs` in its metadata; multipart/parallel where the provider
+        and settings allow.
 
         `progress()` is called whenever bytes were sent, where `reports_progress` says the SDK tells.
         """
 
-    def upload_stream(self, reader: Reader, key: str, progress: Progress | None = None) -> ObjectInfo:
+    @abstractmethod
+    def set_attrs(self, key: str, attrs: Attrs) -> ObjectInfo:
+        """Store `attrs` in the metadata of the object `key` (its other metadata kept), without sending its
+        content again: on the server (S3: a copy onto itself)."""
+
+    def upload_stream(
+        self, reader: Reader, key: str, progress: Progress | None = None, attrs: Attrs | None = None
+    ) -> ObjectInfo:
         """Store as `key` what `reader` yields until it returns b'', uploading parts while it is being produced.
 
         `reader.read(n)` may block until n bytes exist, and raises to abandon the upload, which must then leave
@@ -180,7 +255,7 @@ class Backend(ABC):
 
     @abstractmethod
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
-        """Server-side copy inside this bucket/container."""
+        """Server-side copy inside this bucket/container, metadata included."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release pooled connections."""

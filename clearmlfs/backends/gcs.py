@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,15 @@ from ..errors import (
 from ..urls import parse_url
 from .base import (
     TRANSPORT_FAILURES,
+    Attrs,
     Backend,
     ObjectInfo,
     Prefix,
     Progress,
+    attrs_metadata,
     local_error,
     log_request,
+    metadata_attrs,
     paged,
     request_log,
     retry,
@@ -152,9 +155,12 @@ class GCSBackend(Backend):
         return info
 
     @retry()
-    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
+    def upload(self, src: Path, key: str, progress: Progress | None = None, attrs: Attrs | None = None) -> ObjectInfo:
         size = src.stat().st_size  # a missing source is the caller's OSError, not a storage error
         blob = self._bucket.blob(key, chunk_size=CHUNK_SIZE if size > CHUNK_SIZE else None)
+        meta = None if attrs is None else attrs_metadata(attrs)
+        if meta is not None:  # sent with the object resource (x-goog-meta- headers on the XML multipart path)
+            blob.metadata = meta
         try:
             if size >= PARALLEL_THRESHOLD and self._upload_parallel(src, blob):
                 # The transfer manager does not fill in the new metadata.
@@ -185,6 +191,20 @@ class GCSBackend(Backend):
         except _CAUGHT as exc:
             raise _translate(exc, self._url(src_key)) from None
         return _info(copied)
+
+    @retry()
+    def set_attrs(self, key: str, attrs: Attrs) -> ObjectInfo:
+        blob = self._existing(key)
+        blob.metadata = _with_attrs(blob.metadata, attrs)
+        try:
+            # Only onto the generation and metadata read: a writer's change meanwhile fails it (404: that
+            # generation is gone; 412), and it is done again from a fresh read.
+            blob.patch(if_metageneration_match=blob.metageneration, retry=_RETRY, timeout=self._timeout)
+        except (api.NotFound, api.PreconditionFailed):
+            raise Transient(f"{self._url(key)}: changed while its metadata was being set") from None
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+        return _info(blob)
 
     def close(self) -> None:
         self._client.close()
@@ -300,7 +320,15 @@ def _bare_client(cfg: GCSBucket) -> storage.Client:
 
 def _info(blob: storage.Blob) -> ObjectInfo:
     mtime = blob.updated.timestamp() if blob.updated else 0.0
-    return ObjectInfo(blob.name, int(blob.size or 0), mtime, str(blob.generation))
+    return ObjectInfo(blob.name, int(blob.size or 0), mtime, str(blob.generation), metadata_attrs(blob.metadata))
+
+
+def _with_attrs(meta: Mapping[str, str] | None, attrs: Attrs) -> dict[str, str | None]:
+    """`meta` with `attrs` stored in it, as a PATCH's metadata. A key that differs from ours only in case, which
+    `metadata_attrs` might read instead of ours, is removed (None: GCS merges a patch's keys into the others)."""
+    ours = attrs_metadata(attrs)
+    gone = {k for k in meta or {} if k.lower() in ours and k not in ours}
+    return {**{k: (None if k in gone else v) for k, v in (meta or {}).items()}, **ours}
 
 
 def _status(exc: BaseException) -> int | None:

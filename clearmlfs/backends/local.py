@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import AccessDenied, ClearmlfsError, NoSpace, NotFound, StorageError
-from .base import Backend, ObjectInfo, Prefix, Progress
+from .base import Attrs, Backend, ObjectInfo, Prefix, Progress
 
 
 def _translate(exc: OSError, path: str) -> ClearmlfsError:
@@ -28,7 +29,8 @@ def _translate(exc: OSError, path: str) -> ClearmlfsError:
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
     # No ETag on a plain file: size and nanosecond mtime change whenever the content does.
-    return ObjectInfo(key, st.st_size, st.st_mtime, f"{st.st_mtime_ns:x}-{st.st_size:x}")
+    etag = f"{st.st_mtime_ns:x}-{st.st_size:x}"
+    return ObjectInfo(key, st.st_size, st.st_mtime, etag, Attrs(st.st_mtime_ns, st.st_mode))
 
 
 class LocalBackend(Backend):
@@ -83,7 +85,7 @@ class LocalBackend(Backend):
         except OSError as exc:
             raise _translate(exc, path) from None
 
-    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
+    def upload(self, src: Path, key: str, progress: Progress | None = None, attrs: Attrs | None = None) -> ObjectInfo:
         path = self._path(key)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -91,6 +93,8 @@ class LocalBackend(Backend):
             os.close(fd)
             try:
                 shutil.copyfile(src, tmp)
+                if attrs is not None:
+                    _apply(tmp, attrs)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -109,4 +113,20 @@ class LocalBackend(Backend):
             raise _translate(exc, path) from None
 
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
-        return self.upload(Path(self._path(src_key)), dst_key)
+        return self.upload(Path(self._path(src_key)), dst_key, attrs=self.stat(src_key).attrs)
+
+    def set_attrs(self, key: str, attrs: Attrs) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            _apply(path, attrs)
+            return _info(key, os.stat(path))
+        except OSError as exc:
+            raise _translate(exc, path) from None
+
+
+def _apply(path: str, attrs: Attrs) -> None:
+    """A file's own times and mode are what a local "object" stores."""
+    if attrs.mtime_ns is not None:
+        os.utime(path, ns=(attrs.mtime_ns, attrs.mtime_ns))
+    if attrs.mode is not None:
+        os.chmod(path, stat.S_IMODE(attrs.mode))

@@ -8,6 +8,7 @@ to fail: `fail_next(n, error)` makes the next n requests raise `error`, `hold()`
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import threading
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ClearmlfsError, NotFound, Transient
-from .base import STREAM_PARTS_IN_MEMORY, Backend, ObjectInfo, Prefix, Progress, Reader, pwrite_all, retry
+from .base import STREAM_PARTS_IN_MEMORY, Attrs, Backend, ObjectInfo, Prefix, Progress, Reader, pwrite_all, retry
 
 HOLD_LIMIT = 60.0  # a held request gives up after this long at most: tests never hang
 _retry = retry(base_delay=0.005, max_delay=0.05)  # as every backend retries, only quicker
@@ -28,6 +29,7 @@ class _Object:
     data: bytes
     etag: str
     mtime: float
+    attrs: Attrs = Attrs()
 
 
 class MemoryBackend(Backend):
@@ -84,8 +86,9 @@ class MemoryBackend(Backend):
                     if common not in seen:
                         seen.add(common)
                         entries.append(Prefix(common))
-                else:
-                    entries.append(self._info(key, self.objects[key]))
+                else:  # as S3's, a listing shows no metadata
+                    info = self._info(key, self.objects[key])
+                    entries.append(dataclasses.replace(info, attrs=Attrs(), attrs_known=False))
         return iter(entries)
 
     @_retry
@@ -111,15 +114,17 @@ class MemoryBackend(Backend):
         return self._info(key, obj)
 
     @_retry
-    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
+    def upload(self, src: Path, key: str, progress: Progress | None = None, attrs: Attrs | None = None) -> ObjectInfo:
         data = src.read_bytes()  # a missing source is the caller's OSError
         self._request("PUT", key)
         if progress is not None:
             progress()
         with self._lock:
-            return self._store(key, data)
+            return self._store(key, data, attrs)
 
-    def upload_stream(self, reader: Reader, key: str, progress: Progress | None = None) -> ObjectInfo:
+    def upload_stream(
+        self, reader: Reader, key: str, progress: Progress | None = None, attrs: Attrs | None = None
+    ) -> ObjectInfo:
         parts = []
         while chunk := reader.read(1024 * 1024):  # raises to abandon: nothing is stored then
             parts.append(chunk)
@@ -127,7 +132,7 @@ class MemoryBackend(Backend):
                 progress()
         self._request("PUT", key)
         with self._lock:
-            return self._store(key, b"".join(parts))
+            return self._store(key, b"".join(parts), attrs)
 
     @_retry
     def delete(self, key: str) -> None:
@@ -139,7 +144,13 @@ class MemoryBackend(Backend):
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
         obj = self._get("COPY", src_key)
         with self._lock:
-            return self._store(dst_key, obj.data)
+            return self._store(dst_key, obj.data, obj.attrs)
+
+    @_retry
+    def set_attrs(self, key: str, attrs: Attrs) -> ObjectInfo:
+        obj = self._get("COPY", key)
+        with self._lock:
+            return self._store(key, obj.data, _merged(obj.attrs, attrs))
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _request(self, method: str, key: str) -> None:
@@ -159,12 +170,16 @@ class MemoryBackend(Backend):
             raise NotFound(f"{self.url_prefix}/{key}: not found")
         return obj
 
-    def _store(self, key: str, data: bytes) -> ObjectInfo:
+    def _store(self, key: str, data: bytes, attrs: Attrs | None = None) -> ObjectInfo:
         etag = hashlib.md5(data + str(next(self._versions)).encode(), usedforsecurity=False).hexdigest()
-        obj = self.objects[key] = _Object(data, etag, time.time())
+        obj = self.objects[key] = _Object(data, etag, time.time(), attrs or Attrs())
         return self._info(key, obj)
 
     @staticmethod
     def _info(key: str, obj: _Object) -> ObjectInfo:
-        return ObjectInfo(key, len(obj.data), obj.mtime, obj.etag)
+        return ObjectInfo(key, len(obj.data), obj.mtime, obj.etag, obj.attrs)
+
+
+def _merged(old: Attrs, new: Attrs) -> Attrs:
+    return Attrs(old.mtime_ns if new.mtime_ns is None else new.mtime_ns, old.mode if new.mode is None else new.mode)
 

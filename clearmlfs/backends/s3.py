@@ -38,14 +38,17 @@ from ..errors import AccessDenied, Changed, ClearmlfsError, NameTooLong, NotFoun
 from .base import (
     STREAM_PARTS_IN_MEMORY,
     TRANSPORT_FAILURES,
+    Attrs,
     Backend,
     ObjectInfo,
     Prefix,
     Progress,
     Reader,
     ReaderAbandoned,
+    attrs_metadata,
     local_error,
     log_request,
+    metadata_attrs,
     pwrite_all,
     request_log,
     retry,
@@ -143,6 +146,23 @@ def _client_error_in(exc: BaseException) -> botocore.exceptions.ClientError | No
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+META_HEADER = "x-amz-meta-"  # user metadata in a response's headers
+# What a CopyObject that replaces metadata must send again not to lose it.
+_CONTENT_HEADERS = ("ContentType", "ContentEncoding", "ContentDisposition", "ContentLanguage", "CacheControl")
+
+
+def _info(key: str, response: dict[str, Any]) -> ObjectInfo:
+    """What a HEAD's or a GET's response tells of the object."""
+    return ObjectInfo(
+        key, response["ContentLength"], response["LastModified"].timestamp(), response["ETag"].strip('"'),
+        metadata_attrs(response.get("Metadata")),
+    )
+
+
+def _meta_args(attrs: Attrs | None) -> dict[str, Any]:
+    return {} if attrs is None else {"Metadata": attrs_metadata(attrs)}
 
 
 def _timestamp(value: str) -> datetime.datetime:
@@ -309,13 +329,14 @@ class _Bodies(OSUtils):  # type: ignore[misc]
 
 
 class PlainGet:
-    """GETs of whole objects signed by botocore's SigV4 signer and sent over the client's own HTTP session
-    (its connection pool, TLS and proxy settings), without the client's request pipeline.
+    """GETs (and HEADs) of whole objects signed by botocore's SigV4 signer and sent over the client's own HTTP
+    session (its connection pool, TLS and proxy settings), without the client's request pipeline.
 
     That pipeline (event hooks, endpoint rules, parameter checks, response parsing) costs about 0.7 ms of CPU
-    per request: more than half of a small object's GET, and what a directory of many small files is read at
-    the speed of (scripts/bench.py, "small"). Only 200 and 304 are answered here; anything else (an error,
-    a redirect to another region) is left to the client, which knows its retries and error codes.
+    per request: more than half of a small object's GET or of a HEAD, and what a folder of many small files is
+    read (or `ls -l`'d: a HEAD per file) at the speed of (scripts/bench.py, "small", "ls"). Only 200 and 304
+    are answered here; anything else (an error, a redirect to another region) is left to the client, which
+    knows its retries and error codes.
     """
 
     _PROBE = "clearmlfs-probe"
@@ -339,18 +360,18 @@ class PlainGet:
             log.debug("plain GETs unavailable for bucket %r: %s", bucket, exc)
             return None
 
-    def send(self, key: str, unless_etag: str | None) -> Any:
-        """The response to a GET of `key`, its body not read yet."""
+    def send(self, key: str, unless_etag: str | None, method: str = "GET") -> Any:
+        """The response to a GET (or HEAD) of `key`, its body not read yet."""
         headers = {"User-Agent": USER_AGENT}
         if unless_etag:
             headers["If-None-Match"] = f'"{unless_etag}"'
         url = self._base + quote(key, safe="/~")
-        request = AWSRequest("GET", url, headers=headers, stream_output=True)
+        request = AWSRequest(method, url, headers=headers, stream_output=True)
         S3SigV4Auth(self._credentials.get_frozen_credentials(), "s3", self._region).add_auth(request)
         started = time.monotonic()
         response = self._http.send(request.prepare())
         if request_log.isEnabledFor(logging.DEBUG):
-            log_request("GET", url, response.status_code, response.headers.get("Content-Length"),
+            log_request(method, url, response.status_code, response.headers.get("Content-Length"),
                         time.monotonic() - started)
         return response
 
@@ -424,11 +445,15 @@ class S3Backend(Backend):
 
     @retry()
     def stat(self, key: str) -> ObjectInfo:
+        plain = self._plain_get(key, None, "HEAD")
+        if plain is not None and plain[1] is not None:
+            plain[0].raw.drain_conn()  # (no body)
+            return plain[1]
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=key)
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
-        return ObjectInfo(key, head["ContentLength"], head["LastModified"].timestamp(), head["ETag"].strip('"'))
+        return _info(key, head)
 
     def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
         paginator = self._client.get_paginator("list_objects_v2")
@@ -440,7 +465,10 @@ class S3Backend(Backend):
                 for common in page.get("CommonPrefixes", ()):
                     yield Prefix(common["Prefix"])
                 for obj in page.get("Contents", ()):
-                    yield ObjectInfo(obj["Key"], obj["Size"], obj["LastModified"].timestamp(), obj["ETag"].strip('"'))
+                    yield ObjectInfo(  # a listing shows no metadata: what it stores takes a HEAD or a GET
+                        obj["Key"], obj["Size"], obj["LastModified"].timestamp(), obj["ETag"].strip('"'),
+                        attrs_known=False,
+                    )
         except _CAUGHT as exc:
             raise _translate(exc, self._url(prefix)) from None
 
@@ -506,18 +534,19 @@ class S3Backend(Backend):
             if _code(exc) in ("304", "NotModified"):
                 return None
             raise _translate(exc, self._url(key)) from None
-        info = ObjectInfo(key, resp["ContentLength"], resp["LastModified"].timestamp(), resp["ETag"].strip('"'))
-        return self._receive(fd, info, limit, resp["Body"].iter_chunks(READ_PIECE), resp["Body"].close)
-
-    def _plain_get(self, key: str, unless_etag: str | None) -> tuple[Any, ObjectInfo | None] | None:
-        """`key`'s GET response through `PlainGet`: with the object's info (200), or without (304); None when
-        the client is to ask instead."""
+        return self._receive(fd, _info(key, resp), limit, resp["Body"].iter_chunks(READ_PIECE), resp["Body"].close)
+    def _plain_get(
+        self, key: str, unless_etag: str | None, method: str = "GET"
+    ) -> tuple[Any, ObjectInfo | None] | None:
+        """`key`'s GET (or HEAD) response through `PlainGet`: with the object's info (200), or without (304);
+        None when the client is to ask instead."""
         if self._plain is None:
             return None
         try:
-            response = self._plain.send(key, unless_etag)
+            response = self._plain.send(key, unless_etag, method)
         except _CAUGHT as exc:  # the client's own retries and error codes are better at it
-            log.debug("plain GET of %s failed (%s): asking through the client", self._url(key), type(exc).__name__)
+            log.debug("plain %s of %s failed (%s): asking through the client", method, self._url(key),
+                      type(exc).__name__)
             return None
         if response.status_code == 304:
             return response, None
@@ -525,7 +554,10 @@ class S3Backend(Backend):
             try:
                 headers = response.headers
                 modified = _timestamp(headers["Last-Modified"]).timestamp()
-                return response, ObjectInfo(key, int(headers["Content-Length"]), modified, headers["ETag"].strip('"'))
+                meta = {k[len(META_HEADER):]: v for k, v in headers.items() if k.lower().startswith(META_HEADER)}
+                return response, ObjectInfo(
+                    key, int(headers["Content-Length"]), modified, headers["ETag"].strip('"'), metadata_attrs(meta)
+                )
             except (KeyError, ValueError, TypeError):
                 log.debug("plain GET of %s: headers the client must read", self._url(key))
         response.raw.drain_conn()  # a short error document: the connection can serve the next request
@@ -564,19 +596,22 @@ class S3Backend(Backend):
         return info
 
     @retry()
-    def upload(self, src: Path, key: str, progress: Progress | None = None) -> ObjectInfo:
+    def upload(self, src: Path, key: str, progress: Progress | None = None, attrs: Attrs | None = None) -> ObjectInfo:
         try:
             # client.upload_file, but with request bodies that never end short of their Content-Length.
             with (
                 self._multipart_ends(key),
                 S3Transfer(self._client, self._transfer, osutil=_Bodies()) as transfer,
             ):
-                transfer.upload_file(str(src), self.bucket, key, callback=_ticks(progress))
+                transfer.upload_file(str(src), self.bucket, key, callback=_ticks(progress),
+                                     extra_args=_meta_args(attrs))
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)
 
-    def upload_stream(self, reader: Reader, key: str, progress: Progress | None = None) -> ObjectInfo:
+    def upload_stream(
+        self, reader: Reader, key: str, progress: Progress | None = None, attrs: Attrs | None = None
+    ) -> ObjectInfo:
         # The transfer manager reads a non-seekable source part by part and uploads the parts in parallel;
         # if the reader raises, it aborts the multipart upload (failure cleanup), so nothing is left behind.
         try:
@@ -585,7 +620,7 @@ class S3Backend(Backend):
                 create_transfer_manager(self._client, self._stream_transfer, osutil=_Bodies()) as manager,
             ):
                 subscribers = [] if progress is None else [_Sent(progress)]
-                manager.upload(reader, self.bucket, key, subscribers=subscribers).result()
+                manager.upload(reader, self.bucket, key, _meta_args(attrs), subscribers).result()
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)
@@ -615,17 +650,37 @@ class S3Backend(Backend):
     @retry()
     def copy(self, src_key: str, dst_key: str) -> ObjectInfo:
         try:
-            size = self._client.head_object(Bucket=self.bucket, Key=src_key)["ContentLength"]
-            if size <= COPY_CUTOFF:  # one CopyObject, as rclone does: no parts to plan, no transfer manager
-                result = self._client.copy_object(
-                    Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key}
-                )["CopyObjectResult"]
-                return ObjectInfo(dst_key, size, result["LastModified"].timestamp(), result["ETag"].strip('"'))
-            with self._multipart_ends(dst_key):
-                self._client.copy({"Bucket": self.bucket, "Key": src_key}, self.bucket, dst_key, Config=self._transfer)
+            self._copy(self._client.head_object(Bucket=self.bucket, Key=src_key), src_key, dst_key)
         except _CAUGHT as exc:
             raise _translate(exc, self._url(src_key)) from None
         return self.stat(dst_key)
+
+    @retry()
+    def set_attrs(self, key: str, attrs: Attrs) -> ObjectInfo:
+        # S3 changes metadata only by writing the object again: a copy onto itself, on the server.
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+            self._copy(head, key, key, {**head.get("Metadata", {}), **attrs_metadata(attrs)})
+        except _CAUGHT as exc:
+            raise _translate(exc, self._url(key)) from None
+        return self.stat(key)
+
+    def _copy(self, head: dict[str, Any], src_key: str, dst_key: str, metadata: dict[str, str] | None = None) -> None:
+        """Copy the object `head` describes; with `metadata`, that replaces its metadata (its content headers
+        are kept, which a replacing CopyObject would otherwise drop)."""
+        args: dict[str, Any] = {}
+        if metadata is not None:
+            args = {name: head[name] for name in _CONTENT_HEADERS if head.get(name)}
+            args.update(Metadata=metadata, MetadataDirective="REPLACE")
+        source = {"Bucket": self.bucket, "Key": src_key}
+        if head["ContentLength"] <= COPY_CUTOFF:  # one CopyObject, as rclone does: no parts, no transfer manager
+            self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source, **args)
+            return
+        # A multipart copy copies no metadata by itself (each part is content only).
+        args = {name: head[name] for name in _CONTENT_HEADERS if head.get(name)}
+        args["Metadata"] = head.get("Metadata", {}) if metadata is None else metadata
+        with self._multipart_ends(dst_key):
+            self._client.copy(source, self.bucket, dst_key, ExtraArgs=args, Config=self._transfer)
 
     @retry()
     def abort_upload(self, key: str, upload_id: str) -> None:

@@ -264,7 +264,7 @@ class OpenFiles:
         url = parent.child_url(name)
         self.ns.created(url)
         node = self.ns.table.add(parent, name, Kind.FILE, url)
-        node.size, node.etag, node.checked = 0, "", time.monotonic()
+        node.size, node.etag, node.checked, node.mode = 0, "", time.monotonic(), mode & 0o7777
         path = self.cache.path_for(url)
         await self.writeback.open_writer(url)
         handle = self._register(node, -1, None)
@@ -369,7 +369,7 @@ class OpenFiles:
             # version moves, so a stream that still completes is seen as older than this write.
             for other in self._others(handle):
                 self._stop_streaming(other, "another writer")
-            await self.writeback.mark_dirty(handle.url)
+            await self.writeback.mark_dirty(handle.url, handle.node.mode)
             handle.dirty = True
 
     # -- uploading while written (a new or truncated file, written in order from its first byte) ---------

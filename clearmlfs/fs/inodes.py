@@ -34,8 +34,11 @@ class Node:
     kind: Kind
     url: str = ""  # ClearML URL for storage nodes; absolute local path for LOCAL nodes
     size: int = 0
-    mtime: float = field(default_factory=time.time)
+    mtime: float = field(default_factory=time.time)  # the server's Last-Modified (or the cache file's)
     etag: str = ""
+    stored_mtime_ns: int | None = None  # the mtime its metadata stores, shown instead of `mtime`
+    mode: int | None = None  # its permission bits, as created, chmod'ed or stored in its metadata (None: 0o644)
+    attrs_known: bool = True  # False while only a listing told of it (S3's show no metadata)
     kernel_etag: str = ""  # version of the content the kernel may hold in its page cache
     kernel_size: int = -1  # the size the kernel was last told (it bounds reads from its page cache)
     checked: float = 0.0  # time.monotonic() when size/mtime/etag came from the server
@@ -48,6 +51,10 @@ class Node:
     @property
     def name(self) -> str:
         return self.path.rpartition("/")[2]
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.stored_mtime_ns if self.stored_mtime_ns is not None else int(self.mtime * 1e9)
 
     @property
     def is_dir(self) -> bool:

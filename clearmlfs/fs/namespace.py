@@ -8,6 +8,7 @@ A zero-byte ``prefix/`` marker object is how an empty directory persists.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import itertools
@@ -22,7 +23,7 @@ from typing import TypeVar
 
 import trio
 
-from ..backends import Backend, BackendPool, ObjectInfo, Prefix
+from ..backends import Attrs, Backend, BackendPool, ObjectInfo, Prefix
 from ..cache import SERVED_OFFLINE, CacheContext
 from ..config import Settings
 from ..errors import (
@@ -53,6 +54,8 @@ LOOKUP_LIST_CAP = 5000  # a lookup lists its parent when the parent holds no mor
 NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
 DELETE_CHUNK = 100  # keys a folder rename deletes per call (the provider batches them as it can)
 RENAME_CONCURRENCY = 16  # copies (then deletions) in flight while a folder is renamed
+ATTRS_AHEAD = 256  # files after a stat'ed one whose stored attributes are asked for meanwhile (`ls -l`)
+ATTRS_CONCURRENCY = 16  # of those HEADs at once
 KEY_MAX = 1024  # an object key's limit on S3 and GCS (UTF-8 bytes) and Azure (characters)
 # What a bucket or container name can be, at its most permissive (old S3 regions: up to 255 characters, capitals
 # and underscores): anything else, the dot-files shells and tools probe for among them, is not asked about.
@@ -92,7 +95,7 @@ def valid_key_name(name: str) -> bool:
 class Namespace:
     def __init__(
         self, settings: Settings, backends: BackendPool, cache: CacheContext, workers: Workers, writeback: WriteBack,
-        ttl: float = 1.0, list_ttl: float = 10.0, rename_dir_limit: int = 10_000,
+        ttl: float = 1.0, list_ttl: float = 10.0, rename_dir_limit: int = 10_000, stored_times: bool = True,
     ) -> None:
         self.settings, self.backends, self.cache, self.workers = settings, backends, cache, workers
         self.writeback = writeback
@@ -101,6 +104,14 @@ class Namespace:
         self.ttl = ttl  # object attributes (and so the ETag checked on open) are at most this old
         self.list_ttl = max(ttl, list_ttl)  # a listing answers readdir and positive lookups this long
         self.rename_dir_limit = rename_dir_limit  # objects a folder rename moves at most (EXDEV beyond)
+        # Whether a file's stat shows what its metadata stores even where that costs a HEAD (S3 listings do
+        # not show it); if not, the server's time stands in until a HEAD or GET made anyway tells.
+        self.stored_times = stored_times
+        self._heads: dict[str, trio.Event] = {}  # URL → its stored attributes' HEAD, while under way
+        self._sorted: dict[int, tuple[float, list[str]]] = {}  # a folder's inode → (its listing's time, names)
+        self._nursery: trio.Nursery | None = None
+        self._stat_walk = 0  # the folder whose files a client stats one by one (`stats_ahead`)
+        self._attrs_limiter = trio.CapacityLimiter(ATTRS_CONCURRENCY)
         self._unreachable: dict[str, float] = {}  # bucket root URL → time.monotonic() its server last failed
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -127,6 +138,9 @@ class Namespace:
         answers about a file written here and not uploaded yet, whose cache file is the content."""
         if asked is not None and (asked < node.checked or self.entries.pending(node.url)):
             return
+        if info.attrs_known or info.etag != node.etag:  # (a listing's silence says nothing of known metadata)
+            node.stored_mtime_ns, node.mode = info.attrs.mtime_ns, _perms(info.attrs.mode)
+            node.attrs_known = info.attrs_known
         node.size, node.mtime, node.etag, node.checked = info.size, info.mtime, info.etag, time.monotonic()
 
     @staticmethod
@@ -271,7 +285,7 @@ class Namespace:
         if children is not None:
             inode = children.get(name)
             if inode is not None:
-                return self.table[inode]
+                return await self.with_attrs(self.table[inode])
             if self._fresh(parent.listed):  # a complete listing this recent: trust the miss
                 raise NotFound(parent.child_url(name))
         return await self._lookup_object(parent, name)
@@ -420,7 +434,9 @@ class Namespace:
             st = await self.workers.metadata(os.stat, self.cache.path_for(node.url))
         except FileNotFoundError:
             return
-        node.size, node.mtime, node.checked = st.st_size, st.st_mtime, time.monotonic()
+        node.size, node.mtime, node.stored_mtime_ns, node.checked = (
+            st.st_size, st.st_mtime, st.st_mtime_ns, time.monotonic())
+        node.attrs_known = True
 
     def _pending_children(self, node: Node) -> dict[str, Kind]:
         """Names under `node` that exist only as local writes (files, or folders holding them)."""
@@ -431,6 +447,79 @@ class Namespace:
                 name, sep, _ = url[len(base) :].partition("/")
                 found[name] = Kind.DIR if sep else found.get(name, Kind.FILE)
         return found
+
+    def _needs_attrs(self, node: Node) -> bool:
+        return (node.kind is Kind.FILE and not node.attrs_known and self.stored_times
+                and not self.entries.pending(node.url))
+
+    async def with_attrs(self, node: Node, ahead: bool = False) -> Node:
+        """`node`, with what its metadata stores asked of the server where only a listing told of it (a HEAD, or
+        the answer to a GET of it under way). With `ahead` (a stat), or where a client stats one file after
+        another (`ls -l`), the next files of its folder are asked about meanwhile, in the background."""
+        if not self._needs_attrs(node):
+            return node
+        if ahead or node.parent == self._stat_walk:
+            parent = self.table.get(node.parent)
+            if parent is not None:
+                self.stats_ahead(parent, node.name)
+        entry = self.entries.get(node.url)
+        waits = [self._heads.get(node.url), entry.fetching if entry is not None else None]
+        for event in waits:
+            if event is not None:
+                await event.wait()
+        if self._needs_attrs(node):  # (not asked yet, or that question failed: this one reports why)
+            await self._head(node)
+        return node
+
+    def stats_ahead(self, folder: Node, after: str = "") -> None:
+        """Ask, in the background, for the stored attributes of up to ATTRS_AHEAD files of `folder` after the
+        name `after`, in name order, that are not known or asked yet: a client listing it (readdir) or
+        stat'ing its files one by one (`ls -l`) asks for them next."""
+        if self._nursery is None or folder.children is None or not self.stored_times:
+            return
+        self._stat_walk = folder.inode
+        listed, names = self._sorted.get(folder.inode, (-1.0, []))
+        if listed != folder.listed:
+            names = sorted(folder.children)
+            self._sorted = {folder.inode: (folder.listed, names)}  # (one folder's: `ls -lR` goes one by one)
+        for name in itertools.islice(names, bisect.bisect_right(names, after), None):
+            if len(self._heads) >= ATTRS_AHEAD:
+                break
+            inode = folder.children.get(name)
+            sibling = None if inode is None else self.table.get(inode)
+            if sibling is not None and self._needs_attrs(sibling) and sibling.url not in self._heads:
+                self._heads[sibling.url] = trio.Event()
+                self._nursery.start_soon(self._attrs_of_sibling, sibling)
+
+    async def _attrs_of_sibling(self, node: Node) -> None:
+        try:
+            async with self._attrs_limiter:
+                with contextlib.suppress(ClearmlfsError):  # its own stat asks again, and reports the error
+                    await self._head(node)
+        finally:
+            self._heads.pop(node.url).set()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Where the HEADs of files about to be stat'ed run (started with `nursery.start`)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    async def _head(self, node: Node) -> None:
+        backend, key = self.locate(node)
+        asked = time.monotonic()
+        try:
+            info = await self.ask_or_cached(node, backend.stat, key)
+        except NotFound:
+            self.entries.note_absent(node.url)  # deleted since the listing
+            self.table.remove(node)
+            raise
+        if isinstance(info, ObjectInfo):
+            self.set_object(node, info, asked)
 
     async def refresh(self, node: Node) -> Node:
         """Up-to-date size/ETag of an object (at most `ttl` old): close-to-open consistency."""
@@ -513,6 +602,28 @@ class Namespace:
             self.entries.note_absent(node.url)
         self.table.remove(node)
 
+    async def change_attrs(self, node: Node, mtime_ns: int | None, mode: int | None) -> None:
+        """utimens/chmod of an object. A file with local changes keeps them for its upload; a clean one has
+        them stored on the server now, its content staying where it is (`Backend.set_attrs`). Folders are
+        prefixes: nothing stores their times or mode."""
+        if node.kind is not Kind.FILE or mtime_ns is None and mode is None:
+            return
+        async with self.entries.lock(node.url) as entry:  # an upload of it under way ends first
+            if entry.pending or entry.unlinked:
+                if not entry.unlinked:
+                    await self.writeback.set_local_attrs(node.url, mtime_ns, mode)
+            else:
+                backend, key = self.locate(node)
+                stored = Attrs(mtime_ns, None if mode is None else stat.S_IFREG | mode)
+                info = await self.workers.metadata(backend.set_attrs, key, stored)
+                await self.workers.metadata(self.cache.same_content, node.url, node.etag, info.etag)
+                for name in ("kernel_etag", "cached_etag"):  # (the same content, under a new ETag)
+                    if getattr(node, name) == node.etag:
+                        setattr(node, name, info.etag)
+                self.set_object(node, info)
+        node.stored_mtime_ns = node.stored_mtime_ns if mtime_ns is None else mtime_ns
+        node.mode = node.mode if mode is None else mode
+
     async def unlink(self, parent: Node, name: str) -> Node:
         node = await self.lookup(parent, name)
         if node.is_dir:
@@ -574,24 +685,30 @@ class Namespace:
     async def _rename_dir(self, node: Node, new_parent: Node, new_name: str, replace: bool) -> None:
         """Rename a folder: every object under it is copied to the new prefix, then deleted from the old one, as
         journaled in the cache (`finish_renames` completes or undoes it after a crash). More objects than
-        `rename_dir_limit` is EXDEV, so that `mv` copies instead; files open for writing under it are EBUSY."""
+        `rename_dir_limit` is EXDEV, so that `mv` copies instead. Files under it that the mount holds (open,
+        written, cached) move along, as a single file's rename moves them."""
         new_url = new_parent.child_url(new_name)
         backend, key = self.locate(node)
         old_prefix, new_prefix = f"{key}/", f"{parse_url(new_url).key}/"
         if new_prefix.startswith(old_prefix):
             raise InvalidURL(f"{node.url} cannot move into itself")
         await self._check_rename_target(backend, new_prefix, replace)
-        names = await self.workers.metadata(_names_under, backend, old_prefix, self.rename_dir_limit + 1)
-        if len(names) > self.rename_dir_limit:
-            raise CrossDevice(f"{node.url} holds more than {self.rename_dir_limit} objects (rename_dir_limit)")
         base = node.url.rstrip("/") + "/"
-        local = [e for e in self.entries if e.url.startswith(base)]
-        if any(e.writers or e.uploading or e.lock_users for e in local):
-            raise OSError(errno.EBUSY, f"{node.url}: files under it are open for writing or uploading")
-        journal = await self.workers.metadata(self.cache.begin_rename, node.url, new_url, names)
-        await _move_objects(self.workers, backend, old_prefix, new_prefix, names, journal, self.cache)
-        for entry in local:  # closed files not uploaded yet: uploaded under their new names
-            await self._move_local(entry.url, new_url + entry.url[len(node.url):])
+        async with contextlib.AsyncExitStack() as held:
+            # Their uploads under way end first, and none starts until they answer to their new names: the
+            # listing below then shows every object of theirs, and a close uploads under the new name.
+            local = sorted((e for e in self.entries if e.url.startswith(base) and not e.unlinked), key=_url)
+            for entry in local:
+                await held.enter_async_context(self.entries.hold(entry))
+                if entry.stream is not None:  # (to the old name: the close uploads the file whole instead)
+                    entry.stream.file.abort("renamed")
+            names = await self.workers.metadata(_names_under, backend, old_prefix, self.rename_dir_limit + 1)
+            if len(names) > self.rename_dir_limit:
+                raise CrossDevice(f"{node.url} holds more than {self.rename_dir_limit} objects (rename_dir_limit)")
+            journal = await self.workers.metadata(self.cache.begin_rename, node.url, new_url, names)
+            await _move_objects(self.workers, backend, old_prefix, new_prefix, names, journal, self.cache)
+            for entry in local:
+                await self._move_local(entry.url, new_url + entry.url[len(node.url):])
         self.entries.note_absent(node.url)
         self.created(new_url)
         self.table.move_tree(node, new_parent, new_name, new_url)
@@ -657,6 +774,24 @@ class Namespace:
             os.close(fd)
 
 
+def _url(entry: Entry) -> str:
+    return entry.url
+
+
+def _perms(mode: int | None) -> int | None:
+    """The permission bits a stored st_mode gives a file (a stored folder's or link's mode is not a file's)."""
+    return None if mode is None or stat.S_IFMT(mode) not in (0, stat.S_IFREG) else stat.S_IMODE(mode)
+
+
+def _copy_object(backend: Backend, key: str, new_key: str) -> None:
+    """A server-side copy; a folder's marker is made anew instead: it is empty, and a server that keeps folders
+    as folders (SeaweedFS) cannot copy one that holds objects."""
+    if key.endswith("/"):
+        backend.upload(EMPTY, new_key)
+    else:
+        backend.copy(key, new_key)
+
+
 def _names_under(backend: Backend, prefix: str, limit: int) -> list[str]:
     """The keys under `prefix`, without it, at all depths (the folder's own marker is ''); at most `limit`."""
     return [e.key[len(prefix):] for e in itertools.islice(backend.list(prefix, None), limit)]
@@ -669,7 +804,7 @@ async def _move_objects(
     """Copy every object, then delete the old ones. A failed copy undoes the copies (the rename fails, nothing
     moved); a failed deletion leaves the journal for the next mount to finish."""
     try:
-        await _each(workers, backend.copy, [(old_prefix + n, new_prefix + n) for n in names])
+        await _each(workers, _copy_object, [(backend, old_prefix + n, new_prefix + n) for n in names])
     except (ClearmlfsError, OSError):
         with contextlib.suppress(ClearmlfsError, OSError):
             await _delete_all(workers, backend, new_prefix, names)

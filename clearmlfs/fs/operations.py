@@ -113,12 +113,14 @@ class Operations(pyfuse3.Operations):
             a.st_blocks = st.st_blocks
             return a
         if node.kind is Kind.FILE:
-            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o644, 1, node.size
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | (0o644 if node.mode is None else node.mode), 1, node.size
             node.kernel_size = node.size
+            if not node.attrs_known and self.ns.stored_times:
+                a.attr_timeout = 0  # only a listing told of it: its stored times take a getattr to learn
         else:
             a.st_mode, a.st_nlink, a.st_size = stat.S_IFDIR | 0o755, 2, 0
         a.st_blocks = (a.st_size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(node.mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
         return a
 
     async def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -131,7 +133,12 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return await self._attributes(self.ns.table[inode])
+        return await self._attributes(await self._current(self.ns.table[inode]))
+
+    async def _current(self, node: Node) -> Node:
+        if node.kind is Kind.FILE and self.ns.entries.pending(node.url):
+            await self.ns.refresh(node)  # its cache file's size and mtime are the file's
+        return await self.ns.with_attrs(node, ahead=True)  # (a readdirplus reply handed out expired ones)
 
     @_errors
     async def setattr(
@@ -141,10 +148,14 @@ class Operations(pyfuse3.Operations):
         node = self.ns.table[inode]
         if self.ns.is_local(node):
             await self.ns.workers.metadata(_apply_local, node.url, attr, fields)
-        elif fields.update_size:
-            await self._truncate(node, attr.st_size, fh)
-        # mode, owner and times of objects are not stored: accepted and ignored, as rclone and s3fs do
-        return await self._attributes(node)
+        else:
+            if fields.update_size:
+                await self._truncate(node, attr.st_size, fh)
+            # Owner and atime are not stored (one owner per mount; atime would make every read a write). A
+            # truncate comes with mtime "now", which the truncation has set already.
+            mtime_ns = attr.st_mtime_ns if fields.update_mtime and not fields.update_size else None
+            await self.ns.change_attrs(node, mtime_ns, stat.S_IMODE(attr.st_mode) if fields.update_mode else None)
+        return await self._attributes(await self._current(node))
 
     async def _truncate(self, node: Node, size: int, fh: int | None) -> None:
         if fh is not None:
@@ -169,6 +180,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = next(self._dir_fh)
         self._dirs[fh] = (node, await self.ns.listdir(node))  # a snapshot: offsets stay valid while it is read
+        self.ns.stats_ahead(node)  # (`ls -l` stats every file next)
         return fh
 
     @_errors

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from ..backends import Backend, BackendPool, ObjectInfo
+from ..backends import Attrs, Backend, BackendPool, ObjectInfo
 from ..backends.base import Progress
 from ..cache import CacheContext, EntryState
 from ..errors import ClearmlfsError, StorageError, TimedOut, permanent
@@ -91,16 +92,33 @@ class WriteBack:
             log.info("aborted the multipart upload of %s left unfinished by an earlier mount", url)
         self._crashed_uploads = []
 
-    async def mark_dirty(self, url: str) -> None:
+    async def mark_dirty(self, url: str, mode: int | None = None) -> None:
+        """`url`'s cache file has changes to upload; `mode`: the permission bits the file has now (kept by its
+        upload unless a chmod changes them)."""
         self.entries.at(url).dirtied()  # (the caller's handle keeps the entry)
 
         def bump() -> None:
             state = self.cache.state(url) or EntryState(url)
             # New content: whatever refused the old one, it is tried again.
             state.dirty, state.version, state.failed = True, state.version + 1, ""
+            state.mode = mode if state.mode is None else state.mode
             self.cache.save_state(state)
 
         await self.workers.metadata(bump)
+
+    async def set_local_attrs(self, url: str, mtime_ns: int | None, mode: int | None) -> None:
+        """utimens/chmod of a file with local changes (its lock held): its cache file and record keep them for
+        its upload, which stores them with the content."""
+
+        def apply() -> None:
+            if mtime_ns is not None:
+                os.utime(self.cache.path_for(url), ns=(mtime_ns, mtime_ns))
+            state = self.cache.state(url)
+            if mode is not None and state is not None:
+                state.mode = mode
+                self.cache.save_state(state)
+
+        await self.workers.metadata(apply)
 
     def local_changes(self, url: str) -> bool:
         """Whether `url`'s cache file is (or may become) newer than the server's object: keep fetches off it."""
@@ -176,7 +194,9 @@ class WriteBack:
         parsed = parse_url(url)
         backend = self.backends.get(parsed)
         before = await self.workers.metadata(self.cache.state, url)
-        info = await self.workers.transfer(backend.upload, source, parsed.key, progress)
+        mtime_ns = (await self.workers.metadata(os.stat, source)).st_mtime_ns
+        attrs = Attrs(mtime_ns, _stored_mode(before))
+        info = await self.workers.transfer(backend.upload, source, parsed.key, progress, attrs)
         return info, await self._settle(url, before, info)
 
     async def _settle(self, url: str, before: EntryState | None, info: ObjectInfo) -> bool:
@@ -212,7 +232,11 @@ class WriteBack:
 
     async def _run_stream(self, entry: Entry, stream: Stream, backend: Backend, key: str) -> None:
         try:
-            stream.info = await self.workers.stream(backend.upload_stream, stream.file, key, stream.watch.tick)
+            # The mode only: the file's mtime is not known until its last write, after the metadata was sent
+            # (a multipart upload's first request); the server's time, that upload's, stands for it.
+            attrs = Attrs(None, _stored_mode(await self.workers.metadata(self.cache.state, entry.url)))
+            stream.info = await self.workers.stream(
+                backend.upload_stream, stream.file, key, stream.watch.tick, attrs)
         except StorageError as exc:  # the SDK has aborted its multipart upload; flush uploads the whole file
             log.info("upload of %s while written stopped (%s); it is uploaded whole at close", stream.url, exc)
         except Exception:  # never let a surprise end the mount: flush falls back to a whole upload
@@ -340,6 +364,11 @@ class WriteBack:
                 for entry in self.entries:
                     if entry.stream is not None:
                         entry.stream.file.abort("unmounting")
+
+
+def _stored_mode(state: EntryState | None) -> int:
+    """The st_mode an upload stores: the file's permission bits (0o644 unless created or chmod'ed otherwise)."""
+    return stat.S_IFREG | (0o644 if state is None or state.mode is None else state.mode)
 
 
 def fd_path(fd: int) -> Path:

@@ -149,12 +149,19 @@ class Client:
         )
 
     async def truncate(self, path: str, size: int) -> None:
+        await self.setattr(path, size=size)
+
+    async def setattr(
+        self, path: str, size: int | None = None, mtime_ns: int | None = None, mode: int | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """truncate, utimens (mtime) and chmod, as one setattr request."""
         attrs = pyfuse3.EntryAttributes()
-        attrs.st_size = size
+        given = {"size": size, "mtime": mtime_ns, "mode": mode}
+        attrs.st_size, attrs.st_mtime_ns, attrs.st_mode = size or 0, mtime_ns or 0, mode or 0
         # (pyfuse3's SetattrFields is filled in by pyfuse3 alone: its fields cannot be set here)
-        fields = SimpleNamespace(**{f"update_{n}": n == "size" for n in ("size", "mode", "uid", "gid", "atime",
-                                                                            "mtime", "ctime")})
-        await self.ops.setattr(await self.inode(path), attrs, fields, None, CTX)  # type: ignore[arg-type]
+        fields = SimpleNamespace(**{f"update_{n}": given.get(n) is not None for n in ("size", "mode", "uid", "gid",
+                                                                                      "atime", "mtime", "ctime")})
+        return await self.ops.setattr(await self.inode(path), attrs, fields, None, CTX)  # type: ignore[arg-type]
 
 
 async def errno_of(action: Awaitable[Any]) -> int | None:

@@ -235,6 +235,24 @@ def test_a_file_renamed_while_written_lands_under_its_new_name(tmp_path: Path, s
     run(test, tmp_path)
 
 
+@pytest.mark.parametrize("size", [10, 20 * 1024 * 1024])
+def test_files_open_for_writing_move_with_their_folder(tmp_path: Path, size: int) -> None:
+    async def test(c: Client) -> None:
+        c.backend.put("step.tmp/done.bin", b"uploaded before")
+        first, more = os.urandom(size), os.urandom(1000)
+        fh = await c.open(f"{ROOT}/step.tmp/model.pt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        end = await _write_fh(c, fh, 0, first)
+        await c.rename(f"{ROOT}/step.tmp", f"{ROOT}/step")
+        await _write_fh(c, fh, end, more)
+        await c.close(fh)
+        assert sorted(k for k in c.backend.objects) == ["step/done.bin", "step/model.pt"]
+        assert c.backend.data("step/model.pt") == first + more
+        assert await c.read(f"{ROOT}/step/model.pt") == first + more
+        assert await c.listdir(ROOT) == ["step"]
+
+    run(test, tmp_path)
+
+
 def test_a_renamed_open_file_replaces_the_object_at_its_new_name(tmp_path: Path) -> None:
     async def test(c: Client) -> None:
         c.backend.put("x", b"old")
