@@ -109,8 +109,9 @@ class EntryState:
 class Pin:
     """A held ``.lock.NNN.<entry>.clearml`` flock: the entry must not be evicted until `release`."""
 
-    def __init__(self, fd: int, path: Path) -> None:
-        self._fd, self.path = fd, path
+    def __init__(self, fd: int, path: Path, entry_name: str) -> None:
+        self._fd, self.path, self.entry_name = fd, path, entry_name
+        self.users = 0  # the open files sharing it (the mount pins a cache file once, however often it is open)
 
     def release(self) -> None:
         if self._fd < 0:
@@ -496,7 +497,7 @@ class CacheContext:
             except BlockingIOError:
                 os.close(fd)
                 continue
-            return Pin(fd, lock_path)
+            return Pin(fd, lock_path, path.name)
         raise RuntimeError(f"cannot pin {path}: 1000 lock files are held")
 
     def is_pinned(self, name: str, lock_paths: list[Path] | None = None) -> bool:

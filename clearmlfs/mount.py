@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import socket
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .fs.writeback import WriteBack
 log = logging.getLogger(__name__)
 
 WARM_UP_SECONDS = 10.0
+NOFILE_CAP = 1 << 20  # the soft limit asked for when the hard one is unlimited (the kernel's nr_open default)
 READY_FD_ENV = "CLEARMLFS_READY_FD"  # set by a background `clearmlfs mount` for its foreground child
 
 # mount(8)/fstab options that concern mount(8) or systemd, not us.
@@ -214,6 +216,7 @@ async def start(fs: Filesystem, nursery: trio.Nursery) -> None:
 def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
     """Mount, serve until unmounted or signalled, upload what is still dirty, unmount."""
     check_mountpoint(mountpoint)
+    raise_open_file_limit()
     fs = build(settings, opts)
     fuse_options = set(pyfuse3.default_options) | {"fsname=clearmlfs", "subtype=clearmlfs"}
     fuse_options |= {"allow_other"} if opts.allow_other else set()
@@ -225,6 +228,19 @@ def serve(settings: Settings, mountpoint: Path, opts: MountOptions) -> None:
         pyfuse3.close(unmount=True)
         fs.backends.close()
     log.info("unmounted %s", mountpoint)
+
+
+def raise_open_file_limit() -> None:
+    """The soft limit on open descriptors up to the hard one: every file open in the mount holds one in the
+    daemon, and the common soft limit (1,024) would fail the opens of all its users past about a thousand with
+    EMFILE. (The hard limit is the administrator's: systemd's unit sets it, LimitNOFILE.)"""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = NOFILE_CAP if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, exc)
 
 
 async def _when_answering(

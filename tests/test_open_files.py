@@ -4,6 +4,7 @@ atomically (write x.tmp, rename to x, close) and of tempfile.TemporaryFile (crea
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import tempfile
@@ -142,3 +143,36 @@ def test_a_directory_rename_cut_short_by_a_killed_daemon_is_completed_or_undone_
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=seaweedfs.bucket, Prefix=prefix + "/")
     keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
     assert len(keys) == 300 and all(k.startswith(f"{prefix}/{names[0]}/") for k in keys), keys[:5]
+
+
+def test_thousands_of_open_files_under_a_soft_limit_of_1024_all_open(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    """A daemon started with the common soft limit raises it to its hard one; and the handles of one file share
+    its pin, so an open file costs the daemon one descriptor, not two."""
+    store = stores.seaweed_store(seaweedfs)
+    base = store.fresh_prefix()
+    conf, _ = conf_for(tmp_path, "many", store)
+    client, key = seaweedfs.client(), key_of(base)
+    for i in range(300):
+        client.put_object(Bucket=seaweedfs.bucket, Key=f"{key}/f{i:03d}", Body=b"%d" % i)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # inherited by the daemon
+    try:
+        with mounted(conf, tmp_path / "mnt") as mounted_at:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 8192), hard))  # the caller's own opens
+            folder = at(mounted_at, base)
+            pid = daemon_pid(tmp_path / "mnt")
+            assert pid is not None
+            before = len(os.listdir(f"/proc/{pid}/fd"))
+            files = [open(folder / f"f{i % 300:03d}", "rb") for i in range(1500)]  # noqa: SIM115
+            try:
+                assert [f.read() for f in files[:300]] == [b"%d" % i for i in range(300)]
+                held = len(os.listdir(f"/proc/{pid}/fd")) - before
+                # one each, one pin per object, and a few the daemon opened meanwhile (connections, logs)
+                assert held <= 1500 + 300 + 50, f"{held} descriptors for 1,500 open files of 300 objects"
+            finally:
+                for f in files:
+                    f.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

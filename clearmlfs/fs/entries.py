@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
+    from ..cache import Pin
     from .files import OpenFile
     from .small import Walk
     from .stream import Download
@@ -69,6 +70,7 @@ class Entry:
     lock: trio.Lock = field(default_factory=trio.Lock)  # one upload, or fetch into the cache, at a time
     lock_users: int = 0  # holders and waiters of `lock`
     backing: Backing | None = None  # passthrough opens of its inode
+    pins: dict[str, Pin] = field(default_factory=dict)  # cache file name → the pin its open handles share
     cached_opens: int = 0  # opens of its inode in cached (not passthrough) mode
     dropping: bool = False  # a drop of its inode's page cache is under way
     unlinked: bool = False  # its name was removed while open: its handles go on, nothing of it is uploaded

@@ -92,6 +92,12 @@ class OpenFiles:
         entry.handles.append(handle)
         return handle
 
+    def _unregister(self, handle: OpenFile) -> None:
+        """Undo `_register` of a handle whose open failed."""
+        del self._handles[handle.fh]
+        handle.entry.handles.remove(handle)
+        self.entries.release(handle.entry)
+
     def _others(self, handle: OpenFile) -> list[OpenFile]:
         """The other open handles of `handle`'s object."""
         return [h for h in handle.entry.handles if h is not handle]
@@ -210,26 +216,48 @@ class OpenFiles:
         return keep
 
     async def _open_cached(self, node: Node, path: Path, flags: int) -> OpenFile:
-        pin, fd = await self.workers.disk(self._pin_and_open, path, os.O_RDWR if flags & WRITE_FLAGS else os.O_RDONLY)
-        return self._register(node, fd, pin)
-
-    def _pin_and_open(self, path: Path, flags: int, create: bool = False) -> tuple[Pin, int]:
-        """`path` pinned and opened (in a worker thread); FileNotFoundError if it was evicted meanwhile."""
-        pin = self.cache.pin(path)
+        handle = self._register(node, -1, None)
         try:
-            fd = os.open(path, flags | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
-        except OSError:
-            pin.release()
+            handle.pin, handle.fd = await self._pin_and_open(
+                handle.entry, path, os.O_RDWR if flags & WRITE_FLAGS else os.O_RDONLY)
+        except BaseException:
+            self._unregister(handle)
             raise
-        if not create and os.fstat(fd).st_ino != _inode(path):  # evicted (or replaced) between pin and open
-            os.close(fd)
+        return handle
+
+    async def _pin_and_open(self, entry: Entry, path: Path, flags: int, create: bool = False) -> tuple[Pin, int]:
+        """`path` pinned and opened; FileNotFoundError if it was evicted meanwhile."""
+        pin = await self._pin(entry, path)
+        try:
+            return pin, await self.workers.disk(_open_pinned, path, flags, create)
+        except BaseException:
+            self._unpin(entry, pin)
+            raise
+
+    async def _pin(self, entry: Entry, path: Path) -> Pin:
+        """`path` pinned against eviction, once however many handles have it open: a pin is a descriptor (and
+        a lock file), and a daemon serving thousands of open files must not spend two on each."""
+        pin = entry.pins.get(path.name)
+        if pin is None:
+            made = await self.workers.disk(self.cache.pin, path)
+            pin = entry.pins.setdefault(path.name, made)
+            if pin is not made:  # pinned by another open meanwhile
+                made.release()
+        pin.users += 1
+        return pin
+
+    @staticmethod
+    def _unpin(entry: Entry, pin: Pin) -> None:
+        pin.users -= 1
+        if pin.users == 0:
             pin.release()
-            raise FileNotFoundError(errno.ENOENT, "evicted from the cache while being opened", str(path))
-        return pin, fd
+            if entry.pins.get(pin.entry_name) is pin:
+                del entry.pins[pin.entry_name]
 
     async def _streaming(self, node: Node, download: Download, keep_cache: bool) -> OpenFile:
         # Pinned under the entry's final name: it is renamed into place once complete.
-        pin = await self.workers.disk(self.cache.pin, self.cache.path_for(node.url))
+        entry = self.entries.at(node.url)
+        pin = await self._pin(entry, self.cache.path_for(node.url))
         handle = self._register(node, os.dup(download.fd), pin)
         handle.download, handle.keep_cache = download, keep_cache
         return handle
@@ -270,7 +298,7 @@ class OpenFiles:
         handle = self._register(node, -1, None)
         handle.writer = True
         await self._make_dirty(handle)  # recorded before the file exists: a crash cannot lose it
-        handle.pin, handle.fd = await self.workers.disk(self._pin_and_open, path, os.O_RDWR, True)
+        handle.pin, handle.fd = await self._pin_and_open(handle.entry, path, os.O_RDWR, True)
         if parent.children is not None:
             parent.children[name] = node.inode
         self._may_stream(handle)
@@ -466,10 +494,18 @@ class OpenFiles:
                     handle.node.cached_etag = handle.download.info.etag
         finally:
             if handle.pin is not None:
-                handle.pin.release()
+                self._unpin(entry, handle.pin)
             # (a handle still dirty here failed its flush: the writeback loop retries from the cache file)
             entry.handles.remove(handle)
             self.entries.release(entry)
+
+
+def _open_pinned(path: Path, flags: int, create: bool) -> int:
+    fd = os.open(path, flags | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
+    if not create and os.fstat(fd).st_ino != _inode(path):  # evicted (or replaced) between pin and open
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "evicted from the cache while being opened", str(path))
+    return fd
 
 
 def _inode(path: Path) -> int:
