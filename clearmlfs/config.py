@@ -207,6 +207,8 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
     chosen = explicit or os.environ.get("CLEARML_CONFIG_FILE")
     if chosen:
         path = Path(chosen).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"configuration file {path} is a directory, not a file")
         if not path.is_file():
             raise ConfigError(f"configuration file {path} does not exist")
         return path
@@ -231,6 +233,19 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(f"{path or 'configuration'}: {exc}") from None
 
 
+def _not_utf8(path: Path) -> str:
+    """Where `path` (or, if it reads as UTF-8, a file it includes) stops being UTF-8, as an error message."""
+    try:
+        raw = path.read_bytes()
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); clearml.conf is read as UTF-8"
+    except OSError:
+        pass
+    return f"{path}: a file it includes is not UTF-8 text"
+
+
 def _parse(path: Path) -> Mapping[str, Any]:
     from pyhocon import ConfigFactory
     from pyhocon.exceptions import ConfigException
@@ -242,8 +257,10 @@ def _parse(path: Path) -> Mapping[str, Any]:
         raise ConfigError(f"{path}:{exc.lineno}: malformed clearml.conf: {exc.msg}") from None
     except ConfigException as exc:
         raise ConfigError(f"{path}: malformed clearml.conf: {exc}") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except OSError as exc:  # (the file, or a file it includes)
+        raise ConfigError(f"{exc.filename or path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(_not_utf8(path)) from None
     plain: Mapping[str, Any] = _plain(tree)
     return plain
 

@@ -180,6 +180,24 @@ def test_missing_explicit_file_is_a_config_error(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.conf")
 
 
+def test_a_folder_given_as_the_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_settings(tmp_path)
+
+
+def test_a_file_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    conf = tmp_path / "clearml.conf"
+    conf.write_bytes(b'sdk {\n  aws.s3.key: "\xff\xfe"\n}\n')
+    with pytest.raises(ConfigError, match=rf"{conf}:2: not UTF-8 text \(byte 0xff\)"):
+        load_settings(conf)
+
+
+def test_a_missing_required_include_is_named(tmp_path: Path) -> None:
+    conf = _write(tmp_path, 'include required("extra.conf")\nsdk {}\n')
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'extra.conf'}: cannot read"):
+        load_settings(conf)
+
+
 def test_malformed_file_names_file_and_line(tmp_path: Path) -> None:
     conf = _write(tmp_path, 'sdk {\n  aws {\n    s3 { key: "a"\n      credentials: [\n  }\n}\n')
     with pytest.raises(ConfigError) as info:
