@@ -55,7 +55,7 @@ NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
 DELETE_CHUNK = 100  # keys a folder rename deletes per call (the provider batches them as it can)
 RENAME_CONCURRENCY = 16  # copies (then deletions) in flight while a folder is renamed
 ATTRS_AHEAD = 256  # files after a stat'ed one whose stored attributes are asked for meanwhile (`ls -l`)
-ATTRS_CONCURRENCY = 16  # of those HEADs at once
+ATTRS_CONCURRENCY = 8  # of those HEADs at once (a fourth of the metadata threads)
 KEY_MAX = 1024  # an object key's limit on S3 and GCS (UTF-8 bytes) and Azure (characters)
 # What a bucket or container name can be, at its most permissive (old S3 regions: up to 255 characters, capitals
 # and underscores): anything else, the dot-files shells and tools probe for among them, is not asked about.
@@ -156,15 +156,18 @@ class Namespace:
     def _offline_now(self, url: str) -> bool:
         return time.monotonic() - self._unreachable.get(self._root(url), -OFFLINE_HOLD) < OFFLINE_HOLD
 
-    async def _asking(self, url: str, have_copy: bool, fn: Callable[..., T], *args: object) -> T | object:
+    async def _asking(
+        self, url: str, have_copy: bool, fn: Callable[..., T], *args: object, budget: float | None = None
+    ) -> T | object:
         """`fn(*args)` in a thread, for `url`, of which something (`have_copy`) is cached and usable offline:
-        then within the revalidation budget, and OFFLINE instead of the error if the server cannot answer."""
+        then within the revalidation budget, and OFFLINE instead of the error if the server cannot answer.
+        `budget`: another than the operation's otherwise."""
         usable = have_copy and self.settings.offline_reads
         if usable and self._offline_now(url):
             return OFFLINE
         try:
             result = await self.workers.metadata(
-                fn, *args, budget=self.workers.timeouts.revalidate if usable else None
+                fn, *args, budget=self.workers.timeouts.revalidate if usable else budget
             )
         except StorageError as exc:
             if unreachable(exc):
@@ -181,13 +184,15 @@ class Namespace:
         if self.entries.first_warning(url):
             log.warning("%s: the server did not answer (%s): serving what is cached", url, exc or "offline")
 
-    async def ask_or_cached(self, node: Node, fn: Callable[..., T], *args: object) -> T | object:
+    async def ask_or_cached(
+        self, node: Node, fn: Callable[..., T], *args: object, budget: float | None = None
+    ) -> T | object:
         """`fn(*args)`, a request that revalidates the object `node`; OFFLINE (the caller serves its cached copy)
         when the server cannot answer and a complete, clean copy of `node`'s version is in the cache."""
         have_copy = bool(node.etag) and node.cached_etag == node.etag
         unseen: StorageError | None = None  # the server's failure, when the copy was not known to this mount
         try:
-            result = await self._asking(node.url, have_copy, fn, *args)
+            result = await self._asking(node.url, have_copy, fn, *args, budget=budget)
         except StorageError as exc:
             # A copy this mount has not seen (left by an earlier mount, the SDK, or a node the kernel forgot)
             # may be cached all the same: it was asked with the whole budget, and is served if it is there.
@@ -467,16 +472,22 @@ class Namespace:
         for event in waits:
             if event is not None:
                 await event.wait()
-        if self._needs_attrs(node):  # (not asked yet, or that question failed: this one reports why)
-            await self._head(node)
+        if self._needs_attrs(node) and not self._offline_now(node.url):  # (not asked yet, or that failed)
+            try:
+                await self._head(node)
+            except StorageError as exc:
+                if not unreachable(exc):
+                    raise
+                # Times are not content: the listing's stand until the server answers again.
+                log.debug("%s: stored times not known (%s)", node.url, exc)
         return node
 
     def stats_ahead(self, folder: Node, after: str = "") -> None:
         """Ask, in the background, for the stored attributes of up to ATTRS_AHEAD files of `folder` after the
         name `after`, in name order, that are not known or asked yet: a client listing it (readdir) or
         stat'ing its files one by one (`ls -l`) asks for them next."""
-        if self._nursery is None or folder.children is None or not self.stored_times:
-            return
+        if self._nursery is None or folder.children is None or not self.stored_times or self._offline_now(folder.url):
+            return  # (a stalled server would keep a thread for each HEAD well past its budget)
         self._stat_walk = folder.inode
         listed, names = self._sorted.get(folder.inode, (-1.0, []))
         if listed != folder.listed:
@@ -510,10 +521,12 @@ class Namespace:
             self._nursery = None
 
     async def _head(self, node: Node) -> None:
+        """`node`'s stored attributes, asked within the revalidation budget: a stat must not wait for them
+        longer than an open waits to revalidate."""
         backend, key = self.locate(node)
         asked = time.monotonic()
         try:
-            info = await self.ask_or_cached(node, backend.stat, key)
+            info = await self.ask_or_cached(node, backend.stat, key, budget=self.workers.timeouts.revalidate)
         except NotFound:
             self.entries.note_absent(node.url)  # deleted since the listing
             self.table.remove(node)
