@@ -668,17 +668,14 @@ class S3Backend(Backend):
     def _copy(self, head: dict[str, Any], src_key: str, dst_key: str, metadata: dict[str, str] | None = None) -> None:
         """Copy the object `head` describes; with `metadata`, that replaces its metadata (its content headers
         are kept, which a replacing CopyObject would otherwise drop)."""
-        args: dict[str, Any] = {}
-        if metadata is not None:
-            args = {name: head[name] for name in _CONTENT_HEADERS if head.get(name)}
-            args.update(Metadata=metadata, MetadataDirective="REPLACE")
+        headers = {name: head[name] for name in _CONTENT_HEADERS if head.get(name)}
         source = {"Bucket": self.bucket, "Key": src_key}
         if head["ContentLength"] <= COPY_CUTOFF:  # one CopyObject, as rclone does: no parts, no transfer manager
-            self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source, **args)
+            replaced = {} if metadata is None else {**headers, "Metadata": metadata, "MetadataDirective": "REPLACE"}
+            self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source, **replaced)
             return
         # A multipart copy copies no metadata by itself (each part is content only).
-        args = {name: head[name] for name in _CONTENT_HEADERS if head.get(name)}
-        args["Metadata"] = head.get("Metadata", {}) if metadata is None else metadata
+        args = {**headers, "Metadata": head.get("Metadata", {}) if metadata is None else metadata}
         with self._multipart_ends(dst_key):
             self._client.copy(source, self.bucket, dst_key, ExtraArgs=args, Config=self._transfer)
 
