@@ -528,7 +528,11 @@ class Namespace:
         try:
             info = await self.ask_or_cached(node, backend.stat, key, budget=self.workers.timeouts.revalidate)
         except NotFound:
-            self.entries.note_absent(node.url)  # deleted since the listing
+            # Deleted since the listing, unless it was written here since the HEAD was sent: that answer is
+            # about the past (as `set_object` drops one), and the file exists.
+            if asked < node.checked or self.entries.local_changes(node.url):
+                return
+            self.entries.note_absent(node.url)
             self.table.remove(node)
             raise
         if isinstance(info, ObjectInfo):
