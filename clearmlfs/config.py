@@ -13,6 +13,7 @@ prefixes match whole path segments (an entry for ``bucket`` does not capture
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -114,6 +115,16 @@ DEFAULT_TIMEOUTS = Timeouts()
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """The `api` section: the ClearML server, its fileserver (http(s) storage) and the key pair that logs in."""
+
+    api_server: str = ""
+    files_server: str = ""
+    access_key: str = ""
+    secret_key: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
 class Settings:
     source: Path | None = None  # the file read, if any
     s3: S3Settings = S3Settings()
@@ -124,6 +135,7 @@ class Settings:
     cache_file_limit: int = DEFAULT_CACHE_FILE_LIMIT
     direct_access: tuple[str, ...] = ("file://*",)
     timeouts: Timeouts = DEFAULT_TIMEOUTS
+    api: ApiSettings = ApiSettings()
     offline_reads: bool = True  # serve a cached copy when the server cannot say whether it is current
     cache_min_free: str = ""  # free space the cache leaves on its disk (cache.min_free_bytes); "" = default
     mount_defaults: tuple[str, ...] = ()  # the `clearmlfs { }` section as mount options, before the given ones
@@ -226,7 +238,8 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
     sdk = tree.get("sdk", tree) if isinstance(tree, Mapping) else {}
     own = tree.get(OWN_SECTION, {}) if isinstance(tree, Mapping) else {}
     try:
-        return _settings_from(sdk, path, own)
+        settings = _settings_from(sdk, path, own)
+        return dataclasses.replace(settings, api=_api_settings(_get(tree, "api", {})))
     except ConfigError:
         raise
     except (TypeError, ValueError, AttributeError, InvalidURL) as exc:
@@ -449,4 +462,19 @@ def _gcs_entry(raw: Mapping[str, Any]) -> GCSBucket:
         subdir=str(raw.get("subdir") or "").strip("/"),
         project=str(raw.get("project") or ""),
         credentials_json=str(raw.get("credentials_json") or ""),
+    )
+
+
+def _env(*names: str) -> str:
+    return next((os.environ[n] for n in names if os.environ.get(n)), "")
+
+
+def _api_settings(api: Mapping[str, Any]) -> ApiSettings:
+    """The `api` section, each key overridden by its environment variable as the SDK does."""
+    creds = _get(api, "credentials", {})
+    return ApiSettings(
+        api_server=_env("CLEARML_API_HOST", "TRAINS_API_HOST") or str(api.get("api_server") or ""),
+        files_server=_env("CLEARML_FILES_HOST", "TRAINS_FILES_HOST") or str(api.get("files_server") or ""),
+        access_key=_env("CLEARML_API_ACCESS_KEY", "TRAINS_API_ACCESS_KEY") or str(creds.get("access_key") or ""),
+        secret_key=_env("CLEARML_API_SECRET_KEY", "TRAINS_API_SECRET_KEY") or str(creds.get("secret_key") or ""),
     )
