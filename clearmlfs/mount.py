@@ -73,20 +73,43 @@ class MountOptions:
     cache_min_free: str | None = None  # a size or a percentage of the cache's filesystem
     rename_dir_limit: int = 10_000  # objects a folder rename moves at most: EXDEV beyond (mv then copies)
     server_times: bool = False  # S3: show the server's time, not the stored one, where that would take a HEAD
+    write_part_size: int | None = None  # S3 multipart part size; unset: sdk.aws.boto3.multipart_chunksize
+
+
+# Workload profiles: settings a profile gives unless an option (mount option or `clearmlfs { }`) says otherwise.
+# A day stands for "the mount's life": a training job's data does not change under it.
+PROFILES: dict[str, tuple[str, ...]] = {
+    # Data read many times and never changed: trust attributes and listings, no revalidation on open, no HEAD
+    # per file for stored times on S3, and read ahead further.
+    "training": ("ttl=86400", "list_ttl=86400", "server_times", "read_concurrency=8", "readahead_files=64"),
+    # Large files written: large upload parts; close() waits for the upload as always.
+    "checkpoint": ("write_part_size=64M",),
+    # Read-mostly, changed elsewhere: revalidate on every open after a second, serve the cache when offline.
+    "serving": ("ttl=1", "list_ttl=10", "offline=on"),
+}
 
 
 def parse_options(values: list[str]) -> MountOptions:
     """`-o a,b=c` values (repeatable) → MountOptions; an unknown option is a ConfigError."""
     opts = MountOptions()
-    for item in (p.strip() for v in values for p in v.split(",")):
+    items = [p.strip() for v in values for p in v.split(",")]
+    profiles = [item for item in items if item.partition("=")[0] == "profile"]
+    for item in [*(p for profile in profiles for p in _profile(profile)), *items]:
         name, _, value = item.partition("=")
-        if not item or name in _IGNORED or name.startswith(("x-systemd.", "comment=")):
+        if not item or name == "profile" or name in _IGNORED or name.startswith(("x-systemd.", "comment=")):
             continue
         try:
             _apply(opts, name, value)
         except ValueError:
             raise ConfigError(f"mount option {item!r}: bad value") from None
     return opts
+
+
+def _profile(item: str) -> tuple[str, ...]:
+    name = item.partition("=")[2]
+    if name not in PROFILES:
+        raise ConfigError(f"mount option {item!r}: unknown profile (known: {', '.join(PROFILES)})")
+    return PROFILES[name]
 
 
 def _apply(opts: MountOptions, name: str, value: str) -> None:
@@ -130,12 +153,15 @@ def _apply(opts: MountOptions, name: str, value: str) -> None:
         opts.rename_dir_limit = max(0, int(value))
     elif name == "server_times":
         opts.server_times = parse_bool(value) if value else True
+    elif name == "write_part_size":
+        opts.write_part_size = parse_size(value)
     else:
         raise ConfigError(
             f"unknown mount option {name!r} (known: allow_other, ro, config=, cache_dir=, cache_max_bytes=, "
             "cache_files=, ttl=, list_ttl=, read_part_size=, read_concurrency=, read_ahead_kb=, small_file_size=, "
             "readahead_files=, fetch_processes=, passthrough=on|off, connect_timeout=, read_timeout=, op_timeout=, "
-            "revalidate_timeout=, offline=on|off, cache_min_free=, rename_dir_limit=, server_times)"
+            "revalidate_timeout=, offline=on|off, cache_min_free=, rename_dir_limit=, server_times, write_part_size=, "
+            f"profile={'|'.join(PROFILES)})"
         )
 
 
@@ -153,8 +179,11 @@ def with_options(settings: Settings, opts: MountOptions) -> Settings:
         connect=opts.connect_timeout or t.connect, read=opts.read_timeout or t.read,
         operation=opts.op_timeout or t.operation, revalidate=opts.revalidate_timeout or t.revalidate,
     )
+    s3 = settings.s3
+    if opts.write_part_size:
+        s3 = dataclasses.replace(s3, multipart_chunksize=opts.write_part_size)
     return dataclasses.replace(
-        settings, timeouts=timeouts,
+        settings, timeouts=timeouts, s3=s3,
         offline_reads=settings.offline_reads if opts.offline is None else opts.offline,
         cache_min_free=settings.cache_min_free if opts.cache_min_free is None else opts.cache_min_free,
     )
@@ -180,7 +209,7 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
     cache_dir = opts.cache_dir or settings.cache_dir
     cache = CacheContext(
         cache_dir, "global", opts.cache_files or settings.cache_file_limit, opts.cache_max_bytes,
-        settings.cache_min_free, settings.s3.max_multipart_concurrency,
+        settings.cache_min_free, settings.s3.max_multipart_concurrency, size_mode=settings.size_cache,
     )
     backends = backends or BackendPool(settings)
     workers = Workers(transfer_threads=max(4, settings.s3.max_multipart_concurrency), timeouts=settings.timeouts)

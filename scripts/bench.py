@@ -18,7 +18,18 @@ first, unmeasured, so that no tool makes the server's first run of it):
           between walks: the daemon's RSS after the third walk against after the first (memory that follows
           the kernel stays level)
   rename  `mv` of a big file, then of a folder of 1,000 small objects (fresh server-side copies each run)
-          object cold
+  epoch   a training epoch: many 100 KiB files read whole by 4 processes in a shuffled order, cold, then a
+          second epoch (another order) on the same mount after the page cache is dropped
+  pread   random 64 KiB preads in the big object, cold: time, per-read p50/p99, and the bytes the tool
+          fetched (through the proxy: counted there; otherwise what its cache holds once it settles)
+  files   2,000 distinct files held open at once, the daemon started under a soft RLIMIT_NOFILE of 1,024:
+          how many opens succeed, and the descriptors the daemon holds meanwhile
+  find    `find` of 100,000 objects (100 folders), cold, then again on the same mount (the kernel's dentries
+          dropped in between: the daemon answers); the daemon's RSS after the second walk against the first
+
+--latency-ms N / --bandwidth-mbs N put a proxy in front of the server for every tool and baseline: each answer
+starts N ms late, each response flows at most N MB/s, as a remote object store behaves; then concurrency, not
+this machine's CPU, decides.
 
 "Cold" = the tool unmounted, its cache folder emptied, mounted again, then `sync; echo 3 > drop_caches`.
 MB = 10^6 bytes. Needs root (FUSE mounts, drop_caches, apt-get) and 20 GiB free disk.
@@ -27,10 +38,12 @@ MB = 10^6 bytes. Needs root (FUSE mounts, drop_caches, apt-get) and 20 GiB free 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -48,7 +61,9 @@ import bench_lib as lib  # noqa: E402 - the script's own folder is not on sys.pa
 MB = 1_000_000
 DISK_NEEDED = 20 * lib.GiB
 SUBJECTS = (*lib.TOOLS, "baseline")
-GROUPS = ("read", "ttfb", "write", "ls", "small", "rss", "walk", "rename")
+GROUPS = ("read", "ttfb", "write", "ls", "small", "rss", "walk", "rename", "epoch", "pread", "files", "find")
+EPOCH_PROCESSES = 4
+FILES_SOFT_LIMIT = 1_024  # the common default soft RLIMIT_NOFILE, under which the daemon is started
 RENAME_DIR_COUNT = 1_000
 ALIASES = {"cold-read": "read", "hot-read": "read", "cold_read": "read", "hot_read": "read", "ls-lR": "ls"}
 
@@ -61,14 +76,20 @@ class Sizes:
     small_size: int
     stream: int
     walk_count: int  # objects in each of the walk's 3 folders
+    epoch_count: int
+    pread_count: int
+    find_count: int
+    epoch_size: int = 100 * 1024
+    pread_size: int = 64 * 1024
+    files_count: int = 2_000
 
     @staticmethod
     def pick(quick: bool) -> Sizes:
         if quick:
             return Sizes(big=256 * lib.MiB, ls_count=1_000, small_count=200, small_size=64 * 1024, stream=lib.GiB,
-                         walk_count=2_000)
+                         walk_count=2_000, epoch_count=500, pread_count=200, find_count=10_000)
         return Sizes(big=lib.GiB, ls_count=10_000, small_count=2_000, small_size=64 * 1024, stream=4 * lib.GiB,
-                     walk_count=20_000)
+                     walk_count=20_000, epoch_count=5_000, pread_count=2_000, find_count=100_000)
 
 
 def human(size: int) -> str:
@@ -101,6 +122,19 @@ def metrics(sizes: Sizes) -> list[Metric]:
         Metric("walk_rss_growth", "walk", "RSS after the 3rd walk / after the 1st", "x", False),
         Metric("rename_file", "rename", f"mv of a {big} file, cold", "s", False),
         Metric("rename_dir", "rename", f"mv of a folder of {RENAME_DIR_COUNT:,} objects, cold", "s", False),
+        Metric("epoch_cold", "epoch", f"epoch of {sizes.epoch_count:,} x 100 KiB, 4 processes, cold", "s", False),
+        Metric("epoch_second", "epoch", "... second epoch, same mount", "s", False),
+        Metric("pread", "pread", f"{sizes.pread_count:,} random 64 KiB preads in {big}, cold", "s", False),
+        Metric("pread_p50", "pread", "... per pread, median", "ms", False),
+        Metric("pread_p99", "pread", "... per pread, 99th percentile", "ms", False),
+        Metric("pread_fetched", "pread", f"... bytes fetched (read: {sizes.pread_count * sizes.pread_size / MB:.0f})",
+               "MB", False),
+        Metric("files_ok", "files", f"{sizes.files_count:,} files held open, soft limit 1,024: opened", "files",
+               True),
+        Metric("files_fds", "files", "... descriptors the daemon holds meanwhile", "fds", False),
+        Metric("find_cold", "find", f"find {sizes.find_count:,} objects, cold", "s", False),
+        Metric("find_warm", "find", "... again, same mount", "s", False),
+        Metric("find_rss_growth", "find", "daemon RSS after the 2nd find / after the 1st", "x", False),
     ]
 
 
@@ -148,6 +182,68 @@ for i in range(count):
 print(time.perf_counter() - t0, total)
 """
 
+EPOCH_CHILD = """
+import os, random, sys, time
+from concurrent.futures import ProcessPoolExecutor
+folder, count, seed, procs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+names = [f"{i:05d}.bin" for i in range(count)]
+random.Random(seed).shuffle(names)
+
+def read(part):
+    total = 0
+    for name in part:
+        with open(os.path.join(folder, name), "rb", buffering=0) as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+    return total
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(procs) as pool:
+        total = sum(pool.map(read, [names[i::procs] for i in range(procs)]))
+    print(time.perf_counter() - t0, total)
+"""
+
+PREAD_CHILD = """
+import os, random, statistics, sys, time
+path, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fd = os.open(path, os.O_RDONLY)
+end = os.fstat(fd).st_size - size
+rng, took = random.Random(7), []
+t0 = time.perf_counter()
+for _ in range(count):
+    offset = rng.randrange(0, end) // 4096 * 4096
+    t = time.perf_counter()
+    if len(os.pread(fd, size, offset)) != size:
+        sys.exit(f"short pread at {offset}")
+    took.append(time.perf_counter() - t)
+elapsed = time.perf_counter() - t0
+took.sort()
+print(elapsed, took[len(took) // 2] * 1000, took[int(len(took) * 0.99)] * 1000)
+"""
+
+# Holds `count` files open at once and counts the daemon's descriptors meanwhile.
+FILES_CHILD = """
+import os, resource, sys, time
+folder, count, pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+fds, failed = [], 0
+t0 = time.perf_counter()
+for i in range(count):
+    try:
+        fd = os.open(os.path.join(folder, f"{i:05d}.bin"), os.O_RDONLY)
+        os.read(fd, 1)
+        fds.append(fd)
+    except OSError:
+        failed += 1
+elapsed = time.perf_counter() - t0
+held = len(os.listdir(f"/proc/{pid}/fd"))
+for fd in fds:
+    os.close(fd)
+print(len(fds), held, elapsed, failed)
+"""
+
 
 class BenchError(RuntimeError):
     """One measurement went wrong (short read, wrong listing, ...); recorded, the bench goes on."""
@@ -175,12 +271,15 @@ def dd_read(path: Path, size: int) -> float:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, info: Any, tools: dict[str, lib.Tool], sizes: Sizes) -> None:
+    def __init__(self, args: argparse.Namespace, info: Any, tools: dict[str, lib.Tool], sizes: Sizes,
+                 proxy: Any = None, direct: Any = None) -> None:
         self.args = args
         self.info = info
         self.tools = tools
         self.sizes = sizes
-        self.client = lib.bench_client(info)
+        self.proxy = proxy  # tests.proxy.Proxy every tool and baseline talks through, in latency mode
+        self.client = lib.bench_client(info)  # the baselines' client: through the proxy if there is one
+        self.admin = lib.bench_client(direct or info)  # data set-up and checks, never slowed down
         self.bucket = info.bucket
         self.results = Results()
         self.local_src = args.workdir / "local" / f"src-{sizes.big}.bin"
@@ -190,14 +289,17 @@ class Bench:
             "ls": f"bench/ls-{sizes.ls_count}/",
             "small": f"bench/small-{sizes.small_count}x{sizes.small_size}/",
             "walk": f"bench/walk-3x{sizes.walk_count}/",
+            "epoch": f"bench/epoch-{sizes.epoch_count}x{sizes.epoch_size}/",
+            "files": f"bench/files-{sizes.files_count}/",
+            "find": f"bench/find-{sizes.find_count}/",
         }
 
     # --- data -----------------------------------------------------------------------------------------
 
     def prepare_data(self, groups: list[str]) -> None:
-        s, c, b = self.sizes, self.client, self.bucket
+        s, c, b = self.sizes, self.admin, self.bucket
         steps: list[tuple[str, Callable[[], bool]]] = []
-        if {"read", "ttfb"} & set(groups):
+        if {"read", "ttfb", "pread"} & set(groups):
             steps.append((f"{human(s.big)} object", lambda: lib.ensure_object(c, b, self.keys["big"], s.big)))
         if {"read", "write"} & set(groups):
             steps.append((f"local {human(s.big)} file", lambda: lib.ensure_local_file(self.local_src, s.big) or True))
@@ -217,6 +319,18 @@ class Bench:
             for w in range(3):
                 steps.append((f"walk folder {w}: {s.walk_count:,} objects",
                               lambda w=w: lib.ensure_many(c, b, f"{self.keys['walk']}{w}/", names, 16)))
+        if "epoch" in groups:
+            epoch = [f"{i:05d}.bin" for i in range(s.epoch_count)]
+            steps.append((f"{s.epoch_count:,} x 100 KiB objects",
+                          lambda: lib.ensure_many(c, b, self.keys["epoch"], epoch, s.epoch_size)))
+        if "files" in groups:
+            held = [f"{i:05d}.bin" for i in range(s.files_count)]
+            steps.append((f"{s.files_count:,} x 4 KiB objects",
+                          lambda: lib.ensure_many(c, b, self.keys["files"], held, 4096)))
+        if "find" in groups:
+            found = [f"{i // 1000:03d}/{i:06d}.bin" for i in range(s.find_count)]
+            steps.append((f"{s.find_count:,} objects in {s.find_count // 1000} folders",
+                          lambda: lib.ensure_many(c, b, self.keys["find"], found, 16)))
         for label, step in steps:
             t0 = time.perf_counter()
             made = step()
@@ -255,7 +369,7 @@ class Bench:
             t0 = time.perf_counter()
             timed(["dd", f"if={self.local_src}", f"of={tool.path(key)}", "bs=1M"])
             closed = time.perf_counter() - t0
-            if not lib.poll(lambda: lib.object_size(self.client, self.bucket, key) == size, 1800.0):
+            if not lib.poll(lambda: lib.object_size(self.admin, self.bucket, key) == size, 1800.0):
                 raise BenchError(f"{key} not complete on the server 30 min after close")
             on_server = time.perf_counter() - t0
         finally:
@@ -292,7 +406,7 @@ class Bench:
 
     def tool_rename(self, tool: lib.Tool) -> dict[str, float]:
         """`mv` of a big file and of a folder of small objects, each a fresh copy (on the server) made for the run."""
-        c, b = self.client, self.bucket
+        c, b = self.admin, self.bucket
         base = f"bench/rename-{tool.name}-{uuid.uuid4().hex[:8]}"
         c.copy({"Bucket": b, "Key": self.keys["big"]}, b, f"{base}/big.bin")
         lib.ensure_many(c, b, f"{base}/dir/", [f"{i:04d}.bin" for i in range(RENAME_DIR_COUNT)], 1024)
@@ -321,7 +435,114 @@ class Bench:
             lib.drop_dentries()
         return {"walk_rss_first": rss[0] / MB, "walk_rss_third": rss[2] / MB, "walk_rss_growth": rss[2] / rss[0]}
 
+    def tool_epoch(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        cold = self._epoch(tool.path(self.keys["epoch"].rstrip("/")), seed=1)
+        lib.drop_caches()  # the dataset outgrows the page cache; the tool's own cache must serve it
+        second = self._epoch(tool.path(self.keys["epoch"].rstrip("/")), seed=2)
+        return {"epoch_cold": cold, "epoch_second": second}
+
+    def _epoch(self, folder: Path, seed: int) -> float:
+        count = self.sizes.epoch_count
+        _, out, _ = timed([sys.executable, "-c", EPOCH_CHILD, str(folder), str(count), str(seed),
+                           str(EPOCH_PROCESSES)])
+        seconds, total = out.split()
+        if int(total) != count * self.sizes.epoch_size:
+            raise BenchError(f"an epoch read {total} bytes, expected {count * self.sizes.epoch_size}")
+        return float(seconds)
+
+    def tool_pread(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        before = self.proxy.bytes_sent() if self.proxy else 0
+        _, out, _ = timed([sys.executable, "-c", PREAD_CHILD, str(tool.path(self.keys["big"])),
+                           str(self.sizes.pread_count), str(self.sizes.pread_size)])
+        seconds, p50, p99 = (float(x) for x in out.split())
+        # What the tool goes on fetching after the last pread counts too: wait until it stops.
+        if self.proxy:
+            fetched = lib.settled(lambda: self.proxy.bytes_sent()) - before
+        else:
+            fetched = lib.settled(lambda: lib.disk_usage(tool.cache_dir))
+        return {"pread": seconds, "pread_p50": p50, "pread_p99": p99, "pread_fetched": fetched / MB}
+
+    def tool_files(self, tool: lib.Tool) -> dict[str, float]:
+        tool.unmount()
+        tool.clear_cache()
+        tool.soft_nofile = FILES_SOFT_LIMIT
+        try:
+            tool.mount()
+        finally:
+            tool.soft_nofile = None
+        if tool.pid is None:
+            raise BenchError("daemon process not found in /proc")
+        _, out, _ = timed([sys.executable, "-c", FILES_CHILD, str(tool.path(self.keys["files"].rstrip("/"))),
+                           str(self.sizes.files_count), str(tool.pid)])
+        opened, held, _, _ = out.split()
+        return {"files_ok": float(opened), "files_fds": float(held)}
+
+    def tool_find(self, tool: lib.Tool) -> dict[str, float]:
+        tool.fresh()
+        if tool.pid is None:
+            raise BenchError("daemon process not found in /proc")
+        cold = self._find(tool.path(self.keys["find"].rstrip("/")))
+        first = lib.settled_rss(tool.pid)
+        lib.drop_dentries()
+        warm = self._find(tool.path(self.keys["find"].rstrip("/")))
+        second = lib.settled_rss(tool.pid)
+        return {"find_cold": cold, "find_warm": warm, "find_rss_growth": second / first}
+
+    def _find(self, folder: Path) -> float:
+        elapsed, out, _ = timed(["find", str(folder), "-type", "f"])
+        if len(out.splitlines()) != self.sizes.find_count:
+            raise BenchError(f"find showed {len(out.splitlines())} files, expected {self.sizes.find_count}")
+        return elapsed
+
     # Baselines: boto3 with clearml.conf's implied TransferConfig, and the local page cache.
+
+    def baseline_epoch(self) -> dict[str, float]:
+        """boto3 get_object of the same shuffled files, 4 threads (the GIL is released while waiting)."""
+        names = [f"{i:05d}.bin" for i in range(self.sizes.epoch_count)]
+        random.Random(1).shuffle(names)
+        clients = [lib.bench_client(self.info) for _ in range(EPOCH_PROCESSES)]
+
+        def read(i: int) -> int:
+            return sum(len(clients[i].get_object(Bucket=self.bucket, Key=self.keys["epoch"] + n)["Body"].read())
+                       for n in names[i::EPOCH_PROCESSES])
+
+        lib.drop_caches()
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(EPOCH_PROCESSES) as pool:
+            total = sum(pool.map(read, range(EPOCH_PROCESSES)))
+        elapsed = time.perf_counter() - t0
+        if total != self.sizes.epoch_count * self.sizes.epoch_size:
+            raise BenchError(f"read {total} bytes")
+        return {"epoch_cold": elapsed}
+
+    def baseline_pread(self) -> dict[str, float]:
+        """Ranged GETs of exactly the bytes read: the floor for time and bytes fetched."""
+        size, count, key = self.sizes.pread_size, self.sizes.pread_count, self.keys["big"]
+        rng, took = random.Random(7), []
+        lib.drop_caches()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            offset = rng.randrange(0, self.sizes.big - size) // 4096 * 4096
+            t = time.perf_counter()
+            body = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + size - 1}")
+            if len(body["Body"].read()) != size:
+                raise BenchError(f"short ranged GET at {offset}")
+            took.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - t0
+        took.sort()
+        return {"pread": elapsed, "pread_p50": took[len(took) // 2] * 1000,
+                "pread_p99": took[int(len(took) * 0.99)] * 1000, "pread_fetched": count * size / MB}
+
+    def baseline_find(self) -> dict[str, float]:
+        lib.drop_caches()
+        t0 = time.perf_counter()
+        count = lib.count_keys(self.client, self.bucket, self.keys["find"])
+        elapsed = time.perf_counter() - t0
+        if count != self.sizes.find_count:
+            raise BenchError(f"listed {count} keys, expected {self.sizes.find_count}")
+        return {"find_cold": elapsed}
 
     def baseline_read(self) -> dict[str, float]:
         target = self.args.workdir / "local" / "download.bin"
@@ -487,6 +708,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=lib.REPO / ".bench",
                         help="server data, caches, mounts, logs (default .bench/)")
     parser.add_argument("--fresh-data", action="store_true", help="wipe the server data kept from earlier runs")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="latency mode: a proxy in front of the server delays every answer by this much")
+    parser.add_argument("--bandwidth-mbs", type=float, default=0.0,
+                        help="latency mode: ... and caps each response at this many MB/s (0: no cap)")
     args = parser.parse_args(argv)
     args.workdir = args.workdir.absolute()
     args.runs = args.runs or (1 if args.quick else 3)
@@ -539,9 +764,15 @@ def main(argv: list[str] | None = None) -> int:
             cleanup.callback(lib.vacuum, master)  # runs before the server stops
             log(lib.vacuum(master) or "vacuumed deleted objects left by earlier runs")
             versions["weed"] = lib.weed_version()
+            info, proxy = server.info, None
+            if args.latency_ms or args.bandwidth_mbs:
+                proxy = lib.latency_proxy(server.info.endpoint, args.latency_ms / 1000, args.bandwidth_mbs * MB)
+                cleanup.callback(proxy.stop)
+                info = dataclasses.replace(server.info, endpoint=proxy.url, host=proxy.host)
+                versions["proxy"] = f"{args.latency_ms:g} ms to first byte, {args.bandwidth_mbs:g} MB/s per response"
             unavailable = {}
             for name in args.tool_names:
-                tool = lib.TOOLS[name](name, args.workdir, server.info)
+                tool = lib.TOOLS[name](name, args.workdir, info)
                 try:
                     versions[name] = tool.prepare()
                 except lib.Unavailable as exc:
@@ -554,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
                 tool.unmount()  # a mount left by an interrupted earlier run
             for name, version in versions.items():
                 log(f"version: {name}: {version}")
-            bench = Bench(args, server.info, tools, sizes)
+            bench = Bench(args, info, tools, sizes, proxy=proxy, direct=server.info)
             bench.results.unavailable.update(unavailable)
             bench.prepare_data(args.groups)
             bench.run(args.groups)
@@ -580,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
           "clearmlfs wins, for 'lower better' rows < 1 does.")
     print("baseline: read = boto3 download_file to a local file (cold) / dd of a local file in page cache (hot); "
           f"ttfb = boto3 get_object + read 1 MiB; write = boto3 upload_file; ls = list_objects_v2 pages; "
-          f"small = get_object loop; boto3 TransferConfig max_concurrency {lib.CONCURRENCY}, "
+          f"small = get_object loop; epoch = get_object, {EPOCH_PROCESSES} threads; pread = ranged GETs of "
+          f"the bytes read; find = list_objects_v2 pages; boto3 TransferConfig max_concurrency {lib.CONCURRENCY}, "
           f"{lib.PART_MIB} MiB parts (clearml.conf defaults)")
     for name, version in versions.items():
         print(f"version  {name}: {version}")

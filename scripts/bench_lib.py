@@ -91,6 +91,30 @@ def settled_rss(pid: int, quiet: float = 0.5, limit: float = 10.0) -> int:
     return last
 
 
+def disk_usage(folder: Path) -> int:
+    """Bytes allocated under `folder` (holes in sparse files excluded), as `du` counts them."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def settled(measure: Callable[[], int], quiet: float = 2.0, limit: float = 300.0) -> int:
+    """`measure()` once it has not changed for `quiet` seconds (at most `limit` seconds from now)."""
+    deadline = time.monotonic() + limit
+    last, since = measure(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = measure()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
 def drop_caches() -> None:
     """`sync; echo 3 > /proc/sys/vm/drop_caches` (root only; bench.py checks once up front)."""
     os.sync()
@@ -350,6 +374,7 @@ class Tool:
     info: servers.SeaweedFS
     settings: dict[str, str] = field(default_factory=dict)
     pid: int | None = None
+    soft_nofile: int | None = None  # start the daemon under this soft RLIMIT_NOFILE (its hard limit unchanged)
 
     @property
     def mountpoint(self) -> Path:
@@ -390,9 +415,10 @@ class Tool:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         if os.path.ismount(self.mountpoint):
             raise Unavailable(f"{self.mountpoint} is already a mount")
+        limit = ["prlimit", f"--nofile={self.soft_nofile}:"] if self.soft_nofile else []
         with (self.workdir / "logs" / f"{self.name}.out").open("ab") as out:
             proc = subprocess.Popen(
-                self.mount_command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [*limit, *self.mount_command()], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         # The commands return once mounted (or daemonise); either way the mount table is the judge.
@@ -587,3 +613,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def latency_proxy(upstream: str, first_byte_delay: float, rate: float) -> Any:
+    """A proxy in front of the server that answers `first_byte_delay` s late and sends each response body at
+    `rate` bytes/s at most (0: no cap), as a remote object store does."""
+    from tests.proxy import Proxy
+
+    proxy = Proxy(upstream)
+    proxy.first_byte_delay, proxy.rate = first_byte_delay, rate
+    return proxy.start()

@@ -101,6 +101,10 @@ class Proxy:
         self._fail_rate = 0.0
         self._fail_kinds: tuple[str, ...] = FAULT_KINDS
         self.stall_seconds: float = STALL_SECONDS  # how long a stalled request is held at most
+        # A remote object store's manners, for benchmarks: every answer starts this late, and each response
+        # body flows at most this fast (bytes/s, 0: unlimited), so that concurrency decides, not local CPU.
+        self.first_byte_delay: float = 0.0
+        self.rate: float = 0.0
         # Held requests wait on this, under the same lock as the fault draws: a request that draws a stall
         # before resume() is released by it, one drawn after it is not stalled (unless by fail_rate).
         self._released = threading.Condition(self._lock)
@@ -349,6 +353,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 # Upstream unreachable: answer the way a load balancer would.
                 self._send_error_status(502, lambda sent: done(502, sent))
                 return
+            if self.owner.first_byte_delay:
+                time.sleep(self.owner.first_byte_delay)
             if truncate:
                 self._send_truncated(response, done)
             else:
@@ -386,7 +392,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.end_headers()
-        sent = 0
+        sent, started, rate = 0, time.monotonic(), self.owner.rate
         # One chunk of look-ahead: the record is written before the final chunk goes out.
         pending = response.read(COPY_CHUNK)
         while pending:
@@ -395,6 +401,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 done(response.status, sent + len(pending))
             self.wfile.write(b"%x\r\n%s\r\n" % (len(pending), pending) if chunked else pending)
             sent += len(pending)
+            if rate:
+                time.sleep(max(0.0, sent / rate - (time.monotonic() - started)))
             pending = following
         if chunked or sent == 0:
             done(response.status, sent)
