@@ -595,8 +595,21 @@ class ClearmlfsServerTimes(Clearmlfs):
         return [*super().mount_command()[:-1], "-o", "server_times", str(self.mountpoint)]
 
 
+class ClearmlfsTraining(Clearmlfs):
+    """clearmlfs with `-o profile=training`: the dataset is taken as unchanging for the mount's life."""
+
+    def prepare(self) -> str:
+        version = super().prepare()
+        self.settings["config"] = self.settings["config"].replace("mount options default", "-o profile=training")
+        return version
+
+    def mount_command(self) -> list[str]:
+        return [*super().mount_command()[:-1], "-o", "profile=training", str(self.mountpoint)]
+
+
 TOOLS: dict[str, type[Tool]] = {
-    "clearmlfs": Clearmlfs, "clearmlfs-server-times": ClearmlfsServerTimes, "rclone": Rclone, "s3fs": S3fs,
+    "clearmlfs": Clearmlfs, "clearmlfs-server-times": ClearmlfsServerTimes, "clearmlfs-training": ClearmlfsTraining,
+    "rclone": Rclone, "s3fs": S3fs,
 }
 
 
