@@ -2,7 +2,8 @@
 
 A ClearML URL maps to a path in the mount by replacing ``://`` with ``/``:
 ``s3://bucket/a/b.pt`` is ``<mnt>/s3/bucket/a/b.pt`` and
-``s3://minio:9000/bucket/x`` is ``<mnt>/s3/minio:9000/bucket/x``.
+``s3://minio:9000/bucket/x`` is ``<mnt>/s3/minio:9000/bucket/x``; a fileserver URL
+``http://files:8081/a/b.pt`` is ``<mnt>/http/files:8081/a/b.pt`` (https likewise).
 """
 
 from __future__ import annotations
@@ -12,19 +13,24 @@ from dataclasses import dataclass
 
 from .errors import InvalidURL
 
-SCHEMES = ("s3", "gs", "azure", "file")
+SCHEMES = ("s3", "gs", "azure", "file", "http", "https")
+HTTP_SCHEMES = ("http", "https")  # a ClearML fileserver (or any web server): host[:port], then the path
 # ClearML accepts these spellings too; they name the same storage.
 _ALIASES = {"gcs": "gs", "az": "azure"}
+# S3-compatible hosts without a port that clearml.conf names in `host` entries (config registers them): ClearML
+# matches those entries before its port rule, so `s3://HOST/bucket/key` is a bucket on HOST.
+_S3_HOSTS: set[str] = set()
 
 
 @dataclass(frozen=True)
 class StorageURL:
     """A parsed ClearML URL.
 
-    `host` is set for S3-compatible hosts (``host:port``) and Azure accounts
-    (``account.blob.core.windows.net``); empty for AWS S3, GCS and file://.
-    `bucket` is the bucket or container ('' for file://). `key` is the object key
-    without a leading slash, or the absolute path for file://.
+    `host` is set for S3-compatible hosts (``host:port``), Azure accounts
+    (``account.blob.core.windows.net``) and http(s) servers (``host[:port]``, as written); empty for AWS S3,
+    GCS and file://. `bucket` is the bucket or container ('' for file:// and http(s)). `key` is the object
+    key without a leading slash (for http(s): the rest of the URL, query included), or the absolute path for
+    file://.
     """
 
     scheme: str
@@ -37,6 +43,8 @@ class StorageURL:
         """URL of the bucket/container this object lives in (``file://`` for local paths)."""
         if self.scheme == "file":
             return "file://"
+        if self.scheme in HTTP_SCHEMES:
+            return f"{self.scheme}://{self.host}"
         netloc = f"{self.host}/{self.bucket}" if self.host else self.bucket
         return f"{self.scheme}://{netloc}"
 
@@ -66,17 +74,35 @@ def parse_url(url: str) -> StorageURL:
     if scheme == "file":
         return StorageURL("file", "", "", os.path.abspath(os.path.expanduser(rest or "/")))
     if scheme not in SCHEMES:
-        raise InvalidURL(f"unsupported URL scheme {scheme!r} in {url!r} (expected s3://, gs://, azure://, file://)")
+        raise InvalidURL(
+            f"unsupported URL scheme {scheme!r} in {url!r} (expected s3://, gs://, azure://, http(s)://, file://)"
+        )
     parts = rest.split("/", 1)
     first, path = parts[0], parts[1] if len(parts) > 1 else ""
+    if scheme in HTTP_SCHEMES:
+        return _http_url(scheme, first, path, url)
     if not first:
         raise InvalidURL(f"URL {url!r} names no bucket")
-    if scheme == "azure" or (scheme == "s3" and _has_port(first)):
+    if scheme == "azure" or (scheme == "s3" and (_has_port(first) or first.lower() in _S3_HOSTS)):
         bucket, _, key = path.partition("/")
         if not bucket:
             raise InvalidURL(f"URL {url!r} names no {'container' if scheme == 'azure' else 'bucket'}")
         return StorageURL(scheme, first.lower(), bucket, key)
     return StorageURL(scheme, "", first, path)
+
+
+def _http_url(scheme: str, netloc: str, path: str, url: str) -> StorageURL:
+    # Kept as written, case included: the SDK names a URL's cache file after the URL exactly as given.
+    if "@" in netloc:  # (not quoted: the part before '@' is a password)
+        raise InvalidURL(f"{scheme}:// URLs with a user or password are not supported; the fileserver logs in "
+                         "with api.credentials")
+    if not netloc.strip("[]:"):
+        raise InvalidURL(f"URL {url!r} names no host")
+    return StorageURL(scheme, netloc, "", path)
+
+
+def register_s3_host(host: str) -> None:
+    _S3_HOSTS.add(host.lower())
 
 
 def _has_port(netloc: str) -> bool:

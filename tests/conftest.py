@@ -5,6 +5,7 @@ Server fixtures (session-scoped, started on first use, stopped at session end):
     moto_s3       -> servers.MotoS3
     azurite       -> servers.Azurite
     gcs_emulator  -> servers.GCSEmulator  (also sets STORAGE_EMULATOR_HOST for the session)
+    fileserver    -> fileserver.FileServer (a ClearML fileserver and the api server's auth.login)
 Per test:
     seaweedfs_proxy -> proxy.Proxy in front of seaweedfs, stopped after the test
 A missing server binary fails the test with a hint to run `make setup`; nothing is skipped.
@@ -15,12 +16,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 from tests import servers
 from tests.proxy import Proxy
+
+if TYPE_CHECKING:  # (Flask, which the stand-in is written in, is imported by the tests that use it only)
+    from tests.fileserver import FileServer
 
 # Anything that could point a client at the caller's real accounts, proxies or CA bundles.
 ENV_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "CLEARML_", "TRAINS_")
@@ -101,6 +105,13 @@ def gcs_emulator(
             yield info
         finally:
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
+
+
+@pytest.fixture(scope="session")
+def fileserver(clean_environment: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FileServer]:
+    from tests import fileserver as standin
+
+    yield from _serve("fileserver", lambda: standin.start(tmp_path_factory.mktemp("fileserver")))
 
 
 @pytest.fixture

@@ -6,11 +6,15 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..config import S3Credentials, Settings
 from ..errors import ClearmlfsError
-from ..urls import StorageURL, parse_url
+from ..urls import HTTP_SCHEMES, StorageURL, parse_url
 from .base import Attrs, Backend, ObjectInfo, Prefix, retry
+
+if TYPE_CHECKING:
+    from .http import Login
 
 __all__ = ["Attrs", "Backend", "BackendPool", "ObjectInfo", "Prefix", "retry"]
 
@@ -24,6 +28,7 @@ class BackendPool:
         self.settings = settings
         self._backends: dict[tuple[str, object], Backend] = {}
         self._s3_clients: dict[object, object] = {}  # one connection pool per S3 credentials entry
+        self._login: Login | None = None  # the ClearML session's token, for every fileserver
         self._lock = threading.Lock()
         self._multipart_watch: Callable[[str, str | None], None] | None = None
 
@@ -72,9 +77,24 @@ class BackendPool:
             from .gcs import GCSBackend
 
             return GCSBackend(creds, url.bucket, max_concurrency=transfers, timeouts=timeouts)  # type: ignore[arg-type]
+        if url.scheme in HTTP_SCHEMES:
+            return self._http_backend(url)
         from .local import LocalBackend
 
         return LocalBackend()
+
+    def _http_backend(self, url: StorageURL) -> Backend:
+        """A web server's backend; every fileserver among them logs in with the one session (held here)."""
+        from .http import HttpBackend, Login, file_server_hosts, session
+
+        transfers = self.settings.s3.max_multipart_concurrency
+        if self._login is None:
+            where = str(self.settings.source) if self.settings.source else "clearml.conf"
+            self._login = Login(self.settings.api, where, session(), self.settings.timeouts)
+        return HttpBackend(
+            url.scheme, url.host, login=self._login, file_servers=file_server_hosts(self.settings.api),
+            http=session(max(8, transfers * 2)), timeouts=self.settings.timeouts,
+        )
 
     def _s3_client(self, creds: S3Credentials) -> object:
         """The client of an S3 credentials entry, shared by every bucket it serves (creating one is slow)."""
@@ -118,3 +138,6 @@ class BackendPool:
                 client.close()  # type: ignore[attr-defined]
             self._backends.clear()
             self._s3_clients.clear()
+            if self._login is not None:
+                self._login.close()
+                self._login = None

@@ -4,6 +4,10 @@ The levels above a bucket come from clearml.conf (configured buckets, hosts,
 accounts); a bucket that is not configured but reachable resolves on lookup.
 Below a bucket, key prefixes (delimiter ``/``) are directories and keys are files.
 A zero-byte ``prefix/`` marker object is how an empty directory persists.
+
+A web server (a ClearML fileserver, http/ and https/) cannot list: a name there is a file if a HEAD finds
+it, or a folder made (mkdir: nothing is sent, the fileserver makes folders as files are stored in them) or
+seen through this mount; its readdir shows the names found or made there.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from typing import TypeVar
 import trio
 
 from ..backends import Attrs, Backend, BackendPool, ObjectInfo, Prefix
+from ..backends.http import UNSERVABLE, files_server_host
 from ..cache import SERVED_OFFLINE, CacheContext
 from ..config import Settings
 from ..errors import (
     AlreadyExists,
     ClearmlfsError,
+    ConfigError,
     CrossDevice,
     InvalidURL,
     NameTooLong,
@@ -38,7 +44,7 @@ from ..errors import (
     Unsupported,
     unreachable,
 )
-from ..urls import parse_url
+from ..urls import HTTP_SCHEMES, parse_url
 from .entries import Entry
 from .inodes import InodeTable, Kind, Node
 from .workers import Workers
@@ -60,6 +66,7 @@ KEY_MAX = 1024  # an object key's limit on S3 and GCS (UTF-8 bytes) and Azure (c
 # What a bucket or container name can be, at its most permissive (old S3 regions: up to 255 characters, capitals
 # and underscores): anything else, the dot-files shells and tools probe for among them, is not asked about.
 BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
+WEB_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?(:\d{1,5})?")  # host[:port] under http/
 # After a bucket's server failed to answer, what is cached of it is served without asking it again for this
 # long: one stall costs a path walk one revalidation budget, not one per component.
 OFFLINE_HOLD = 10.0
@@ -81,6 +88,11 @@ def check_length(name: str) -> None:
     """ENAMETOOLONG for a name longer than a directory entry can be."""
     if len(os.fsencode(name)) > NAME_MAX:
         raise NameTooLong(f"{name[:40]}...: a name is at most {NAME_MAX} bytes")
+
+
+def listable(url: str) -> bool:
+    """Whether the storage of `url` can list what it holds (a web server cannot)."""
+    return not url.startswith(tuple(f"{scheme}://" for scheme in HTTP_SCHEMES))
 
 
 def valid_key_name(name: str) -> bool:
@@ -113,6 +125,9 @@ class Namespace:
         self._stat_walk = 0  # the folder whose files a client stats one by one (`stats_ahead`)
         self._attrs_limiter = trio.CapacityLimiter(ATTRS_CONCURRENCY)
         self._unreachable: dict[str, float] = {}  # bucket root URL → time.monotonic() its server last failed
+        # Folder URL → the names found, made or written in it through this mount, on a storage that cannot list:
+        # what stands in for its listing (readdir, and the folders a lookup cannot ask the server about).
+        self._unlisted: dict[str, dict[str, Kind]] = {}
 
     # -- helpers -----------------------------------------------------------------------------------
     def local_changes(self, node: Node) -> bool:
@@ -214,7 +229,11 @@ class Namespace:
         s = self.settings
         if node.kind is Kind.ROOT:
             schemes = [n for n, on in (("s3", _has_s3(s)), ("gs", _has_gs(s)), ("azure", bool(s.azure))) if on]
+            schemes += sorted({parse_url(url).scheme for url in _files_servers(s)})
             return [(n, Kind.SCHEME, f"{n}://") for n in schemes] + [("file", Kind.LOCAL, "/")]
+        if node.path in HTTP_SCHEMES:
+            hosts = {parse_url(url).host for url in _files_servers(s) if url.startswith(f"{node.path}://")}
+            return [(h, Kind.BUCKET, f"{node.path}://{h}") for h in sorted(hosts)]
         if node.path == "s3":
             buckets = {c.bucket.split("/")[0] for c in s.s3.credentials if c.bucket and not c.host}
             hosts = {c.host for c in s.s3.credentials if c.host}
@@ -240,7 +259,10 @@ class Namespace:
         """Buckets of an S3 host that clearml.conf configures host-wide (an entry without a bucket)."""
         if node.kind is not Kind.HOST or not node.url.startswith("s3://"):
             return []
-        creds = self.settings.s3_for(parse_url(f"{node.url}/any"))
+        try:
+            creds = self.settings.s3_for(parse_url(f"{node.url}/any"))
+        except ConfigError:  # no entry for the host, and no default credentials
+            return []
         if creds.bucket:
             return []
         try:
@@ -251,6 +273,12 @@ class Namespace:
 
     async def _resolve_unlisted(self, parent: Node, name: str) -> Node:
         """A bucket/host not in clearml.conf: a host is taken on trust, a bucket must answer a listing."""
+        if parent.kind is Kind.ROOT and name in HTTP_SCHEMES:  # (any web server's files, listed or not)
+            return self.table.add(parent, name, Kind.SCHEME, f"{name}://")
+        if parent.kind is Kind.SCHEME and parent.path in HTTP_SCHEMES:
+            if not WEB_HOST.fullmatch(name):
+                raise NotFound(parent.child_path(name))
+            return self.table.add(parent, name, Kind.BUCKET, f"{parent.url}{name}")
         if parent.kind is Kind.SCHEME and parent.path in ("s3", "azure"):
             is_host = name.endswith(AZURE_SUFFIX) if parent.path == "azure" else ":" in name
             if is_host:
@@ -286,6 +314,8 @@ class Namespace:
                 if entry_name == name:
                     return self.table.add(parent, name, kind, url)
             return await self._resolve_unlisted(parent, name)
+        if not listable(parent.url):
+            return await self._lookup_unlisted(parent, name)
         children = await self._listing_for_lookup(parent)
         if children is not None:
             inode = children.get(name)
@@ -294,6 +324,47 @@ class Namespace:
             if self._fresh(parent.listed):  # a complete listing this recent: trust the miss
                 raise NotFound(parent.child_url(name))
         return await self._lookup_object(parent, name)
+
+    async def _lookup_unlisted(self, parent: Node, name: str) -> Node:
+        """A name where nothing can be listed: a folder made or seen here, else a file if the server has it."""
+        if self._known_names(parent).get(name) is Kind.DIR:
+            return self.table.add(parent, name, Kind.DIR, parent.child_url(name))
+        try:
+            node = await self._lookup_object(parent, name)
+        except NotFound:
+            self._unlisted.get(parent.url, {}).pop(name, None)
+            raise
+        self._note_name(parent.url, name, node.kind)
+        return node
+
+    def _known_names(self, folder: Node) -> dict[str, Kind]:
+        """What a folder that cannot be listed holds, as far as the mount knows: names found or made here, local
+        writes, and the folders on the way to a fileserver that lives under a path (``https://host/files``)."""
+        base = folder.url.rstrip("/") + "/"
+        on_the_way = {
+            server[len(base):].partition("/")[0]: Kind.DIR
+            for server in _files_servers(self.settings) if server.startswith(base) and len(server) > len(base)
+        }
+        return {**on_the_way, **self._unlisted.get(folder.url, {}), **self._pending_children(folder)}
+
+    def _note_name(self, folder: str, name: str, kind: Kind) -> None:
+        """`folder/name` exists (on a storage that cannot list it): readdir shows it from now on."""
+        self._unlisted.setdefault(folder.rstrip("/"), {})[name] = kind
+
+    async def _list_unlisted(self, node: Node) -> list[Node]:
+        """The names found or made in a folder that cannot be listed; a file's HEAD is asked again if the
+        mount holds nothing of it (one deleted meanwhile is dropped)."""
+        children = []
+        for name, kind in sorted(self._known_names(node).items()):
+            child = self.table.at(node.child_path(name))
+            if child is None or child.kind is not kind:
+                try:
+                    child = await self._lookup_unlisted(node, name)
+                except NotFound:
+                    continue
+            children.append(child)
+        node.children, node.listed = {c.name: c.inode for c in children}, time.monotonic()
+        return children
 
     async def _listing_for_lookup(self, parent: Node) -> dict[str, int] | None:
         """The parent's children, listing it first (up to LOOKUP_LIST_CAP entries) when that is cheap.
@@ -333,6 +404,13 @@ class Namespace:
     def created(self, url: str) -> None:
         """Our own write made `url` exist: forget that it was missing."""
         self.entries.found(url)
+        if not listable(url):
+            folder, _, name = url.rpartition("/")
+            self._note_name(folder, name, Kind.FILE)
+
+    def _forget_name(self, url: str) -> None:
+        folder, _, name = url.rpartition("/")
+        self._unlisted.get(folder, {}).pop(name, None)
 
     def _absent(self, url: str) -> bool:
         """Whether `url` was found missing less than `ttl` ago."""
@@ -343,8 +421,10 @@ class Namespace:
         if self.entries.pending(url):
             return await self._pending_node(parent, name, url)
         backend, key = self.backends.get(parse_url(url)), parse_url(url).key
-        found: dict[str, object] = {}
         asked = time.monotonic()
+        if not listable(url):  # (no prefix to ask about: a HEAD says whether there is a file)
+            return self._object_node(parent, name, url, await self.workers.metadata(backend.stat, key), asked)
+        found: dict[str, object] = {}
 
         async def ask(what: str, fn: Callable[..., object], *args: object) -> None:
             try:
@@ -365,6 +445,9 @@ class Namespace:
         if isinstance(info, StorageError):
             raise info
         assert isinstance(info, ObjectInfo)
+        return self._object_node(parent, name, url, info, asked)
+
+    def _object_node(self, parent: Node, name: str, url: str, info: ObjectInfo, asked: float) -> Node:
         node = self.table.add(parent, name, Kind.FILE, url)
         self.set_object(node, info, asked)
         return node
@@ -376,6 +459,8 @@ class Namespace:
             entries = self._configured(node) + await self._host_buckets(node)
             unique = {name: (name, kind, url) for name, kind, url in entries}
             return [self.table.add(node, n, k, u) for n, k, u in unique.values()]
+        if not listable(node.url):
+            return await self._list_unlisted(node)
         if node.children is None or time.monotonic() - node.listed >= self.list_ttl:
             await self._list_objects(node)
         assert node.children is not None
@@ -583,6 +668,8 @@ class Namespace:
         check_length(name)
         if not valid_key_name(name):
             raise InvalidURL(f"{name!r} cannot be part of an object key")
+        if not listable(parent.url) and UNSERVABLE.search(name):
+            raise InvalidURL(f"{name!r}: a fileserver cannot serve back a name with '?', '#', '%' or '\\' in it")
         key = parse_url(parent.child_url(name)).key + ("/" if folder else "")
         length = len(key) if parent.url.startswith("azure://") else len(key.encode("utf-8"))
         if length > KEY_MAX:
@@ -594,9 +681,13 @@ class Namespace:
             return await self._lookup_local(parent, name)
         self.check_new_object(parent, name, folder=True)
         url = parent.child_url(name)
-        backend, key = self.backends.get(parse_url(url)), parse_url(url).key
-        await self.workers.metadata(backend.upload, EMPTY, key + "/")
-        self.created(url)
+        if listable(url):
+            backend, key = self.backends.get(parse_url(url)), parse_url(url).key
+            await self.workers.metadata(backend.upload, EMPTY, key + "/")
+            self.created(url)
+        else:  # a fileserver stores no folders: it makes them as files are stored in them
+            self.entries.found(url)
+            self._note_name(parent.url, name, Kind.DIR)
         node = self.table.add(parent, name, Kind.DIR, url)
         node.checked = time.monotonic()  # (a listing in flight cannot show it yet: `_newer_than`)
         if parent.children is not None:
@@ -612,18 +703,29 @@ class Namespace:
                 raise NotADirectoryError(20, "Not a directory")
             if node.kind is not Kind.DIR:
                 raise Unsupported(f"{node.path}: buckets are not removed through the mount")
-            backend, key = self.locate(node)
-            if any(await self.workers.metadata(_names_under, backend, key + "/", 2)):  # (its marker is '')
-                raise NotEmpty(f"{node.url} is not empty")
-            await self.workers.metadata(backend.delete, key + "/")
-            self.entries.note_absent(node.url)
+            if listable(node.url):
+                backend, key = self.locate(node)
+                if any(await self.workers.metadata(_names_under, backend, key + "/", 2)):  # (its marker is '')
+                    raise NotEmpty(f"{node.url} is not empty")
+                await self.workers.metadata(backend.delete, key + "/")
+                self.entries.note_absent(node.url)
+            else:
+                self._forget_folder(node)
         self.table.remove(node)
+
+    def _forget_folder(self, node: Node) -> None:
+        """Forget a folder of a storage that cannot list (nothing is sent: the fileserver keeps its folders). One
+        that holds a name seen here is not empty; what else it holds on the server, the mount cannot know."""
+        if self._unlisted.get(node.url) or self._pending_children(node):
+            raise NotEmpty(f"{node.url} is not empty")
+        self._unlisted.pop(node.url, None)
+        self._forget_name(node.url)
 
     async def change_attrs(self, node: Node, mtime_ns: int | None, mode: int | None) -> None:
         """utimens/chmod of an object. A file with local changes keeps them for its upload; a clean one has
         them stored on the server now, its content staying where it is (`Backend.set_attrs`). Folders are
-        prefixes: nothing stores their times or mode."""
-        if node.kind is not Kind.FILE or mtime_ns is None and mode is None:
+        prefixes: nothing stores their times or mode. A fileserver stores neither: nothing is changed there."""
+        if node.kind is not Kind.FILE or mtime_ns is None and mode is None or not listable(node.url):
             return
         async with self.entries.lock(node.url) as entry:  # an upload of it under way ends first
             if entry.pending or entry.unlinked:
@@ -656,6 +758,7 @@ class Namespace:
                 await self.workers.metadata(backend.delete, key)
             await self.writeback.discard(node.url)
             self.entries.note_absent(node.url)  # a listing in flight may still show it
+            self._forget_name(node.url)
         self.table.remove(node)
         return node
 
@@ -674,6 +777,8 @@ class Namespace:
         if node.kind not in (Kind.FILE, Kind.DIR) or parse_url(new_url).root != parse_url(node.url).root:
             raise CrossDevice(f"{node.path}: only files and folders rename in place, within one bucket")
         if node.kind is Kind.DIR:
+            if not listable(node.url):
+                raise Unsupported(f"{node.url}: a fileserver folder cannot be renamed: what it holds is not listed")
             await self._rename_dir(node, new_parent, new_name, replace)
             return
         backend, key = self.locate(node)
@@ -693,6 +798,7 @@ class Namespace:
         with contextlib.suppress(NotFound):  # (never uploaded)
             await self.workers.metadata(backend.delete, key)
         self.entries.note_absent(node.url)
+        self._forget_name(node.url)
         self.created(new_url)
         self.table.move(node, new_parent, new_name, new_url)
         if info is not None:
@@ -870,6 +976,17 @@ def _first_entry(backend: Backend, prefix: str = "") -> ObjectInfo | Prefix | No
     for entry in backend.list(prefix, "/"):
         return entry
     return None
+
+
+def _files_servers(s: Settings) -> list[str]:
+    """The ClearML fileserver clearml.conf points at, if it names a ClearML server at all."""
+    if not (s.api.files_server or s.api.api_server):
+        return []
+    try:
+        url = files_server_host(s.api)
+        return [url] if parse_url(url).scheme in HTTP_SCHEMES else []
+    except ClearmlfsError:
+        return []  # (not derivable: api.api_server is no ClearML server's usual address)
 
 
 def _has_s3(s: Settings) -> bool:
