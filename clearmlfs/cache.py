@@ -13,12 +13,24 @@ Our state lives outside the SDK's folder because the SDK counts and deletes
 everything it finds there. Pins use the SDK's lock-file convention so its cleaner
 (and ours) leave pinned entries alone. Downloads are serialised per entry with an
 flock, which excludes other threads and other processes alike.
+
+When clearml.conf turns on the SDK's size-aware cache, the SDK's layout and eviction
+for that mode apply instead (sdk_size_cache.py)::
+
+    <base>/storage/<scheme>/<host>/<bucket>/<key>                  cached objects (and *.partially)
+    <base>/clearmlfs/storage/<md5(path)>.<name>.json, .fetch, ...  our per-entry state, as above
+    <base>/clearmlfs/storage/.lock.NNN.<md5(path)>.<name>.clearml  pins
+
+That SDK knows no pins: it leaves alone what was used within `cleanup_seconds_threshold`,
+so this process keeps the access time of what it pins, downloads or has not uploaded
+recent (`_Freshness`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -29,14 +41,16 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import sdk_size_cache as sdk_rules
 from .backends.base import Backend, ObjectInfo
-from .config import parse_size
-from .errors import ConfigError, NoSpace, StorageError
+from .config import SizeCache, parse_size
+from .errors import ConfigError, InvalidURL, NoSpace, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +123,10 @@ class EntryState:
 class Pin:
     """A held ``.lock.NNN.<entry>.clearml`` flock: the entry must not be evicted until `release`."""
 
-    def __init__(self, fd: int, path: Path, entry_name: str) -> None:
+    def __init__(self, fd: int, path: Path, entry_name: str, on_release: Callable[[], None] | None = None) -> None:
         self._fd, self.path, self.entry_name = fd, path, entry_name
         self.users = 0  # the open files sharing it (the mount pins a cache file once, however often it is open)
+        self._on_release = on_release
 
     def release(self) -> None:
         if self._fd < 0:
@@ -120,6 +135,8 @@ class Pin:
             self.path.unlink()  # unlinking first: nobody can find a lock we are about to drop
         os.close(self._fd)
         self._fd = -1
+        if self._on_release is not None:
+            self._on_release()
 
     def __enter__(self) -> Pin:
         return self
@@ -142,6 +159,7 @@ class Landing:
     def __init__(self, cache: CacheContext, url: str, partial: Path, fd: int, lock_fd: int) -> None:
         self.cache, self.url, self.partial, self.fd = cache, url, partial, fd
         self._lock_fd = lock_fd
+        cache.in_use(partial)
 
     def fill(
         self, backend: Backend, info: ObjectInfo, start: int, length: int,
@@ -171,6 +189,7 @@ class Landing:
         final = self.cache.path_for(self.url)
         os.replace(self.partial, final)
         self.cache.save_state(EntryState(self.url, info.etag, info.size), durable=False)
+        self.cache.added(info.size)
         log.debug("fetched %s (%d bytes)", self.url, info.size)
         self._release_lock()
         return final
@@ -189,29 +208,69 @@ class Landing:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+            self.cache.not_in_use(self.partial)
 
 
 class CacheContext:
-    """One cache context (``global`` by default) under the configured base folder."""
+    """One cache context (``global`` by default) under the configured base folder; with `size_mode` (the SDK's
+    size-aware cache is on), the one folder that mode shares among all contexts, and its limits."""
 
     def __init__(
         self, base_dir: Path, context: str = DEFAULT_CONTEXT, file_limit: int = 100, byte_limit: int | None = None,
-        min_free: str = "", fetch_concurrency: int = 8,
+        min_free: str = "", fetch_concurrency: int = 8, size_mode: SizeCache | None = None,
     ) -> None:
         self.context = context
         self.fetch_concurrency = fetch_concurrency  # ranges of a whole-object fetch in flight at once
-        self.folder = Path(base_dir).expanduser() / STORAGE_MANAGER_FOLDER / context
-        self.state_folder = Path(base_dir).expanduser() / STATE_FOLDER / context
+        self.size_mode = size_mode
+        base = Path(base_dir).expanduser()
+        if size_mode is None:
+            self.folder = base / STORAGE_MANAGER_FOLDER / context
+            self.state_folder = base / STATE_FOLDER / context
+        else:
+            self.folder = base / sdk_rules.SDK_FOLDER
+            self.state_folder = base / STATE_FOLDER / sdk_rules.STATE_CONTEXT
+        self._lock_folder = self.folder if size_mode is None else self.state_folder  # where pins live
         self.file_limit = file_limit
         self.byte_limit = byte_limit
         for folder in (self.folder, self.state_folder):
             private_dirs(folder)
         self._name_max = os.statvfs(self.folder).f_namemax
-        self.min_free = min_free_bytes(self.folder, min_free)  # bytes left free on the cache's filesystem
+        if size_mode is None:
+            self.min_free = min_free_bytes(self.folder, min_free)  # bytes left free on the cache's filesystem
+        else:
+            self._size_limits(size_mode, byte_limit, min_free)
+        self._used: int | None = None  # bytes cached, as of the last scan plus what this process added since
+        self._freshness = _Freshness(self) if size_mode is not None else None
+
+    def _size_limits(self, size_mode: SizeCache, byte_limit: int | None, min_free: str) -> None:
+        # One rule set: the SDK's, which it applies to the same files. Ours would evict what it keeps.
+        if min_free or byte_limit is not None:
+            raise ConfigError(
+                f"cache_min_free and cache_max_bytes do not apply with the SDK's size-aware cache "
+                f"(sdk.{sdk_rules.SECTION}): set its size.min_free_bytes and size.max_used_bytes instead"
+            )
+        self.min_free = max(0, size_mode.min_free_bytes)
+        self.byte_limit = size_mode.max_used_bytes if size_mode.max_used_bytes > 0 else None
 
     # -- naming -------------------------------------------------------------------------------------
     def path_for(self, url: str) -> Path:
-        return self.folder / entry_name(url, self._name_max)
+        if self.size_mode is None:
+            return self.folder / entry_name(url, self._name_max)
+        try:
+            path = self.folder / sdk_rules.relative_path(url)
+        except ValueError as exc:
+            raise InvalidURL(str(exc)) from None
+        private_dirs(path.parent)  # (so that every caller may create the file: one stat once it exists)
+        return path
+
+    def key_for(self, url: str) -> str:
+        """The flat name of `url`'s entry: its state records and pins are named after it."""
+        return self._key_of(self.path_for(url))
+
+    def _key_of(self, path: Path) -> str:
+        if self.size_mode is None:
+            return path.name
+        return sdk_rules.state_key(os.path.relpath(path, self.folder), self._name_max)
 
     def partial_for(self, url: str) -> Path:
         """A fresh name for a download of `url` in progress: renamed to `path_for(url)` once complete, and
@@ -225,13 +284,15 @@ class CacheContext:
     # -- state --------------------------------------------------------------------------------------
     def state(self, url: str) -> EntryState | None:
         try:
-            return EntryState(**json.loads(_read_small_file(self._state_path(self.path_for(url).name))))
+            return EntryState(**json.loads(_read_small_file(self._state_path(self.key_for(url)))))
         except (OSError, ValueError, TypeError):
             return None
 
     def save_state(self, state: EntryState, durable: bool = True) -> None:
         """Record `state` (write, rename; fsync when `durable`: a dirty flag must survive a crash)."""
-        _replace_file(self._state_path(self.path_for(state.url).name), asdict(state), durable or state.dirty)
+        _replace_file(self._state_path(self.key_for(state.url)), asdict(state), durable or state.dirty)
+        if self._freshness is not None:
+            self._freshness.dirty(self.path_for(state.url), state.dirty)
 
     def _records(self, suffix: str) -> Iterator[dict[str, Any]]:
         """Each readable JSON record `<entry><suffix>` of the state folder (one being replaced is skipped)."""
@@ -268,7 +329,7 @@ class CacheContext:
         report = []
         for state in self.dirty_entries():
             try:
-                since = self._state_path(self.path_for(state.url).name).stat().st_mtime
+                since = self._state_path(self.key_for(state.url)).stat().st_mtime
             except OSError:
                 continue
             what = "failed" if state.failed else "uploading" if state.url in uploading else "dirty"
@@ -288,7 +349,7 @@ class CacheContext:
     # Kept apart from the entry's state, which the daemon updates meanwhile (its version), and left alone
     # by eviction: the next mount aborts whatever a crash left here.
     def _upload_path(self, url: str) -> Path:
-        return self.state_folder / f"{self.path_for(url).name}.upload"
+        return self.state_folder / f"{self.key_for(url)}.upload"
 
     def note_upload(self, url: str, upload_id: str) -> None:
         _replace_file(self._upload_path(url), {"url": url, "upload_id": upload_id}, durable=True)
@@ -350,7 +411,7 @@ class CacheContext:
             return
         finally:
             with contextlib.suppress(OSError):
-                self._state_path(old.name).unlink()
+                self._state_path(self.key_for(url)).unlink()
         size = new.stat().st_size
         self.save_state(EntryState(new_url, etag, size, dirty=bool(state and state.dirty)))
 
@@ -361,8 +422,14 @@ class CacheContext:
         if not path.is_file() or not self._is_current(url, path, info):
             return None
         with contextlib.suppress(OSError):
-            os.utime(path)  # reuse refreshes LRU order, as the SDK does
+            self._touch(path)  # reuse refreshes LRU order, as the SDK does
         return path
+
+    def _touch(self, path: Path) -> None:
+        if self.size_mode is None:
+            os.utime(path)
+        else:
+            touch_atime(path)  # that SDK orders by access time and keeps the modification time
 
     def has_current(self, url: str, info: ObjectInfo | None) -> bool:
         """Whether a complete, current copy of `url` is cached (without touching it)."""
@@ -370,6 +437,8 @@ class CacheContext:
         return path.is_file() and self._is_current(url, path, info)
 
     def _is_current(self, url: str, path: Path, info: ObjectInfo | None) -> bool:
+        if self.size_mode is not None and self.size_mode.zero_file_size_check and _size_of(path) == 0:
+            return False  # the SDK counts an empty copy as missing in this mode
         if info is None:
             return True
         state = self.state(url)
@@ -481,7 +550,7 @@ class CacheContext:
         return Landing(self, url, partial, fd, lock_fd)
 
     def _fetch_lock_path(self, url: str) -> Path:
-        return self._fetch_lock_of(self.path_for(url).name)
+        return self._fetch_lock_of(self.key_for(url))
 
     def _fetch_lock_of(self, name: str) -> Path:
         return self.state_folder / f"{name}.fetch"
@@ -489,16 +558,30 @@ class CacheContext:
     # -- pins ---------------------------------------------------------------------------------------
     def pin(self, path: Path) -> Pin:
         """Hold the entry at `path` against eviction (by us and by the SDK) until the pin is released."""
+        key = self._key_of(path)
+        lock_folder = self._lock_folder if self.size_mode is not None else path.parent
         for i in range(1000):
-            lock_path = path.parent / f"{LOCK_PREFIX}{i:03d}.{path.name}{LOCK_SUFFIX}"
+            lock_path = lock_folder / f"{LOCK_PREFIX}{i:03d}.{key}{LOCK_SUFFIX}"
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
-            return Pin(fd, lock_path, path.name)
+            if self._freshness is None:
+                return Pin(fd, lock_path, key)
+            self.in_use(path)
+            return Pin(fd, lock_path, key, lambda: self.not_in_use(path))
         raise RuntimeError(f"cannot pin {path}: 1000 lock files are held")
+
+    def in_use(self, path: Path) -> None:
+        """`path` (a pinned copy, a download in progress) must outlive the SDK's cleaner until `not_in_use`."""
+        if self._freshness is not None:
+            self._freshness.hold(path)
+
+    def not_in_use(self, path: Path) -> None:
+        if self._freshness is not None:
+            self._freshness.drop(path)
 
     def is_pinned(self, name: str, lock_paths: list[Path] | None = None) -> bool:
         """True while any process holds one of the entry's lock files; stale lock files are removed.
@@ -507,7 +590,8 @@ class CacheContext:
         """
         pinned = False
         if lock_paths is None:
-            lock_paths = list(self.folder.glob(f"{LOCK_PREFIX}[0-9][0-9][0-9].{_glob_escape(name)}{LOCK_SUFFIX}"))
+            pattern = f"{LOCK_PREFIX}[0-9][0-9][0-9].{_glob_escape(name)}{LOCK_SUFFIX}"
+            lock_paths = list(self._lock_folder.glob(pattern))
         for lock_path in lock_paths:
             try:
                 fd = os.open(lock_path, os.O_RDWR)
@@ -527,7 +611,7 @@ class CacheContext:
         probing from .000 up to the first missing one finds it without listing the folder again."""
         paths = list(known)
         for i in range(1000):
-            lock_path = self.folder / f"{LOCK_PREFIX}{i:03d}.{name}{LOCK_SUFFIX}"
+            lock_path = self._lock_folder / f"{LOCK_PREFIX}{i:03d}.{name}{LOCK_SUFFIX}"
             if not lock_path.exists():
                 break
             if lock_path not in paths:
@@ -544,8 +628,11 @@ class CacheContext:
         """Evict least-recently-used entries beyond the count and byte limits, and while the disk has less than
         `min_free` (plus `need`) bytes free; never pinned or dirty ones.
 
-        `headroom`: the fraction of each limit to free beyond it, so that many additions need one scan.
+        `headroom`: the fraction of each limit to free beyond it, so that many additions need one scan. (With
+        the SDK's size-aware cache, its own rules instead: see `_clean_by_size`.)
         """
+        if self.size_mode is not None:
+            return self._clean_by_size(self.size_mode, need)
         found, locks = self._scan()
         file_limit = int(self.file_limit * (1 - headroom))
         short = self._space_short(need)
@@ -566,6 +653,46 @@ class CacheContext:
                 total, short = total - size, short - size
                 evicted.append(path)
         return evicted
+
+    def _clean_by_size(self, size_mode: SizeCache, need: int) -> list[Path]:
+        """The SDK's cleanup in its size-aware mode (sdk_rules.plan), which also never evicts a pinned or dirty
+        copy, nor a download in progress. Without a scan while the bytes this process knows of are under the
+        limits, as the SDK does."""
+        max_used = self.byte_limit or 0
+        min_free = self.min_free + need if self.min_free > 0 or need else 0
+        if self._used is not None and not sdk_rules.over_limits(self._used, self._free(), max_used, min_free):
+            return []
+        found = list(sdk_rules.files(self.folder, skip=lambda path: False))
+        self._used = sum(size for _, _, size in found)
+        if not sdk_rules.over_limits(self._used, self._free(), max_used, min_free):
+            return []
+        evicted = sdk_rules.plan(
+            found, self._used, self._free, max_used, min_free, size_mode.cleanup_margin,
+            size_mode.cleanup_seconds_threshold, self._evict_file,
+        )
+        gone = set(evicted)
+        self._used -= sum(size for _, path, size in found if path in gone)
+        return [Path(path) for path in evicted]
+
+    def _evict_file(self, name: str) -> bool:
+        path = Path(name)
+        if path.name.endswith(PARTIAL_SUFFIX):
+            # someone's download (ours or the SDK's) unless abandoned long ago
+            if time.time() - _mtime(path) <= STALE_PARTIAL_SECONDS:
+                return False
+            self._remove(path)
+            return True
+        lock_paths = self._lock_paths_now(self._key_of(path), [])
+        return self._evictable(self._key_of(path), lock_paths) and self._evict(path, lock_paths)
+
+    def _free(self) -> int:
+        st = os.statvfs(self.folder)
+        return st.f_bavail * st.f_frsize
+
+    def added(self, size: int) -> None:
+        """A copy of `size` bytes entered the cache (for the size-aware mode's running total)."""
+        if self._used is not None:
+            self._used += size
 
     def make_room(self, need: int) -> bool:
         """The disk is full: evict what nobody uses until `need` bytes and `min_free` are free. Whether anything
@@ -620,7 +747,8 @@ class CacheContext:
             os.rename(path, aside)
         except OSError:
             return False
-        if self.is_pinned(path.name, self._lock_paths_now(path.name, known_locks)):
+        key = self._key_of(path)
+        if self.is_pinned(key, self._lock_paths_now(key, known_locks)):
             with contextlib.suppress(OSError):  # (if the name was taken again meanwhile, left aside and swept later)
                 if aside.is_dir():
                     os.rename(aside, path)
@@ -630,10 +758,13 @@ class CacheContext:
             return False
         self._remove(aside)
         if not path.exists():  # not created again meanwhile: its state goes too
-            self._forget_state(path.name)
+            self._forget_state(key)
         return True
 
     def _entries(self) -> list[Path]:
+        if self.size_mode is not None:
+            found = sdk_rules.files(self.folder, skip=lambda path: path.endswith(PARTIAL_SUFFIX))
+            return [Path(path) for _, path, _ in found]
         return [Path(e.path) for e in self._scan()[0]]
 
     def _scan(self) -> tuple[list[os.DirEntry[str]], dict[str, list[Path]]]:
@@ -670,7 +801,7 @@ class CacheContext:
             else:
                 path.unlink()
         if not path.name.endswith(PARTIAL_SUFFIX):
-            self._forget_state(path.name)
+            self._forget_state(self._key_of(path))
 
     def _forget_state(self, name: str) -> None:
         # The download lock goes too, or the state folder would keep a file for every URL ever fetched. (A
@@ -683,7 +814,8 @@ class CacheContext:
         """Remove every entry nobody has pinned (and, unless `include_dirty`, that is uploaded)."""
         removed = []
         for path in self._entries():
-            if self.is_pinned(path.name) or (not include_dirty and not self._evictable(path.name)):
+            key = self._key_of(path)
+            if self.is_pinned(key) or (not include_dirty and not self._evictable(key)):
                 continue
             self._remove(path)
             removed.append(path)
@@ -691,6 +823,9 @@ class CacheContext:
 
     def stats(self) -> tuple[int, int]:
         """(entries, bytes) currently in this context."""
+        if self.size_mode is not None:
+            found = list(sdk_rules.files(self.folder, skip=lambda path: path.endswith(PARTIAL_SUFFIX)))
+            return len(found), sum(size for _, _, size in found)
         entries = self._scan()[0]
         return len(entries), sum(_size(e) for e in entries)
 
@@ -747,6 +882,99 @@ def private_dirs(folder: Path) -> None:
     for path in reversed(missing):
         with contextlib.suppress(FileExistsError):
             path.mkdir(mode=0o700)
+
+
+class _Freshness:
+    """Keeps the access time of what this process uses in the SDK's size-aware cache recent: that SDK knows no
+    pins, and its cleaner leaves alone only what was used within `cleanup_seconds_threshold`. Pinned copies,
+    downloads in progress and copies not uploaded are touched (the access time alone) a few times per
+    threshold, by one daemon thread per cache context, while there are any."""
+
+    def __init__(self, cache: CacheContext) -> None:
+        assert cache.size_mode is not None
+        threshold = cache.size_mode.cleanup_seconds_threshold
+        if threshold <= 0:
+            log.warning("cleanup_seconds_threshold is %s: the SDK's cleaner may evict files clearmlfs uses", threshold)
+        self.interval = max(0.25, threshold / 4)
+        self._held: dict[Path, int] = {}
+        self._dirty: set[Path] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._cache = weakref.ref(cache)
+
+    def hold(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            touch_atime(path)
+        with self._lock:
+            self._held[path] = self._held.get(path, 0) + 1
+            self._start()
+
+    def drop(self, path: Path) -> None:
+        with self._lock:
+            count = self._held.pop(path, 0) - 1
+            if count > 0:
+                self._held[path] = count
+
+    def dirty(self, path: Path, dirty: bool) -> None:
+        with self._lock:
+            if dirty:
+                self._dirty.add(path)
+                self._start()
+            else:
+                self._dirty.discard(path)
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="clearmlfs-cache-atime", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while self._cache() is not None:
+            time.sleep(self.interval)
+            with self._lock:
+                paths = [*self._held, *self._dirty]
+                if not paths:
+                    self._thread = None
+                    return
+            for path in paths:
+                try:
+                    touch_atime(path)
+                except FileNotFoundError:
+                    with self._lock:
+                        self._dirty.discard(path)  # moved or dropped
+                except OSError:
+                    pass
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_UTIME_NOW, _UTIME_OMIT, _AT_FDCWD = (1 << 30) - 1, (1 << 30) - 2, -100
+
+
+def touch_atime(path: Path) -> None:
+    """Set `path`'s access time to now and leave its modification time alone, even if it is written meanwhile
+    (utimensat with UTIME_OMIT: os.utime would have to read the mtime first, and could set it back)."""
+    times = (_Timespec * 2)(_Timespec(0, _UTIME_NOW), _Timespec(0, _UTIME_OMIT))
+    if _libc.utimensat(_AT_FDCWD, os.fsencode(path), times, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _glob_escape(name: str) -> str:

@@ -81,7 +81,8 @@ def main() -> None:
     backends = BackendPool(setup.settings)
     backends.warm_up()
     cache = CacheContext(
-        setup.base_dir, setup.context, setup.file_limit, setup.byte_limit, setup.settings.cache_min_free
+        setup.base_dir, setup.context, setup.file_limit, setup.byte_limit, setup.settings.cache_min_free,
+        size_mode=setup.settings.size_cache,
     )
     answers.write(frame(("ready", None)))
     answers.flush()
