@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import Settings, load_settings
+from .config import S3Credentials, Settings, load_settings
 from .errors import ClearmlfsError, ConfigError, InvalidURL
 from .logs import private_log, setup_logging
 from .storage_manager import StorageManager
@@ -41,25 +41,65 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    """Print what clearml.conf configures (never a secret)."""
+    """Print what clearml.conf configures, and where each setting comes from (never a secret)."""
     s = _settings(args)
-    print(f"config file: {s.source or '(none found; defaults and environment)'}")
-    print(f"cache: {s.cache_dir} (file limit {s.cache_file_limit})")
-    for c in s.s3.credentials:
-        auth = "key" if c.has_keys else ("credentials chain" if c.use_credentials_chain else "NO KEY/SECRET")
-        print(f"s3: {c.prefix} [{auth}{', http' if c.host and not c.secure else ''}]")
-    for a in s.azure:
-        print(f"azure: {a.account_name}/{a.container_name or '*'} at {a.account_url}")
-    for g in s.gcs:
-        print(f"gs: {g.prefix}")
-    print("direct access: " + ", ".join(s.direct_access))
+    for line in describe(s):
+        print(line)
     from .fs.passthrough import capabilities
 
     print(f"capabilities: {capabilities()}")
-    t = s.timeouts
-    print(f"timeouts: connect {t.connect:g} s, read {t.read:g} s, operation {t.operation:g} s, "
-          f"revalidate {t.revalidate:g} s; offline reads {'on' if s.offline_reads else 'off'}")
     return 0
+
+
+def describe(s: Settings) -> list[str]:
+    """`clearmlfs config`'s lines: each setting, then [where it came from]: a file and key, an environment
+    variable, or the default. Secrets are said to be set, never shown."""
+    o = s.origins
+    files = ", ".join(str(p) for p in s.sources) or "none found (defaults and environment)"
+    d = s.s3.default
+    auth = "credentials chain" if d.use_credentials_chain else ("key/secret" if d.has_keys else "no key/secret")
+    lines = [
+        f"config files: {files}",
+        f"cache: {s.cache_dir} [{o.get('cache_dir', 'default')}], file limit {s.cache_file_limit} "
+        f"[{o.get('cache_file_limit', 'default')}]",
+        f"s3 (buckets without an entry): {auth} [key: {o.get('s3.key', 'default')}], region "
+        f"{d.region or 'from boto3'} [{o.get('s3.region', 'default')}]{', http' if not d.secure else ''}"
+        + _upload_args(d),
+    ]
+    for c in s.s3.credentials:
+        auth = "key/secret" if c.has_keys else ("credentials chain" if c.use_credentials_chain else "NO KEY/SECRET")
+        lines.append(f"s3: {c.prefix} [{auth}{', http' if c.host and not c.secure else ''}{_upload_args(c)}] "
+                     f"[{c.origin}]")
+    for a in s.azure:
+        own = next((e for e in s.azure_own if e.account_name == a.account_name
+                    and e.container_name in ("", a.container_name)), None)
+        endpoint = (own.endpoint if own else "") or a.account_url
+        added = f" [endpoint: {own.origin}]" if own else ""
+        lines.append(f"azure: {a.account_name}/{a.container_name or '*'} at {endpoint} [{a.origin}]{added}")
+    lines.append(f"gs (buckets without an entry): {_gcs_auth(s.gcs_default.credentials_json)} "
+                 f"[{o.get('gs.credentials_json', 'default')}]")
+    for g in s.gcs:
+        lines.append(f"gs: {g.prefix} {_gcs_auth(g.credentials_json)} [{g.origin}]")
+    applied = "applied (size-aware cache)" if s.size_cache else "not applied: file:// is read in place"
+    lines.append(f"direct access: {', '.join(s.direct_access) or 'none'}, {applied} [{o.get('direct_access')}]")
+    api = s.api
+    lines.append(f"api: {api.api_server or 'no server'} [{o.get('api.api_server', 'default')}], key pair "
+                 f"{'set' if api.access_key and api.secret_key else 'not set'} [{o.get('api.credentials', 'default')}]")
+    t = s.timeouts
+    lines.append(f"timeouts: connect {t.connect:g} s [{o.get('timeouts.connect', 'default')}], read {t.read:g} s "
+                 f"[{o.get('timeouts.read', 'default')}], operation {t.operation:g} s, revalidate {t.revalidate:g} s;"
+                 f" offline reads {'on' if s.offline_reads else 'off'}")
+    return lines
+
+
+def _upload_args(c: S3Credentials) -> str:
+    return f", upload args {', '.join(sorted(c.upload_args))}" if c.extra_args else ""  # (names: a value may be a key)
+
+
+def _gcs_auth(credentials_json: str) -> str:
+    if not credentials_json:
+        return "application default credentials"
+    return "inline JSON key" if credentials_json.lstrip().startswith("{") else f"key file {credentials_json}"
 
 
 def cmd_get(args: argparse.Namespace) -> int:
@@ -97,7 +137,7 @@ def _download_progress(url: str) -> Iterator[None]:
 
     total = StorageManager.get_file_size_bytes(url, silence_errors=True)
     settings = StorageManager.settings()
-    entry = CacheContext(settings.cache_dir, DEFAULT_CONTEXT).path_for(url)
+    entry = CacheContext(settings.cache_dir, DEFAULT_CONTEXT, size_mode=settings.size_cache).path_for(url)
     done = threading.Event()
     # A fresh pty may report a 0×0 terminal, where tqdm would draw nothing.
     size = shutil.get_terminal_size((80, 24))
@@ -140,7 +180,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     cache = CacheContext(
-        settings.cache_dir, DEFAULT_CONTEXT, settings.cache_file_limit, min_free=settings.cache_min_free
+        settings.cache_dir, DEFAULT_CONTEXT, settings.cache_file_limit, min_free=settings.cache_min_free,
+        size_mode=settings.size_cache,
     )
     if args.action == "stats":
         files, size = cache.stats()
@@ -186,7 +227,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .cache import DEFAULT_CONTEXT, CacheContext
 
     settings = _settings(args)
-    cache = CacheContext(settings.cache_dir, DEFAULT_CONTEXT, settings.cache_file_limit)
+    cache = CacheContext(settings.cache_dir, DEFAULT_CONTEXT, settings.cache_file_limit, size_mode=settings.size_cache)
     pending = cache.pending_report()
     if not pending:
         print("every file is uploaded")
@@ -271,8 +312,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _warn_if_readable(settings: Settings) -> None:
-    if settings.source and settings.source.stat().st_mode & 0o077:
-        log.warning("%s is readable by other users; it holds credentials (chmod 600 it)", settings.source)
+    for source in settings.sources:
+        if source.stat().st_mode & 0o077:
+            log.warning("%s is readable by other users; it holds credentials (chmod 600 it)", source)
 
 
 def _mount_in_background(args: argparse.Namespace, settings: Settings, mountpoint: Path) -> int:
@@ -280,7 +322,8 @@ def _mount_in_background(args: argparse.Namespace, settings: Settings, mountpoin
     log_file = Path(args.log_file) if args.log_file else _default_log(settings, mountpoint)
     cmd = [sys.executable, "-m", "clearmlfs.cli", "mount", "-f", "--log-level", args.log_level,
            "--log-file", str(log_file), str(mountpoint)]
-    cmd += ["--config", str(settings.source)] if settings.source else []
+    # (Two home files are merged: the child, with the same environment, finds them itself.)
+    cmd += ["--config", str(settings.source)] if len(settings.sources) == 1 else []
     cmd += [f"-o{o}" for o in args.options]
     from .mount import READY_FD_ENV
 

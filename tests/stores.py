@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ class Store:
 
     name: str
     root: str  # e.g. "s3://127.0.0.1:8333/clearmlfs-test"
-    conf: dict[str, Any]
+    conf: dict[str, Any]  # under `sdk { }`
+    own: dict[str, Any] = field(default_factory=dict)  # under `clearmlfs { }`, which the SDK never reads
 
     def fresh_prefix(self) -> str:
         """A URL folder no other test uses."""
@@ -43,12 +44,11 @@ def moto_store(moto: servers.MotoS3) -> Store:
 
 
 def azure_store(az: servers.Azurite) -> Store:
-    entry = {
-        "account_name": az.account_name, "account_key": az.account_key,
-        "container_name": az.container, "endpoint": az.endpoint,
-    }
+    """The SDK's container entry, and Azurite's endpoint in clearmlfs's own section (the SDK refuses it in its)."""
+    entry = {"account_name": az.account_name, "account_key": az.account_key, "container_name": az.container}
+    endpoint = {"account_name": az.account_name, "container_name": az.container, "endpoint": az.endpoint}
     root = f"azure://{az.account_name}.blob.core.windows.net/{az.container}"
-    return Store("azurite", root, {"azure": {"storage": {"containers": [entry]}}})
+    return Store("azurite", root, {"azure": {"storage": {"containers": [entry]}}}, {"azure": [endpoint]})
 
 
 def gcs_store(gcs: servers.GCSEmulator) -> Store:
@@ -63,10 +63,13 @@ def local_store(folder: Path) -> Store:
 def write_conf(path: Path, cache_dir: Path, *stores: Store, extra: dict[str, Any] | None = None) -> Path:
     """A clearml.conf (with an `api` section, as users have) combining the stores' sections."""
     sdk: dict[str, Any] = {"storage": {"cache": {"default_base_dir": str(cache_dir)}}}
+    own: dict[str, Any] = {}
     for store in stores:
         _merge(sdk, store.conf)
+        _merge(own, store.own)
     _merge(sdk, extra or {})
-    path.write_text(json.dumps({"api": {"api_server": "http://127.0.0.1:1"}, "sdk": sdk}, indent=2))
+    conf: dict[str, Any] = {"api": {"api_server": "http://127.0.0.1:1"}, "sdk": sdk}
+    path.write_text(json.dumps({**conf, "clearmlfs": own} if own else conf, indent=2))
     return path
 
 
@@ -86,6 +89,23 @@ def conf_for(tmp_path: Path, name: str, *stores: Store, extra: dict[str, Any] | 
     conf = write_conf(tmp_path / f"{name}.conf", cache, *stores, extra=extra)
     conf.chmod(0o600)  # it holds credentials; the mount warns about a readable one
     return conf, cache
+
+
+def service_account_key(marker: str = "") -> str:
+    """A Google service-account key's JSON (a fresh RSA key; `marker` inside its private key), as
+    `credentials_json` may hold it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    return json.dumps({
+        "type": "service_account", "project_id": "p", "private_key_id": "1",
+        "private_key": pem.replace("-----END", f"{marker}\n-----END") if marker else pem,
+        "client_email": "sa@p.iam.gserviceaccount.com", "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    })
 
 
 def random_bytes(size: int, seed: int) -> bytes:

@@ -7,6 +7,7 @@ With STORAGE_EMULATOR_HOST set the client talks to an emulator with anonymous cr
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -300,14 +301,7 @@ def _bare_client(cfg: GCSBucket) -> storage.Client:
         # Emulators accept any request; anonymous credentials avoid looking for real ones.
         return storage.Client(project=cfg.project or "clearmlfs", credentials=AnonymousCredentials())  # type: ignore[no-untyped-call]
     if cfg.credentials_json:
-        from google.oauth2 import service_account
-
-        path = os.path.expanduser(cfg.credentials_json)
-        try:
-            creds = service_account.Credentials.from_service_account_file(path)  # type: ignore[no-untyped-call]
-        except (OSError, ValueError, KeyError):
-            # Never quote the file: its content is a private key.
-            raise ConfigError(f"cannot load Google service-account credentials from {path}") from None
+        creds = _service_account(cfg)
         return storage.Client(project=cfg.project or creds.project_id, credentials=creds)
     try:
         return storage.Client(project=cfg.project or None)
@@ -316,6 +310,30 @@ def _bare_client(cfg: GCSBucket) -> storage.Client:
             "no Google credentials: set credentials_json in clearml.conf, GOOGLE_APPLICATION_CREDENTIALS, "
             "or run `gcloud auth application-default login`"
         ) from None
+
+
+def _service_account(cfg: GCSBucket) -> Any:
+    """`credentials_json`'s service-account key: a file, or (as the SDK also takes it) the key's JSON itself.
+    Errors never quote it: it holds a private key."""
+    from google.oauth2 import service_account
+
+    where = cfg.origin or "sdk.google.storage"
+    if cfg.inline_json:
+        try:
+            info = json.loads(cfg.credentials_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}.credentials_json: the inline key is not valid JSON (line {exc.lineno}, "
+                              f"column {exc.colno})") from None
+        try:
+            return service_account.Credentials.from_service_account_info(info)  # type: ignore[no-untyped-call]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{where}.credentials_json: the inline JSON is not a service-account key "
+                              "(type, client_email, token_uri, private_key)") from None
+    path = os.path.expanduser(cfg.credentials_json)
+    try:
+        return service_account.Credentials.from_service_account_file(path)  # type: ignore[no-untyped-call]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"cannot load Google service-account credentials from {path} ({where})") from None
 
 
 def _info(blob: storage.Blob) -> ObjectInfo:

@@ -13,6 +13,7 @@ import datetime
 import email.utils
 import io
 import logging
+import mimetypes
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ import s3transfer.exceptions
 from boto3.s3.transfer import S3Transfer, TransferConfig, create_transfer_manager
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
+from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import OSUtils, ReadFileChunk
 
@@ -161,8 +163,25 @@ def _info(key: str, response: dict[str, Any]) -> ObjectInfo:
     )
 
 
-def _meta_args(attrs: Attrs | None) -> dict[str, Any]:
-    return {} if attrs is None else {"Metadata": attrs_metadata(attrs)}
+def upload_args(creds: S3Credentials, key: str, attrs: Attrs | None) -> dict[str, Any]:
+    """An upload's ExtraArgs, as the SDK's: the content type guessed from the key, then clearml.conf's
+    `extra_args` (ServerSideEncryption, SSEKMSKeyId, ACL, Metadata, ...); our own metadata joins theirs."""
+    configured = creds.upload_args
+    args = {"ContentType": mimetypes.guess_type(key)[0] or "binary/octet-stream", **configured}
+    if attrs is not None:
+        args["Metadata"] = {**configured.get("Metadata", {}), **attrs_metadata(attrs)}
+    return args
+
+
+def _copy_args(creds: S3Credentials) -> dict[str, Any]:
+    """The configured upload arguments a server-side copy (a rename) needs to store its object as an upload
+    would (encryption, ACL, storage class); with a customer key, the source is read with it too."""
+    allowed = set(TransferManager.ALLOWED_COPY_ARGS) - {"ContentType", "Metadata"}
+    args = {k: v for k, v in creds.upload_args.items() if k in allowed}
+    for name in ("SSECustomerAlgorithm", "SSECustomerKey", "SSECustomerKeyMD5"):
+        if name in args:
+            args[f"CopySource{name}"] = args[name]
+    return args
 
 
 def _timestamp(value: str) -> datetime.datetime:
@@ -191,12 +210,15 @@ def _parse_timestamps_faster(session: Any) -> None:
 
 def make_client(creds: S3Credentials, settings: S3Settings, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Any:
     """A boto3 S3 client for one credentials entry (endpoint, TLS, pool size from clearml.conf)."""
+    # As the SDK: the credentials chain ignores the keys; an empty region is left to boto3 (AWS_DEFAULT_REGION,
+    # the profile's).
+    keys = not creds.use_credentials_chain
     session = boto3.session.Session(
-        aws_access_key_id=creds.key or None,
-        aws_secret_access_key=creds.secret or None,
-        aws_session_token=creds.token or None,
-        region_name=creds.region or ("us-east-1" if creds.host else None),
-        profile_name=(creds.profile or None) if not creds.key else None,
+        aws_access_key_id=(creds.key or None) if keys else None,
+        aws_secret_access_key=(creds.secret or None) if keys else None,
+        aws_session_token=(creds.token or None) if keys else None,
+        region_name=creds.region or None,
+        profile_name=(creds.profile or None) if not (keys and creds.key) else None,
     )
     _parse_timestamps_faster(session)
     options: dict[str, Any] = {
@@ -405,6 +427,7 @@ class S3Backend(Backend):
         timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.bucket = bucket
+        self._creds = creds
         netloc = f"{creds.host}/{bucket}" if creds.host else bucket
         self.url_prefix = f"s3://{netloc}"
         self._owns_client = client is None
@@ -604,7 +627,7 @@ class S3Backend(Backend):
                 S3Transfer(self._client, self._transfer, osutil=_Bodies()) as transfer,
             ):
                 transfer.upload_file(str(src), self.bucket, key, callback=_ticks(progress),
-                                     extra_args=_meta_args(attrs))
+                                     extra_args=upload_args(self._creds, key, attrs))
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)
@@ -620,7 +643,7 @@ class S3Backend(Backend):
                 create_transfer_manager(self._client, self._stream_transfer, osutil=_Bodies()) as manager,
             ):
                 subscribers = [] if progress is None else [_Sent(progress)]
-                manager.upload(reader, self.bucket, key, _meta_args(attrs), subscribers).result()
+                manager.upload(reader, self.bucket, key, upload_args(self._creds, key, attrs), subscribers).result()
         except _CAUGHT as exc:
             raise _translate(exc, self._url(key)) from None
         return self.stat(key)
@@ -670,12 +693,13 @@ class S3Backend(Backend):
         are kept, which a replacing CopyObject would otherwise drop)."""
         headers = {name: head[name] for name in _CONTENT_HEADERS if head.get(name)}
         source = {"Bucket": self.bucket, "Key": src_key}
+        configured = _copy_args(self._creds)
         if head["ContentLength"] <= COPY_CUTOFF:  # one CopyObject, as rclone does: no parts, no transfer manager
             replaced = {} if metadata is None else {**headers, "Metadata": metadata, "MetadataDirective": "REPLACE"}
-            self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source, **replaced)
+            self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source, **configured, **replaced)
             return
         # A multipart copy copies no metadata by itself (each part is content only).
-        args = {**headers, "Metadata": head.get("Metadata", {}) if metadata is None else metadata}
+        args = {**headers, **configured, "Metadata": head.get("Metadata", {}) if metadata is None else metadata}
         with self._multipart_ends(dst_key):
             self._client.copy(source, self.bucket, dst_key, ExtraArgs=args, Config=self._transfer)
 

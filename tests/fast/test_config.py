@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 from clearmlfs.config import load_settings
 from clearmlfs.errors import ConfigError, InvalidURL
 from clearmlfs.urls import mount_path_to_url, parse_url, url_to_mount_path
+from tests.stores import service_account_key
 
 FULL_CONF = """
 api {
@@ -52,9 +55,12 @@ sdk {
         containers: [
             { account_name: "acct", account_key: "acct-key", container_name: "models" }
             { account_name: "acct", account_key: "acct-any-key" }
-            { account_name: "local", account_key: "k", container_name: "c", endpoint: "http://127.0.0.1:10000/local" }
+            { account_name: "local", account_key: "k", container_name: "c" }
         ]
     }
+}
+clearmlfs {
+    azure: [ { account_name: "local", endpoint: "http://127.0.0.1:10000/local" } ]
 }
 """
 
@@ -127,8 +133,17 @@ def test_gcs_most_specific_bucket_and_subdir_wins(settings, url: str, project: s
         ("azure://acct.blob.core.windows.net/data/x", "acct-any-key"),
     ],
 )
-def test_azure_exact_container_beats_account_wide_entry(settings, url: str, key: str) -> None:
+def test_azure_first_matching_entry_wins(settings, url: str, key: str) -> None:
     assert settings.azure_for(parse_url(url)).account_key == key
+
+
+def test_azure_entries_match_in_the_sdks_order(tmp_path: Path) -> None:
+    conf = _write(tmp_path, """sdk.azure.storage.containers: [
+        { account_name: "acct", account_key: "any-key" }
+        { account_name: "acct", account_key: "models-key", container_name: "models" } ]""")
+    assert load_settings(conf).azure_for(parse_url("azure://acct.blob.core.windows.net/models/x")).account_key == (
+        "any-key"
+    )
 
 
 def test_azure_endpoint_defaults_to_the_public_cloud_and_can_be_set(settings) -> None:
@@ -151,11 +166,13 @@ def test_azure_environment_fallback(tmp_path: Path, monkeypatch) -> None:
     assert load_settings(_write(tmp_path, "")).azure_for(parse_url("azure://envacct.blob.core.windows.net/c/x"))
 
 
-def test_direct_access_always_covers_file_urls(settings) -> None:
+def test_direct_access_by_default_is_every_file_url_and_the_globs_are_not_consulted(settings) -> None:
+    # As the SDK's default cache: its file driver reads in place; storage.direct_access is not asked.
+    assert settings.direct_access == ("file://*", "s3://local-mirror/*")
     assert settings.direct_path("file:///nfs/models/a.pt") == "/nfs/models/a.pt"
+    assert settings.direct_path("/nfs/models/a.pt") == "/nfs/models/a.pt"
+    assert settings.direct_path("s3://local-mirror/x/y") is None
     assert settings.direct_path("s3://bucket/a") is None
-    assert settings.is_direct_access("s3://local-mirror/x/y")  # trailing * is a prefix match
-    assert not settings.is_direct_access("s3://local-mirrors/x")
 
 
 def test_file_without_sdk_wrapper_is_accepted(tmp_path: Path) -> None:
@@ -165,14 +182,35 @@ def test_file_without_sdk_wrapper_is_accepted(tmp_path: Path) -> None:
 
 def test_lookup_order_env_then_home(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("CLEARML_CONFIG_FILE", raising=False)
-    (tmp_path / ".clearml.conf").write_text('sdk.aws.s3.key: "hidden"')
-    assert load_settings().s3.default.key == "hidden"
     (tmp_path / "clearml.conf").write_text('sdk.aws.s3.key: "home"')
     assert load_settings().s3.default.key == "home"
-    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(_write(tmp_path, 'sdk.aws.s3.key: "env"')))
+    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(_write(tmp_path, 'sdk.aws.s3.key: "env"', "env.conf")))
     assert load_settings().s3.default.key == "env"
     assert load_settings(_write(tmp_path, 'sdk.aws.s3.key: "explicit"', "x.conf")).s3.default.key == "explicit"
+
+
+def test_the_sdk_merges_trains_conf_under_clearml_conf_and_never_reads_dot_clearml_conf(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".clearml.conf").write_text('sdk.aws.s3 { key: "hidden", secret: "hidden" }')
+    assert load_settings().sources == ()
+    (tmp_path / "trains.conf").write_text('sdk.aws.s3 { key: "old", region: "eu-west-1" }')
+    (tmp_path / "clearml.conf").write_text('sdk.aws.s3 { key: "new" }')
+    settings = load_settings()
+    assert settings.sources == (tmp_path / "trains.conf", tmp_path / "clearml.conf")
+    assert (settings.s3.default.key, settings.s3.default.region) == ("new", "eu-west-1")  # later file wins, keys merge
+    assert settings.origins["s3.region"] == f"{tmp_path / 'trains.conf'}: sdk.aws.s3.region"
+
+
+def test_trains_config_file_variable_and_a_variable_naming_no_file_reads_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "clearml.conf").write_text('sdk.aws.s3.key: "home"')
+    monkeypatch.setenv("TRAINS_CONFIG_FILE", str(_write(tmp_path, 'sdk.aws.s3.key: "trains"', "t.conf")))
+    assert load_settings().s3.default.key == "trains"
+    monkeypatch.setenv("CLEARML_CONFIG_FILE", str(tmp_path / "missing.conf"))
+    settings = load_settings()  # as the SDK: the named file replaces the home files, even when it is missing
+    assert settings.sources == () and settings.s3.default.key == ""
 
 
 def test_missing_explicit_file_is_a_config_error(tmp_path: Path) -> None:
@@ -254,3 +292,246 @@ def _write(folder: Path, text: str, name: str = "clearml.conf") -> Path:
     path = folder / name
     path.write_text(text)
     return path
+
+
+# -- the SDK's meaning of each setting ------------------------------------------------------------------------------
+
+
+def test_azure_endpoint_in_the_sdk_entry_is_refused_with_the_fix(tmp_path: Path) -> None:
+    # The SDK raises TypeError for every Azure URL when its entry has a key it does not know.
+    conf = _write(tmp_path, 'sdk.azure.storage.containers: [ { account_name: "a", account_key: "k", '
+                            'endpoint: "http://127.0.0.1:1/a" } ]')
+    with pytest.raises(ConfigError) as info:
+        load_settings(conf)
+    message = str(info.value)
+    assert message.startswith(f"{conf}: sdk.azure.storage.containers[0]")
+    assert "endpoint" in message and "clearmlfs.azure" in message
+
+
+def test_clearmlfs_azure_adds_endpoint_and_connection_string_to_the_sdks_entry(tmp_path: Path) -> None:
+    conf = _write(tmp_path, """
+        sdk.azure.storage.containers: [ { account_name: "a", account_key: "k", container_name: "c" } ]
+        clearmlfs.azure: [ { account_name: "a", container_name: "other", endpoint: "http://wrong" }
+                           { account_name: "a", endpoint: "http://127.0.0.1:1/a", connection_string: "cs" } ]""")
+    settings = load_settings(conf)
+    entry = settings.azure_for(parse_url("azure://a.blob.core.windows.net/c/x"))
+    assert (entry.account_key, entry.account_url, entry.connection_string) == ("k", "http://127.0.0.1:1/a", "cs")
+    assert settings.mount_defaults == ()  # (the list is no mount option)
+
+
+def test_azure_default_credential_is_a_clear_difference(tmp_path: Path) -> None:
+    conf = _write(tmp_path, 'sdk.azure.storage.containers: [ { account_name: "a", use_default_credential: true } ]')
+    with pytest.raises(ConfigError, match="use_default_credential.*not supported"):
+        load_settings(conf).azure_for(parse_url("azure://a.blob.core.windows.net/c/x"))
+
+
+def test_gcs_credentials_json_given_inline_is_used(tmp_path: Path, monkeypatch) -> None:
+    from clearmlfs.backends import gcs
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    inline = service_account_key()
+    conf = _write(tmp_path, f"sdk.google.storage {{ credentials_json: {json.dumps(inline)} }}")
+    entry = load_settings(conf).gcs_for(parse_url("gs://b/x"))
+    assert entry.inline_json and inline not in repr(entry)
+    client = gcs._bare_client(entry)
+    assert client.project == "p" and client._credentials.service_account_email == "sa@p.iam.gserviceaccount.com"
+
+
+@pytest.mark.parametrize("broken", ["not json", "bad key"])
+def test_a_bad_inline_gcs_key_is_a_config_error_without_the_key(tmp_path: Path, monkeypatch, broken: str) -> None:
+    from clearmlfs.backends import gcs
+
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    inline = service_account_key(MARKER)
+    inline = inline[:-5] if broken == "not json" else inline.replace("BEGIN PRIVATE", "BEGIN BROKEN")
+    conf = _write(tmp_path, f"sdk.google.storage {{ credentials_json: {json.dumps(inline)} }}")
+    with pytest.raises(ConfigError) as info:
+        gcs._bare_client(load_settings(conf).gcs_for(parse_url("gs://b/x")))
+    assert "credentials_json" in str(info.value) and MARKER not in str(info.value)
+    assert "PRIVATE" not in str(info.value)
+
+
+def test_gcs_entry_keeps_its_own_credentials_as_the_sdk_does(settings, tmp_path: Path) -> None:
+    conf = _write(tmp_path, """sdk.google.storage { project: "dp", credentials_json: "/default.json",
+        credentials: [ { bucket: "b", project: "p1" } ] }""")
+    entry = load_settings(conf).gcs_for(parse_url("gs://b/x"))
+    assert (entry.project, entry.credentials_json) == ("p1", "")  # the SDK fills nothing in from the defaults
+
+
+def test_s3_host_entry_without_a_port_names_a_host_as_in_the_sdk(tmp_path: Path) -> None:
+    conf = _write(tmp_path, 'sdk.aws.s3.credentials: [ { host: "Minio.Example", key: "k", secret: "s" } ]')
+    settings = load_settings(conf)
+    url = parse_url("s3://minio.example/bucket/a/b")
+    assert (url.host, url.bucket, url.key) == ("minio.example", "bucket", "a/b")
+    assert settings.s3_for(url).key == "k"
+    assert parse_url("s3://elsewhere/a").bucket == "elsewhere"  # an unconfigured name stays a bucket
+
+
+def test_s3_extra_args_and_content_type_make_the_upload_arguments(tmp_path: Path) -> None:
+    from clearmlfs.backends.base import Attrs
+    from clearmlfs.backends.s3 import upload_args
+
+    conf = _write(tmp_path, """sdk.aws.s3 {
+        key: "k", secret: "s", extra_args: { ServerSideEncryption: "aws:kms", SSEKMSKeyId: "kid" }
+        credentials: [ { bucket: "acl", key: "k", secret: "s", extra_args: { ACL: "bucket-owner-full-control",
+                                                                             Metadata: { team: "x" } } } ] }""")
+    settings = load_settings(conf)
+    default = settings.s3_for(parse_url("s3://other/a.json"))
+    assert upload_args(default, "a.json", None) == {
+        "ContentType": "application/json", "ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "kid",
+    }
+    entry = settings.s3_for(parse_url("s3://acl/model.bin"))  # an entry's own extra_args only, as in the SDK
+    args = upload_args(entry, "model.bin", Attrs(mode=0o100644))
+    assert args["ContentType"] == "application/octet-stream" and args["ACL"] == "bucket-owner-full-control"
+    assert args["Metadata"] == {"team": "x", "mode": str(0o100644)} and "ServerSideEncryption" not in args
+    assert upload_args(entry, "noext", None)["ContentType"] == "binary/octet-stream"  # the SDK's fallback
+
+
+def test_an_extra_arg_boto3_would_refuse_is_refused(tmp_path: Path) -> None:
+    conf = _write(tmp_path, 'sdk.aws.s3 { extra_args: { Encryption: "AES256" } }')
+    with pytest.raises(ConfigError, match=rf"{conf}: sdk.aws.s3.extra_args: Encryption is not an upload argument"):
+        load_settings(conf)
+
+
+def test_s3_defaults_mean_what_the_sdk_means(tmp_path: Path, monkeypatch) -> None:
+    from clearmlfs.backends.s3 import make_client
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-north-1")
+    conf = _write(tmp_path, """sdk.aws.s3 {
+        key: "k", secret: "s", region: "", secure: false, verify: false, multipart: false
+        credentials: [ { host: "h:9000", key: "hk", secret: "hs" }
+                       { bucket: "chain", key: "ignored", secret: "ignored", use_credentials_chain: true } ] }""")
+    settings = load_settings(conf)
+    default = settings.s3_for(parse_url("s3://b/x"))
+    # An empty region falls back to AWS_DEFAULT_REGION; top-level secure applies, verify and multipart do not.
+    assert (default.region, default.secure, default.verify, default.multipart) == ("eu-north-1", False, None, True)
+    host = settings.s3_for(parse_url("s3://h:9000/b/x"))
+    assert (host.secure, host.region) == (True, "")  # entries inherit nothing from the top level
+    assert make_client(host, settings.s3).meta.region_name == "eu-north-1"  # boto3's own fallback, as the SDK's
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "from-chain")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-chain-secret")
+    chained = make_client(settings.s3_for(parse_url("s3://chain/x")), settings.s3)
+    assert chained._request_signer._credentials.access_key == "from-chain"  # the chain, not the entry's keys
+
+
+def test_no_s3_credentials_at_all_is_an_error_as_in_the_sdk(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no S3 credentials for s3://b"):
+        load_settings(_write(tmp_path, "sdk {}")).s3_for(parse_url("s3://b/x"))
+    settings = load_settings(_write(tmp_path, "sdk.aws.s3.use_credentials_chain: true"))
+    assert settings.s3_for(parse_url("s3://b/x")).use_credentials_chain
+
+
+def test_direct_access_globs_apply_with_the_sdks_size_aware_cache(tmp_path: Path) -> None:
+    conf = _write(tmp_path, """sdk.storage {
+        cache.disk_space_file_size_strategy.enabled: true
+        direct_access: [ { url: "s3://mirror/*" }, { url: "file:///nfs/*.pt" }, { content_type: "text/*" } ] }""")
+    settings = load_settings(conf)
+    assert settings.direct_path("s3://mirror/a/b.bin") == "/mirror/a/b.bin"  # the SDK's local path for it
+    assert settings.direct_path("file:///nfs/m.pt") == "/nfs/m.pt"
+    assert settings.direct_path("file:///nfs/m.txt") is None  # not matched: cached, as by the SDK
+    assert settings.direct_path("s3://mirrors/x") is None
+
+
+def test_an_empty_direct_access_list_is_kept(tmp_path: Path) -> None:
+    assert load_settings(_write(tmp_path, "sdk.storage.direct_access: []")).direct_access == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('sdk.aws.s3.credentials: [ { bucket: 5, key: "k", secret: "s" } ]', "sdk.aws.s3.credentials[0].bucket"),
+        ('sdk.aws.s3.credentials: [ "bucket" ]', "sdk.aws.s3.credentials[0]"),
+        ('sdk.aws.s3.credentials: { bucket: "b" }', "sdk.aws.s3.credentials"),
+        ('sdk.aws.s3.credentials: [ { bucket: "b", key: "k", secret: "s", secure: "false" } ]',
+         "sdk.aws.s3.credentials[0].secure"),
+        ('sdk.aws.s3.credentials: [ { bucket: "b", key: "k", secret: "s", extra: 1 } ]', "sdk.aws.s3.credentials[0]"),
+        ('sdk.aws.s3.credentials: [ { bucket: "b", key: "k", secret: "s", verify: "false" } ]',
+         "sdk.aws.s3.credentials[0].verify"),
+        ("sdk.aws.s3.key: 1234", "sdk.aws.s3.key"),
+        ('sdk.aws.boto3.pool_connections: "many"', "sdk.aws.boto3.pool_connections"),
+        ('sdk.storage.cache.default_cache_manager_size: "abc"', "sdk.storage.cache.default_cache_manager_size"),
+        ('sdk.storage.direct_access: [ { url: 5 } ]', "sdk.storage.direct_access[0].url"),
+        ('sdk.google.storage.credentials: [ { subdir: "x" } ]', "sdk.google.storage.credentials[0]"),
+        ('sdk.azure.storage.containers: [ { account_key: "k" } ]', "sdk.azure.storage.containers[0]"),
+        ('clearmlfs.azure: [ { account_name: "a", key: "k" } ]', "clearmlfs.azure[0]"),
+        ('clearmlfs.connect_timeout: "soon"', "clearmlfs.connect_timeout"),
+    ],
+)
+def test_a_value_the_sdk_cannot_use_is_a_config_error_naming_file_and_key(tmp_path: Path, text: str, key: str) -> None:
+    conf = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(conf)
+    assert str(info.value).startswith(f"{conf}: {key}")
+    proc = subprocess.run([sys.executable, "-m", "clearmlfs.cli", "config", "--config", str(conf)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and key in proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_a_count_in_quotes_is_refused_as_the_sdk_fails_on_it(tmp_path: Path) -> None:
+    assert load_settings(_write(tmp_path, "sdk.storage.cache.default_cache_manager_size: 50")).cache_file_limit == 50
+    with pytest.raises(ConfigError, match="default_cache_manager_size must be a number without quotes"):
+        load_settings(_write(tmp_path, 'sdk.storage.cache.default_cache_manager_size: "50"'))
+
+
+# -- provenance, and no secret anywhere ----------------------------------------------------------------------------
+
+MARKER = "SECRET-MARKER-1234"
+
+MARKED_CONF = f"""
+api {{ api_server: "http://127.0.0.1:1", credentials {{ access_key: "AK", secret_key: "{MARKER}-api" }} }}
+sdk {{
+    aws.s3 {{
+        key: "dk", secret: "{MARKER}-s3-default", token: "{MARKER}-token"
+        credentials: [ {{ bucket: "b", key: "{MARKER}-key", secret: "{MARKER}-secret", token: "{MARKER}-t",
+                          extra_args: {{ SSECustomerAlgorithm: "AES256", SSECustomerKey: "{MARKER}-ssec" }} }} ]
+    }}
+    azure.storage.containers: [ {{ account_name: "acct", account_key: "{MARKER}-azure" }} ]
+    google.storage {{ credentials_json: "{{\"type\": \"service_account\", \"private_key\": \"{MARKER}-gcs\"}}" }}
+}}
+clearmlfs {{ azure: [ {{ account_name: "acct", connection_string: "AccountKey={MARKER}-cs" }} ] }}
+"""
+
+
+def test_config_shows_where_each_setting_comes_from(tmp_path: Path, monkeypatch) -> None:
+    conf = _write(tmp_path, MARKED_CONF)
+    monkeypatch.setenv("CLEARML_CACHE_DIR", str(tmp_path / "cache"))
+    env = {**os.environ, "AWS_DEFAULT_REGION": "eu-west-2", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "clearmlfs.cli", "config", "--config", str(conf)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"cache: {tmp_path / 'cache'} [environment CLEARML_CACHE_DIR], file limit 100 [default]" in out
+    assert f"[key: {conf}: sdk.aws.s3.key], region eu-west-2 [environment AWS_DEFAULT_REGION]" in out
+    assert f"s3: s3://b [key/secret, upload args SSECustomerAlgorithm, SSECustomerKey] [{conf}: " \
+           "sdk.aws.s3.credentials[0]]" in out
+    assert f"[{conf}: sdk.azure.storage.containers[0]] [endpoint: {conf}: clearmlfs.azure[0]]" in out
+    assert f"gs (buckets without an entry): inline JSON key [{conf}: sdk.google.storage.credentials_json]" in out
+    assert f"api: http://127.0.0.1:1 [{conf}: api.api_server], key pair set" in out
+
+
+def test_no_secret_in_config_output_errors_logs_or_reprs(tmp_path: Path, caplog) -> None:
+    from clearmlfs.backends.gcs import _bare_client
+
+    conf = _write(tmp_path, MARKED_CONF)
+    proc = subprocess.run([sys.executable, "-m", "clearmlfs.cli", "config", "--config", str(conf)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    seen = [proc.stdout, proc.stderr]
+    settings = load_settings(conf)
+    seen += [repr(settings), repr(settings.s3), repr(settings.azure_own), repr(settings.gcs_default)]
+    for url in ("gs://b/x", "s3://nokey/x"):
+        with pytest.raises(ConfigError) as info:
+            if url.startswith("gs"):
+                _bare_client(settings.gcs_for(parse_url(url)))
+            else:
+                load_settings(_write(tmp_path, MARKED_CONF.replace('key: "dk", ', ""), "nokey.conf")).s3_for(
+                    parse_url(url))
+        seen.append(str(info.value))
+    # A malformed file near a secret, and a secret where the SDK wants a number.
+    for i, broken in enumerate((f'sdk.aws.s3 {{ secret: "{MARKER}" key = [ }}', f"sdk.aws.s3.secret: {MARKER}x{{")):
+        with pytest.raises(ConfigError) as info:
+            load_settings(_write(tmp_path, broken, f"broken{i}.conf"))
+        seen.append(str(info.value))
+    seen.append(caplog.text)
+    assert not [text for text in seen if MARKER in text]
