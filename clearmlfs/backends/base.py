@@ -336,19 +336,40 @@ _deadline = threading.local()
 
 
 @contextlib.contextmanager
-def deadline(seconds: float | None) -> Iterator[None]:
-    """Calls made in this thread inside the block give up retrying `seconds` from now (None: no deadline)."""
-    before = getattr(_deadline, "at", None)
+def deadline(seconds: float | None, *, retry_refused: bool = True) -> Iterator[None]:
+    """Calls made in this thread inside the block give up retrying `seconds` from now (None: no deadline).
+
+    Without `retry_refused`, a refused connection is not retried either: nothing listens there, and a caller
+    that must answer at once (the StorageManager API, as the ClearML SDK does) says so instead of waiting.
+    """
+    before = getattr(_deadline, "at", None), getattr(_deadline, "retry_refused", True)
     _deadline.at = None if seconds is None else time.monotonic() + seconds
+    _deadline.retry_refused = retry_refused
     try:
         yield
     finally:
-        _deadline.at = before
+        _deadline.at, _deadline.retry_refused = before
 
 
 def _time_left() -> float | None:
     at: float | None = getattr(_deadline, "at", None)
     return None if at is None else at - time.monotonic()
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, is a refused connection."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _give_up(exc: Transient) -> bool:
+    return not getattr(_deadline, "retry_refused", True) and refused(exc)
 
 
 P = ParamSpec("P")
@@ -372,7 +393,7 @@ def retry(
                 try:
                     return fn(*args, **kwargs)
                 except Transient as exc:
-                    if attempt == attempts:
+                    if attempt == attempts or _give_up(exc):
                         raise
                     delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
                     left = _time_left()
