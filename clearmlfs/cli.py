@@ -61,7 +61,8 @@ def describe(s: Settings) -> list[str]:
     lines = [
         f"config files: {files}",
         f"cache: {s.cache_dir} [{o.get('cache_dir', 'default')}], file limit {s.cache_file_limit} "
-        f"[{o.get('cache_file_limit', 'default')}]",
+        f"[{o.get('cache_file_limit', 'default')}]{' (not applied: size-aware cache)' if s.size_cache else ''}",
+        _size_cache(s),
         f"s3 (buckets without an entry): {auth} [key: {o.get('s3.key', 'default')}], region "
         f"{d.region or 'from boto3'} [{o.get('s3.region', 'default')}]{', http' if not d.secure else ''}"
         + _upload_args(d),
@@ -90,6 +91,23 @@ def describe(s: Settings) -> list[str]:
                  f"[{o.get('timeouts.read', 'default')}], operation {t.operation:g} s, revalidate {t.revalidate:g} s;"
                  f" offline reads {'on' if s.offline_reads else 'off'}")
     return lines
+
+
+def _size_cache(s: Settings) -> str:
+    """The SDK's size-aware cache mode: off, or on with its limits."""
+    o = {name[len("size_cache."):]: origin for name, origin in s.origins.items() if name.startswith("size_cache.")}
+    c = s.size_cache
+    if c is None:
+        return f"size-aware cache: off [{o.get('mode', 'default')}]"
+    return (f"size-aware cache: on [{o.get('mode', 'default')}], max used {_bytes(c.max_used_bytes)} "
+            f"[{o.get('max_used_bytes', 'default')}], min free {_bytes(c.min_free_bytes)} "
+            f"[{o.get('min_free_bytes', 'default')}], margin {c.cleanup_margin:.0%} "
+            f"[{o.get('cleanup_margin_percent', 'default')}], files used within {c.cleanup_seconds_threshold:g} s "
+            f"kept [{o.get('cleanup_seconds_threshold', 'default')}]")
+
+
+def _bytes(limit: int) -> str:
+    return f"{limit} bytes" if limit > 0 else "no limit"
 
 
 def _upload_args(c: S3Credentials) -> str:

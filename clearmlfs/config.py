@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import sdk_size_cache
 from .errors import ConfigError, InvalidURL
 from .urls import StorageURL, parse_url, register_s3_host
 
@@ -619,6 +620,7 @@ def _settings_from(conf: _Conf) -> Settings:
         if conf.has(f"{OWN_SECTION}.read_timeout") else conf.origin("sdk.aws.boto3.read_timeout"),
         "api.api_server": conf.origin("api.api_server", "CLEARML_API_HOST", "TRAINS_API_HOST"),
         "api.credentials": conf.origin("api.credentials.access_key", "CLEARML_API_ACCESS_KEY", "TRAINS_API_ACCESS_KEY"),
+        **{f"size_cache.{name}": conf.origin(key) for name, key in sdk_size_cache.setting_keys(sdk).items()},
     }
     return Settings(
         source=conf.trees[-1][0] if conf.trees else None,

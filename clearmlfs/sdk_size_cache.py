@@ -93,6 +93,26 @@ def setting(sdk: Any, *keys: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def setting_keys(sdk: Any) -> dict[str, str]:
+    """The key (``sdk.…``) each setting of this mode is read from (by `mode_on`, `setting`): where clearml.conf
+    sets it, else where it belongs. "mode" is the key that turns the mode on or off."""
+    legacy = next((section for section in LEGACY_SECTIONS if lookup(sdk, section)), None)
+    mode = legacy if legacy and lookup(sdk, f"{SECTION}.enabled") is None else f"{SECTION}.enabled"
+    keys = {"mode": mode, "cleanup_seconds_threshold": "storage.cache.cleanup_seconds_threshold"}
+    keys |= {name: _read_from(sdk, "size", name) for name in ("max_used_bytes", "min_free_bytes",
+                                                              "cleanup_margin_percent")}
+    return {name: f"sdk.{key}" for name, key in keys.items()}
+
+
+def _read_from(sdk: Any, *keys: str) -> str:
+    """Where `setting(sdk, *keys)` reads: the strategy section's key if present, else the legacy one if set."""
+    marker = object()
+    strategy, legacy = ".".join((SECTION, *keys)), ".".join(("storage.cache", *keys))
+    if lookup(sdk, strategy, marker) is marker and lookup(sdk, legacy, marker) is not marker:
+        return legacy
+    return strategy
+
+
 def secondary_dir(sdk: Any) -> str:
     """The SDK's secondary cache folder, if one is configured ("" if not)."""
     return str(

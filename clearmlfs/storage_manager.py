@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlparse, urlunparse
 
 from . import archive
 from .backends import Backend, BackendPool, ObjectInfo
@@ -148,7 +149,7 @@ class StorageManager:
     def upload_file(
         cls, local_file: str, remote_url: str, wait_for_upload: bool = True, retries: int | None = None
     ) -> str:
-        """Upload `local_file` to `remote_url`; returns the URL.
+        """Upload `local_file` to `remote_url`; returns the URL (an http(s) URL's path %-quoted, as the SDK's).
 
         A missing `local_file` raises FileNotFoundError; an upload that finally fails raises `UploadFailed`
         (a StorageError and, as in the SDK, a ValueError). Without `wait_for_upload` a failure is logged.
@@ -160,9 +161,9 @@ class StorageManager:
         if not wait_for_upload:
             future = _rt().uploads.submit(_upload_with_retries, backend, src, parsed, retries)
             future.add_done_callback(lambda f: _log_failed_upload(f, remote_url))
-            return remote_url
-        _upload_with_retries(backend, src, parsed, retries)
-        return remote_url
+        else:
+            _upload_with_retries(backend, src, parsed, retries)
+        return _uploaded_url(remote_url)
 
     @classmethod
     def upload_folder(
@@ -222,7 +223,7 @@ class StorageManager:
                 return None
             cached, fresh = fetched, _identity(fetched) != before
         if extract_archive and _extracted_suffix(cached.name):
-            return str(_extract(context, remote_url, cached, name, fresh))
+            return str(_extract(context, remote_url, cached, name, fresh, in_cache=direct is None))
         return str(cached)
 
     @classmethod
@@ -327,8 +328,8 @@ class StorageManager:
         """Names of every object whose key starts with `remote_url`'s path (or ``{"size", "name"}`` dicts).
 
         Names are relative to the bucket, or for file:// URLs to `remote_url`'s folder (None if it is not a folder),
-        as in the SDK.
-        `read_hash` is accepted for the SDK's signature; no ``hash`` is read (see the README).
+        as in the SDK. With `read_hash` too, each dict has the ``hash`` the SDK stored with the object, if any
+        (an S3 listing shows no metadata: each object is asked, as the SDK asks).
         """
         parsed, backend = _locate(remote_url)
         try:
@@ -340,9 +341,11 @@ class StorageManager:
             log.warning("Can not list files for %r - %s", remote_url, exc)
             return None
         names = [_listed_name(remote_url, parsed, info, return_full_path) for info in infos]
-        if with_metadata:
-            return [{"size": info.size, "name": name} for info, name in zip(infos, names, strict=True)]
-        return names
+        if not with_metadata:
+            return names
+        if read_hash:
+            infos = [_with_hash(backend, info) for info in infos]
+        return [_as_metadata(info, name, read_hash) for info, name in zip(infos, names, strict=True)]
 
     @classmethod
     def exists_file(cls, remote_url: str) -> bool:
@@ -377,9 +380,8 @@ class StorageManager:
     def get_metadata(
         cls, remote_url: str, return_full_path: bool = False, read_hash: bool = False
     ) -> dict[str, Any] | None:
-        """``{"size", "name"}`` of one object, or None (logged) if it cannot be read.
-
-        `read_hash` is accepted for the SDK's signature; no ``hash`` is read (see the README).
+        """``{"size", "name"}`` of one object, or None (logged) if it cannot be read; with `read_hash`, also the
+        ``hash`` the SDK stored with the object (its ``sha256`` metadata), if it has one.
         """
         parsed, backend = _locate(remote_url)
         try:
@@ -387,8 +389,7 @@ class StorageManager:
         except StorageError as exc:
             log.warning("get_metadata %s failed: %s", remote_url, exc)
             return None
-        name = parsed.child(info.key).url if return_full_path else info.key
-        return {"size": info.size, "name": name}
+        return _as_metadata(info, parsed.child(info.key).url if return_full_path else info.key, read_hash)
 
     # -- ClearML server and progress reports --------------------------------------------------------------
     @classmethod
@@ -464,7 +465,9 @@ def archive_folder(context: CacheContext, remote_url: str, cached: Path, name: s
     return folder / ARCHIVE_FOLDER.format(entry[: len(entry) - len(suffix)], quote(name, safe=" ") if name else name)
 
 
-def _extract(context: CacheContext, remote_url: str, archive_path: Path, name: str | None, fresh: bool) -> Path:
+def _extract(
+    context: CacheContext, remote_url: str, archive_path: Path, name: str | None, fresh: bool, in_cache: bool
+) -> Path:
     """The archive's extraction folder, extracted once; the archive itself if it cannot be extracted (logged).
 
     A folder already there is reused, as the SDK does, unless this call downloaded a new copy of the archive
@@ -475,7 +478,8 @@ def _extract(context: CacheContext, remote_url: str, archive_path: Path, name: s
     if target.is_dir() and fresh and state.extracted != state.etag:
         shutil.rmtree(target, ignore_errors=True)
     try:
-        with context.pin(archive_path) if archive_path.parent == context.folder else contextlib.nullcontext():
+        # (the cached copy is pinned while read; a file read in place is not the cache's to pin)
+        with context.pin(archive_path) if in_cache else contextlib.nullcontext():
             archive.extract_once(archive_path, target)
     except StorageError as exc:
         log.warning("get_local_copy %s: cannot extract %s: %s", remote_url, archive_path.name, exc)
@@ -512,6 +516,14 @@ def _upload_with_retries(backend: Backend, src: Path, target: StorageURL, retrie
     raise AssertionError("unreachable")
 
 
+def _uploaded_url(remote_url: str) -> str:
+    """The URL upload_file returns, as the SDK's: for http(s), with its path %-quoted (a link to the file)."""
+    parsed = urlparse(remote_url)
+    if parsed.scheme not in ("http", "https"):
+        return remote_url
+    return urlunparse(parsed._replace(path=quote(parsed.path)))
+
+
 def _log_failed_upload(future: Future[ObjectInfo], remote_url: str) -> None:
     exc = future.exception()
     if exc is not None:
@@ -520,6 +532,26 @@ def _log_failed_upload(future: Future[ObjectInfo], remote_url: str) -> None:
 
 def _objects(backend: Backend, prefix: str) -> list[ObjectInfo]:
     return [e for e in backend.list(prefix, delimiter=None) if isinstance(e, ObjectInfo)]
+
+
+def _as_metadata(info: ObjectInfo, name: str, read_hash: bool) -> dict[str, Any]:
+    """An object's metadata dict, as the SDK's get_object_metadata makes it."""
+    found: dict[str, Any] = {"size": info.size, "name": name}
+    if read_hash and info.sha256:
+        found["hash"] = info.sha256
+    return found
+
+
+def _with_hash(backend: Backend, info: ObjectInfo) -> ObjectInfo:
+    """`info` with the hash its object's metadata holds, asked of the server when the listing could not say it
+    (as the SDK asks; no hash, as in the SDK, if the object cannot be asked)."""
+    if info.attrs_known:
+        return info
+    try:
+        return dataclasses.replace(info, sha256=_ask(lambda: backend.stat(info.key)).sha256)
+    except StorageError as exc:
+        log.warning("list: cannot read the metadata of %s: %s", info.key, exc)
+        return info
 
 
 def _listed_name(remote_url: str, parsed: StorageURL, info: ObjectInfo, full: bool) -> str:

@@ -1,4 +1,5 @@
-"""A file's mtime and mode kept in object metadata by the Azure and GCS backends, against the real emulators."""
+"""A file's mtime and mode kept in object metadata by the Azure and GCS backends, the content type and the SDK's hash
+they store and read as the ClearML SDK does, against the real emulators."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ class Provider:
             blob = self.server.client().bucket(self.server.bucket).blob(key)
             blob.metadata = metadata
             blob.upload_from_string(data)
+
+    def raw_content_type(self, key: str) -> str:
+        if isinstance(self.server, servers.Azurite):
+            container = self.server.service_client().get_container_client(self.server.container)
+            return str(container.get_blob_client(key).get_blob_properties().content_settings.content_type)
+        return str(self.server.client().bucket(self.server.bucket).get_blob(key).content_type)
 
     def raw_metadata(self, key: str) -> dict[str, str]:
         if isinstance(self.server, servers.Azurite):
@@ -107,6 +114,39 @@ def test_streamed_upload_stores_attrs(azurite: servers.Azurite, tmp_path: Path) 
     assert info.attrs == ATTRS
     assert backend.stat(key).attrs == ATTRS
     assert backend.read(key) == data
+
+
+def test_uploads_get_the_content_type_the_sdk_gives_them(provider: Provider, tmp_path: Path) -> None:
+    """Guessed from the object's name, as the SDK's Azure uploads (`ContentSettings(get_file_mimetype(name))`,
+    binary/octet-stream when the name tells nothing; the SDK cannot reach Azurite) and S3 uploads do. (The SDK's
+    GCS uploads guess from the local file's name: tests/test_differential.py.)"""
+    backend = provider.backend
+    unknown = "binary/octet-stream" if isinstance(provider.server, servers.Azurite) else "application/octet-stream"
+    src = _file(tmp_path / "src", 1024)
+    expected = {"dir/table.json": "application/json", "notes.txt": "text/plain", "model.unknown-suffix": unknown,
+                "archive.tar.gz": "application/x-tar"}
+    for name in expected:
+        backend.upload(src, provider.key(name), attrs=ATTRS)
+    assert {name: provider.raw_content_type(provider.key(name)) for name in expected} == expected
+    backend.set_attrs(provider.key("notes.txt"), LATER)
+    assert provider.raw_content_type(provider.key("notes.txt")) == "text/plain"
+
+
+def test_streamed_upload_gets_the_content_type(azurite: servers.Azurite, tmp_path: Path) -> None:
+    provider = Provider(stores.azure_store(azurite), azurite, tmp_path)
+    backend, key = provider.backend, provider.key("streamed.csv")
+    assert backend.stream_threshold is not None
+    backend.upload_stream(_Chunks(stores.random_bytes(backend.stream_threshold + MIB, seed=8)), key, attrs=ATTRS)
+    assert provider.raw_content_type(key) == "text/csv"
+
+
+def test_the_sdks_sha256_metadata_shows_in_stat_and_listings(provider: Provider) -> None:
+    backend, key = provider.backend, provider.key("hashed.bin")
+    provider.put_raw(key, b"hashed", {"sha256": "ab" * 32})
+    provider.put_raw(provider.key("plain.bin"), b"plain", {})
+    assert backend.stat(key).sha256 == "ab" * 32 and backend.stat(provider.key("plain.bin")).sha256 is None
+    listed = _listed(backend, provider.prefix + "/", None)
+    assert listed[key].sha256 == "ab" * 32 and listed[provider.key("plain.bin")].sha256 is None
 
 
 def test_set_attrs_keeps_content_and_other_metadata(provider: Provider) -> None:

@@ -25,6 +25,7 @@ import pytest
 
 from clearmlfs import StorageManager
 from tests import servers, stores
+from tests.fileserver import FileServer
 from tests.sdk_differential import Call, Outcome, both, call, run_ours, run_sdk, signatures
 from tests.stores import Store
 
@@ -255,6 +256,79 @@ def test_uploads_and_folders_land_alike(store: Store, tmp_path: Path) -> None:
         assert _object(f"{base}/sdk/{name}") == _object(f"{base}/ours/{name}"), name
 
 
+def test_content_type_is_guessed_from_the_object_name(store: Store, tmp_path: Path) -> None:
+    """The SDK's S3 uploads guess the content type from the object's name (binary/octet-stream when it tells
+    nothing); so do clearmlfs's, on every provider. DIFFERENCE: the SDK's GCS uploads guess from the local
+    file's name (application/octet-stream when it tells nothing), clearmlfs from the object's, as on S3 and Azure
+    (a file written through the mount has no name of its own on this machine)."""
+    conf = _conf(tmp_path, store)
+    (tmp_path / "notes.txt").write_text("text")
+    (tmp_path / "blob").write_bytes(b"\0")
+    base = store.fresh_prefix()
+    uploads = [("notes.txt", "same.txt"), ("blob", "table.json"), ("notes.txt", "data.unknown-suffix")]
+
+    def calls(side: str) -> list[Call]:
+        return [call("upload_file", str(tmp_path / local), f"{base}/{side}/{name}") for local, name in uploads]
+
+    sdk, ours = run_sdk(conf, calls("sdk")).outcomes, run_ours(conf, calls("ours"))
+    assert [o.exc for o in sdk + ours] == [None] * 6
+    theirs = {name: _content_type(f"{base}/sdk/{name}") for _, name in uploads}
+    mine = {name: _content_type(f"{base}/ours/{name}") for _, name in uploads}
+    default = "application/octet-stream" if store.root.startswith("gs://") else "binary/octet-stream"
+    assert mine == {"same.txt": "text/plain", "table.json": "application/json", "data.unknown-suffix": default}
+    if store.root.startswith("gs://"):
+        assert theirs == {"same.txt": "text/plain", "table.json": default, "data.unknown-suffix": "text/plain"}
+    else:
+        assert theirs == mine
+
+
+def _put_hashed(url: str, data: bytes, sha256: str) -> None:
+    """Store an object with the ``sha256`` metadata the SDK writes with `upload_hash` (boto3 / google client)."""
+    from clearmlfs.urls import parse_url
+
+    parsed = parse_url(url)
+    if parsed.scheme == "s3":
+        _s3_client(parsed).put_object(Bucket=parsed.bucket, Key=parsed.key, Body=data, Metadata={"sha256": sha256})
+        return
+    blob = _gcs_client().bucket(parsed.bucket).blob(parsed.key)
+    blob.metadata = {"sha256": sha256}
+    blob.upload_from_string(data)
+
+
+def test_read_hash_gives_the_sha256_the_sdk_stored(store: Store, tmp_path: Path) -> None:
+    """get_metadata and list(with_metadata=True) with read_hash add ``hash`` when the object's metadata has a
+    ``sha256`` (S3's listing carries no metadata: each object is asked, as the SDK does)."""
+    conf = _conf(tmp_path, store)
+    StorageManager.configure(conf)
+    base = store.fresh_prefix()
+    _put_hashed(f"{base}/hashed.bin", b"hashed", "ab" * 32)
+    _put(f"{base}/plain.bin", b"plain", tmp_path)
+    calls = [
+        call("get_metadata", f"{base}/hashed.bin", False, True), call("get_metadata", f"{base}/hashed.bin"),
+        call("get_metadata", f"{base}/plain.bin", True, True),
+        call("list", base, False, True, True), call("list", base, True, True, True), call("list", base, False, True),
+    ]
+    sdk, ours = both(conf, *calls)
+    _same(sdk, ours, calls, tmp_path)
+    assert ours[0].value == {"size": 6, "name": f"{base[len(store.root) + 1:]}/hashed.bin", "hash": "ab" * 32}
+    assert [sorted(d) for d in ours[3].value] == [["hash", "name", "size"], ["name", "size"]]
+
+
+def test_fileserver_upload_returns_the_url_quoted(fileserver: FileServer, tmp_path: Path) -> None:
+    """upload_file to the fileserver returns the URL with its path %-quoted, as the SDK's (a link)."""
+    conf = _conf(tmp_path)
+    text = json.loads(conf.read_text())
+    text["api"] = fileserver.api_conf()
+    conf.write_text(json.dumps(text))
+    (tmp_path / "f.txt").write_text("x")
+    folder = f"{fileserver.files_server}/t-{uuid.uuid4().hex[:8]}"
+    calls = [call("upload_file", str(tmp_path / "f.txt"), f"{folder}/{side}/{name}")
+             for side in ("sdk", "ours") for name in ("plain.txt", "with space.txt", "ünï €.txt")]
+    sdk, ours = run_sdk(conf, calls[:3]).outcomes, run_ours(conf, calls[3:])
+    assert [o.value.replace("/sdk/", "/SIDE/") for o in sdk] == [o.value.replace("/ours/", "/SIDE/") for o in ours]
+    assert ours[1].value == f"{folder}/ours/with%20space.txt"
+
+
 def test_upload_without_waiting(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> None:
     """DIFFERENCE: with wait_for_upload=False the SDK returns its thread pool's pending result (an ApplyResult,
     whatever the file), clearmlfs the URL, as the signature says, and a missing file raises FileNotFoundError at
@@ -291,23 +365,29 @@ def _content_type(url: str) -> str | None:
 
     parsed = parse_url(url)
     if parsed.scheme == "s3":
-        import boto3
-        import botocore.config
-
-        entry = StorageManager.settings().s3_for(parsed)
-        client = boto3.client(
-            "s3", endpoint_url=f"http://{entry.host}", aws_access_key_id=entry.key, aws_secret_access_key=entry.secret,
-            config=botocore.config.Config(s3={"addressing_style": "path"}), region_name="us-east-1",
-        )
-        content_type: str = client.head_object(Bucket=parsed.bucket, Key=parsed.key)["ContentType"]
+        content_type: str = _s3_client(parsed).head_object(Bucket=parsed.bucket, Key=parsed.key)["ContentType"]
         return content_type
+    blob = _gcs_client().bucket(parsed.bucket).get_blob(parsed.key)
+    return None if blob is None else blob.content_type
+
+
+def _s3_client(parsed: Any) -> Any:
+    """A plain boto3 client with the keys clearml.conf gives `parsed`'s bucket (as configured in StorageManager)."""
+    import boto3
+    import botocore.config
+
+    entry = StorageManager.settings().s3_for(parsed)
+    return boto3.client(
+        "s3", endpoint_url=f"http://{entry.host}", aws_access_key_id=entry.key, aws_secret_access_key=entry.secret,
+        config=botocore.config.Config(s3={"addressing_style": "path"}), region_name="us-east-1",
+    )
+
+
+def _gcs_client() -> Any:
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    blob = storage.Client(project="test-project", credentials=AnonymousCredentials()).bucket(parsed.bucket).get_blob(
-        parsed.key
-    )
-    return None if blob is None else blob.content_type
+    return storage.Client(project="test-project", credentials=AnonymousCredentials())
 
 
 # -- credentials ----------------------------------------------------------------------------------------------

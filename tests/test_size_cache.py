@@ -3,11 +3,15 @@ clearmlfs and the real SDK still share one cache — the same layout, the same e
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,7 @@ import pytest
 
 from clearmlfs import StorageManager
 from clearmlfs.cache import CacheContext
+from clearmlfs.cli import describe
 from clearmlfs.config import load_settings
 from clearmlfs.errors import ConfigError
 from clearmlfs.urls import url_to_mount_path
@@ -32,6 +37,13 @@ import sys
 from clearml import StorageManager
 for url in sys.argv[1:]:
     print("CACHED:" + str(StorageManager.get_local_copy(url, extract_archive=False)))
+"""
+
+_SDK_EXTRACT = """
+import sys
+from clearml import StorageManager
+for url in sys.argv[1:]:
+    print("CACHED:" + str(StorageManager.get_local_copy(url, name="a-name")))
 """
 
 _SDK_PATH = """
@@ -108,6 +120,32 @@ def test_what_clearmlfs_cannot_follow_is_a_config_error(tmp_path: Path, sdk: dic
         _settings(tmp_path, {"storage": {"cache": sdk}})
 
 
+def test_config_shows_the_mode_its_limits_and_where_each_comes_from(tmp_path: Path) -> None:
+    conf = tmp_path / "c.conf"
+
+    def shown(sdk: dict[str, Any]) -> list[str]:
+        return [line for line in describe(_settings(tmp_path, sdk)) if line.startswith(("cache:", "size-aware"))]
+
+    cache, mode = shown(_size_mode(max_used="2GB", threshold=30))
+    strategy = f"{conf}: sdk.storage.cache.{SECTION}"
+    assert cache.endswith("file limit 100 [default] (not applied: size-aware cache)")
+    assert mode == (
+        f"size-aware cache: on [{strategy}.enabled], max used 2000000000 bytes [{strategy}.size.max_used_bytes], "
+        f"min free no limit [{strategy}.size.min_free_bytes], margin 10% [{strategy}.size.cleanup_margin_percent], "
+        f"files used within 30 s kept [{conf}: sdk.storage.cache.cleanup_seconds_threshold]"
+    )
+    _, legacy = shown({"storage": {"cache": {"size": {"max_used_bytes": "1GiB"}}}})
+    assert legacy == (
+        f"size-aware cache: on [{conf}: sdk.storage.cache.size], max used 1073741824 bytes "
+        f"[{conf}: sdk.storage.cache.size.max_used_bytes], min free 10000000000 bytes [default], margin 5% "
+        "[default], files used within 20 s kept [default]"
+    )
+    cache, off = shown({})
+    assert off == "size-aware cache: off [default]" and cache.endswith("file limit 100 [default]")
+    _, disabled = shown({"storage": {"cache": {SECTION: {"enabled": False}}}})
+    assert disabled == f"size-aware cache: off [{strategy}.enabled]"
+
+
 def test_clearmlfs_own_limits_are_refused_in_this_mode(tmp_path: Path) -> None:
     settings = _settings(tmp_path, _size_mode())
     with pytest.raises(ConfigError, match="min_free_bytes"):
@@ -157,6 +195,46 @@ def test_file_fetched_by_clearmlfs_is_found_by_the_sdk_without_a_download(
     seaweedfs_proxy.reset()
     assert _sdk(_SDK_GET, conf, tmp_path / "home", url) == [ours]
     assert seaweedfs_proxy.count("GET", key) == 0, f"the SDK downloaded again: {seaweedfs_proxy.requests}"
+
+
+def _archive(name: str) -> bytes:
+    out = io.BytesIO()
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(out, "w") as zf:
+            zf.writestr("inner/a.txt", "a")
+    else:
+        with tarfile.open(fileobj=out, mode="w:gz") as tf:
+            info = tarfile.TarInfo("inner/a.txt")
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"a"))
+    return out.getvalue()
+
+
+def test_archive_is_extracted_next_to_its_copy_into_the_folder_the_sdk_uses(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    """In this mode the SDK extracts to ``<md5(url)>.<name without suffix>_artifacts_archive_cache`` beside the
+    copy, whatever `name` is given; an archive either extracted is reused by the other, not extracted again."""
+    store = stores.seaweed_store(seaweedfs)
+    conf, cache_dir = stores.conf_for(tmp_path, "archives", store, extra=_size_mode())
+    prefix = store.fresh_prefix()
+    sdk_first, ours_first = f"{prefix}/sdk first/model.zip", f"{prefix}/ours-first/data.tar.gz"
+    for url in (sdk_first, ours_first):
+        _put(seaweedfs, store, url, _archive(url))
+    [theirs] = _sdk(_SDK_EXTRACT, conf, tmp_path / "home", sdk_first)
+    copy = cache_dir / "storage" / sdk_first.replace("://", "/").replace(":", ".", 1)
+    digest = hashlib.md5(sdk_first.encode()).hexdigest()
+    assert theirs == str(copy.parent / f"{digest}.model_artifacts_archive_cache")
+    (Path(theirs) / "left-by-the-sdk").write_text("kept")
+    StorageManager.configure(conf)
+    assert StorageManager.get_local_copy(sdk_first, name="a-name") == theirs
+    assert (Path(theirs) / "left-by-the-sdk").is_file() and (Path(theirs) / "inner/a.txt").read_text() == "a"
+    ours = StorageManager.get_local_copy(ours_first, name="a-name")
+    assert ours is not None and (Path(ours) / "inner/a.txt").read_text() == "a"
+    (Path(ours) / "left-by-clearmlfs").write_text("kept")
+    assert _sdk(_SDK_EXTRACT, conf, tmp_path / "home", ours_first) == [ours]
+    assert (Path(ours) / "left-by-clearmlfs").is_file()
+    assert Path(ours).name == f"{hashlib.md5(ours_first.encode()).hexdigest()}.data_artifacts_archive_cache"
 
 
 # -- eviction by bytes -----------------------------------------------------------------------------------------

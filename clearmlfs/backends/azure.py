@@ -26,7 +26,14 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobBlock, BlobClient, BlobPrefix, BlobProperties, BlobServiceClient
+from azure.storage.blob import (
+    BlobBlock,
+    BlobClient,
+    BlobPrefix,
+    BlobProperties,
+    BlobServiceClient,
+    ContentSettings,
+)
 
 from ..config import DEFAULT_TIMEOUTS, AzureContainer, Timeouts
 from ..errors import (
@@ -53,9 +60,11 @@ from .base import (
     Reader,
     ReaderAbandoned,
     attrs_metadata,
+    content_type,
     local_error,
     log_request,
     metadata_attrs,
+    metadata_sha256,
     paged,
     request_log,
     retry,
@@ -155,7 +164,8 @@ class AzureBackend(Backend):
             try:
                 try:
                     result = blob.upload_blob(
-                        data, length=size, overwrite=True, max_concurrency=self._concurrency, metadata=meta, **hook
+                        data, length=size, overwrite=True, max_concurrency=self._concurrency, metadata=meta,
+                        content_settings=_content_settings(key), **hook,
                     )
                 except HttpResponseError as exc:
                     if _code(exc) != "InvalidBlobOrBlock":
@@ -166,7 +176,8 @@ class AzureBackend(Backend):
                     data.seek(0)
                     result = blob.upload_blob(
                         cast(IO[bytes], _Unseekable(data)), length=size, overwrite=True,
-                        max_concurrency=self._concurrency, metadata=meta, **hook,
+                        max_concurrency=self._concurrency, metadata=meta, content_settings=_content_settings(key),
+                        **hook,
                     )
             except _CAUGHT as exc:
                 raise _translate(exc, self._url(key)) from None
@@ -188,7 +199,7 @@ class AzureBackend(Backend):
         try:
             blob.upload_blob(
                 cast(IO[bytes], reader), length=None, overwrite=True, max_concurrency=threads,
-                metadata=_metadata(attrs), **_hook(progress),
+                metadata=_metadata(attrs), content_settings=_content_settings(key), **_hook(progress),
             )
         except _CAUGHT as exc:
             self._discard_staged(blob, before)
@@ -277,7 +288,8 @@ class AzureBackend(Backend):
             raise _translate(exc, self._url(key)) from None
         # The content is untouched, but Last-Modified and the ETag move with the metadata.
         return ObjectInfo(
-            key, props.size, result["last_modified"].timestamp(), _etag(result["etag"]), metadata_attrs(meta)
+            key, props.size, result["last_modified"].timestamp(), _etag(result["etag"]), metadata_attrs(meta),
+            sha256=metadata_sha256(meta),
         )
 
     def close(self) -> None:
@@ -377,8 +389,14 @@ def _wait_for_copy(dst: BlobClient, status: str, copy_id: str, url: str) -> Blob
 
 def _info(props: BlobProperties) -> ObjectInfo:
     return ObjectInfo(
-        props.name, props.size, props.last_modified.timestamp(), _etag(props.etag), metadata_attrs(props.metadata)
+        props.name, props.size, props.last_modified.timestamp(), _etag(props.etag), metadata_attrs(props.metadata),
+        sha256=metadata_sha256(props.metadata),
     )
+
+
+def _content_settings(key: str) -> ContentSettings:
+    """An upload's content type, as the SDK's Azure uploads set it: guessed from the blob's name."""
+    return ContentSettings(content_type=content_type(key))
 
 
 def _metadata(attrs: Attrs | None) -> dict[str, str] | None:

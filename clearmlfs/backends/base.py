@@ -18,6 +18,7 @@ import errno
 import functools
 import http.client
 import logging
+import mimetypes
 import os
 import random
 import re
@@ -73,6 +74,7 @@ class ObjectInfo:
     etag: str  # ETag (S3, Azure) or generation (GCS); changes whenever the content does
     attrs: Attrs = Attrs()  # what its metadata stores
     attrs_known: bool = True  # False where the answer cannot carry metadata (an S3 listing entry)
+    sha256: str | None = None  # the SHA-256 the ClearML SDK stores in the metadata (`sha256`), if any
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class ReaderAbandoned(Exception):
 # Metadata keys, as rclone and s3fs name them on S3 (``x-amz-meta-mtime``, ``x-amz-meta-mode``) and rclone on
 # Azure and GCS; gcsfuse's and gsutil's mtimes are read too.
 META_MTIME, META_MODE = "mtime", "mode"
+META_SHA256 = "sha256"  # the ClearML SDK's (StorageHelper upload with `upload_hash`), read by `read_hash`
 _OTHER_MTIMES = ("gcsfuse_mtime", "goog-reserved-file-mtime")
 _SECONDS = re.compile(r"(-?\d{1,12})(?:\.(\d+))?")
 _RFC3339 = re.compile(r"(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", re.IGNORECASE)
@@ -114,6 +117,21 @@ def attrs_metadata(attrs: Attrs) -> dict[str, str]:
     if attrs.mode is not None:
         meta[META_MODE] = str(attrs.mode)
     return meta
+
+
+def metadata_sha256(meta: Mapping[str, str] | None) -> str | None:
+    """The hash the ClearML SDK stores with an upload (its metadata key ``sha256``, read as the SDK reads it)."""
+    value = (meta or {}).get(META_SHA256)
+    return value if isinstance(value, str) and value else None
+
+
+SDK_CONTENT_TYPE = "binary/octet-stream"  # the SDK's content type when a name tells nothing (S3, Azure)
+
+
+def content_type(key: str, default: str = SDK_CONTENT_TYPE) -> str:
+    """The content type the ClearML SDK gives an upload named `key` (its get_file_mimetype: guessed from the
+    name, read as a path, so a key like ``data:x.csv`` is not taken for a data URL)."""
+    return mimetypes.guess_type("/" + key)[0] or default
 
 
 def metadata_attrs(meta: Mapping[str, str] | None) -> Attrs:

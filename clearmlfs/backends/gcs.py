@@ -46,9 +46,11 @@ from .base import (
     Prefix,
     Progress,
     attrs_metadata,
+    content_type,
     local_error,
     log_request,
     metadata_attrs,
+    metadata_sha256,
     paged,
     request_log,
     retry,
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 8 * 1024 * 1024  # resumable-upload chunk and transfer-manager slice; a multiple of 256 KiB
 PARALLEL_THRESHOLD = 32 * 1024 * 1024  # below this one stream is as fast and costs fewer requests
+GCS_CONTENT_TYPE = "application/octet-stream"  # the client library's (and so the SDK's) when a name tells nothing
 # The SDK's default retry gives up after 120 s; `retry` repeats a failed call up to 5 times, so keep each
 # budget short enough that a stuck read surfaces as EIO within minutes, not a quarter of an hour.
 _RETRY = DEFAULT_RETRY.with_timeout(30.0)
@@ -159,6 +162,9 @@ class GCSBackend(Backend):
     def upload(self, src: Path, key: str, progress: Progress | None = None, attrs: Attrs | None = None) -> ObjectInfo:
         size = src.stat().st_size  # a missing source is the caller's OSError, not a storage error
         blob = self._bucket.blob(key, chunk_size=CHUNK_SIZE if size > CHUNK_SIZE else None)
+        # Guessed from the object's name, as the SDK's S3 and Azure uploads do (its GCS uploads guess from the
+        # local file's name, which for a file written through the mount tells nothing).
+        blob.content_type = content_type(key, GCS_CONTENT_TYPE)
         meta = None if attrs is None else attrs_metadata(attrs)
         if meta is not None:  # sent with the object resource (x-goog-meta- headers on the XML multipart path)
             blob.metadata = meta
@@ -338,7 +344,10 @@ def _service_account(cfg: GCSBucket) -> Any:
 
 def _info(blob: storage.Blob) -> ObjectInfo:
     mtime = blob.updated.timestamp() if blob.updated else 0.0
-    return ObjectInfo(blob.name, int(blob.size or 0), mtime, str(blob.generation), metadata_attrs(blob.metadata))
+    meta = blob.metadata
+    return ObjectInfo(
+        blob.name, int(blob.size or 0), mtime, str(blob.generation), metadata_attrs(meta), sha256=metadata_sha256(meta)
+    )
 
 
 def _with_attrs(meta: Mapping[str, str] | None, attrs: Attrs) -> dict[str, str | None]:

@@ -13,7 +13,6 @@ import datetime
 import email.utils
 import io
 import logging
-import mimetypes
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,9 +47,11 @@ from .base import (
     Reader,
     ReaderAbandoned,
     attrs_metadata,
+    content_type,
     local_error,
     log_request,
     metadata_attrs,
+    metadata_sha256,
     pwrite_all,
     request_log,
     retry,
@@ -108,8 +109,9 @@ DELETE_BATCH = 1000  # keys per DeleteObjects request, S3's maximum
 SDK_ATTEMPTS = 3  # botocore's, per request; `retry` adds its own around them, within the caller's deadline
 
 
-def _translate(exc: BaseException, url: str) -> ClearmlfsError:
-    """botocore/boto3 exception → clearmlfs error. Never includes credentials."""
+def _translate(exc: BaseException, url: str, bucket: str | None = None, host: str = "") -> ClearmlfsError:
+    """botocore/boto3 exception → clearmlfs error. Never includes credentials. `bucket` and `host` (of a
+    credentials entry with a host) name what access was denied to; by default, the URL's first part."""
     cause = _client_error_in(exc)
     if cause is not None:
         code = str(cause.response.get("Error", {}).get("Code", ""))
@@ -119,7 +121,7 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
         if code in _NOT_FOUND or status == 404:
             return NotFound(f"{url}: not found")
         if code in _DENIED or status == 403:
-            return AccessDenied(f"{url}: access denied ({code or status}) for bucket {url.split('/')[2]!r}")
+            return AccessDenied(f"{url}: access denied ({code or status}) for {_scope(url, bucket, host)}")
         if code in _TRANSIENT or status == 429 or status >= 500:
             return Transient(f"{url}: {code or status}")
         message = f"{url}: {code or status}: {cause.response.get('Error', {}).get('Message', '')}"
@@ -133,6 +135,14 @@ def _translate(exc: BaseException, url: str) -> ClearmlfsError:
     if isinstance(exc, OSError):
         return local_error(exc, url)
     return StorageError(f"{url}: {type(exc).__name__}: {exc}")
+
+
+def _scope(url: str, bucket: str | None, host: str) -> str:
+    """"bucket 'b' on host 'h'": what the keys in use were refused, to find their clearml.conf entry."""
+    if bucket is None and not host:
+        bucket = url.split("/")[2]  # s3://bucket/key: an AWS URL names the bucket first
+    named = [f"bucket {bucket!r}"] if bucket else []
+    return " on ".join(named + ([f"host {host!r}"] if host else []))
 
 
 def _code(exc: BaseException) -> str:
@@ -157,9 +167,10 @@ _CONTENT_HEADERS = ("ContentType", "ContentEncoding", "ContentDisposition", "Con
 
 def _info(key: str, response: dict[str, Any]) -> ObjectInfo:
     """What a HEAD's or a GET's response tells of the object."""
+    meta = response.get("Metadata")
     return ObjectInfo(
         key, response["ContentLength"], response["LastModified"].timestamp(), response["ETag"].strip('"'),
-        metadata_attrs(response.get("Metadata")),
+        metadata_attrs(meta), sha256=metadata_sha256(meta),
     )
 
 
@@ -167,7 +178,7 @@ def upload_args(creds: S3Credentials, key: str, attrs: Attrs | None) -> dict[str
     """An upload's ExtraArgs, as the SDK's: the content type guessed from the key, then clearml.conf's
     `extra_args` (ServerSideEncryption, SSEKMSKeyId, ACL, Metadata, ...); our own metadata joins theirs."""
     configured = creds.upload_args
-    args = {"ContentType": mimetypes.guess_type(key)[0] or "binary/octet-stream", **configured}
+    args = {"ContentType": content_type(key), **configured}
     if attrs is not None:
         args["Metadata"] = {**configured.get("Metadata", {}), **attrs_metadata(attrs)}
     return args
@@ -403,7 +414,7 @@ def list_buckets(client: Any, host: str) -> list[str]:
     try:
         return sorted(b["Name"] for b in client.list_buckets().get("Buckets", ()))
     except _CAUGHT as exc:
-        raise _translate(exc, f"s3://{host}") from None
+        raise _translate(exc, f"s3://{host}", host=host) from None
 
 
 def _ticks(progress: Progress | None) -> Callable[[int], None] | None:
@@ -466,6 +477,9 @@ class S3Backend(Backend):
     def _url(self, key: str) -> str:
         return f"{self.url_prefix}/{key}"
 
+    def _error(self, exc: BaseException, key: str) -> ClearmlfsError:
+        return _translate(exc, self._url(key), self.bucket, self._creds.host)
+
     @retry()
     def stat(self, key: str) -> ObjectInfo:
         plain = self._plain_get(key, None, "HEAD")
@@ -475,7 +489,7 @@ class S3Backend(Backend):
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=key)
         except _CAUGHT as exc:
-            raise _translate(exc, self._url(key)) from None
+            raise self._error(exc, key) from None
         return _info(key, head)
 
     def list(self, prefix: str = "", delimiter: str | None = "/") -> Iterator[ObjectInfo | Prefix]:
@@ -493,7 +507,7 @@ class S3Backend(Backend):
                         attrs_known=False,
                     )
         except _CAUGHT as exc:
-            raise _translate(exc, self._url(prefix)) from None
+            raise self._error(exc, prefix) from None
 
     def _get(self, key: str, start: int, length: int | None, etag: str | None) -> Any:
         end = "" if length is None else str(start + length - 1)
@@ -512,7 +526,7 @@ class S3Backend(Backend):
         except _CAUGHT as exc:
             if _code(exc) == "InvalidRange":
                 return b""  # start is at or past the end of the object
-            raise _translate(exc, self._url(key)) from None
+            raise self._error(exc, key) from None
         if len(data) != resp["ContentLength"]:
             raise Transient(f"{self._url(key)}: short read ({len(data)} of {resp['ContentLength']} bytes)")
         return data
@@ -532,7 +546,7 @@ class S3Backend(Backend):
                 if progress is not None and offset < start + length:  # the caller learns of the end anyway
                     progress(offset - start)
         except _CAUGHT as exc:
-            raise _translate(exc, self._url(key)) from None
+            raise self._error(exc, key) from None
         if offset != start + length:
             raise Transient(f"{self._url(key)}: short read ({offset - start} of {length} bytes at {start})")
 
@@ -556,7 +570,7 @@ class S3Backend(Backend):
         except _CAUGHT as exc:
             if _code(exc) in ("304", "NotModified"):
                 return None
-            raise _translate(exc, self._url(key)) from None
+            raise self._error(exc, key) from None
         return self._receive(fd, _info(key, resp), limit, resp["Body"].iter_chunks(READ_PIECE), resp["Body"].close)
     def _plain_get(
         self, key: str, unless_etag: str | None, method: str = "GET"
@@ -577,9 +591,12 @@ class S3Backend(Backend):
             try:
                 headers = response.headers
                 modified = _timestamp(headers["Last-Modified"]).timestamp()
-                meta = {k[len(META_HEADER):]: v for k, v in headers.items() if k.lower().startswith(META_HEADER)}
+                # (botocore's Metadata keys, as S3 sends them: lower case)
+                meta = {k[len(META_HEADER):].lower(): v for k, v in headers.items()
+                        if k.lower().startswith(META_HEADER)}
                 return response, ObjectInfo(
-                    key, int(headers["Content-Length"]), modified, headers["ETag"].strip('"'), metadata_attrs(meta)
+                    key, int(headers["Content-Length"]), modified, headers["ETag"].strip('"'), metadata_attrs(meta),
+                    sha256=metadata_sha256(meta),
                 )
             except (KeyError, ValueError, TypeError):
                 log.debug("plain GET of %s: headers the client must read", self._url(key))
@@ -601,7 +618,7 @@ class S3Backend(Backend):
                 offset += pwrite_all(fd, piece, offset)
         except _CAUGHT as exc:
             close()
-            raise _translate(exc, self._url(info.key)) from None
+            raise self._error(exc, info.key) from None
         if offset != info.size:
             raise Transient(f"{self._url(info.key)}: short read ({offset} of {info.size} bytes)")
         os.ftruncate(fd, offset)  # a longer body from an earlier attempt must not linger past the end
@@ -613,7 +630,7 @@ class S3Backend(Backend):
         try:
             self._client.download_file(self.bucket, key, str(dest), Config=self._transfer)
         except _CAUGHT as exc:
-            raise _translate(exc, self._url(key)) from None
+            raise self._error(exc, key) from None
         if dest.stat().st_size != info.size:
             raise Transient(f"{self._url(key)}: downloaded {dest.stat().st_size} of {info.size} bytes")
         return info
@@ -629,7 +646,7 @@ class S3Backend(Backend):
                 transfer.upload_file(str(src), self.bucket, key, callback=_ticks(progress),
                                      extra_args=upload_args(self._creds, key, attrs))
         except _CAUGHT as exc:
-            raise _translate(exc, self._url(key)) from None
+            raise self._error(exc, key) from None
         return self.stat(key)
 
     def upload_stream(
@@ -645,7 +662,7 @@ class S3Backend(Backend):
                 subscribers = [] if progress is None else [_Sent(progress)]
                 manager.upload(reader, self.bucket, key, upload_args(self._creds, key, attrs), subscribers).result()
         except _CAUGHT as exc:
-            raise _translate(exc, self._url(key)) from None
+            raise self._error(exc, key) from None
         return self.stat(key)
 
     @retry()
@@ -653,7 +670,7 @@ class S3Backend(Backend):
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except _CAUGHT as exc:
-            error = _translate(exc, self._url(key))
+            error = self._error(exc, key)
             if not isinstance(error, NotFound):
                 raise error from None
 
@@ -664,7 +681,7 @@ class S3Backend(Backend):
             try:
                 result = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             except _CAUGHT as exc:
-                raise _translate(exc, self._url(batch[0]["Key"])) from None
+                raise self._error(exc, batch[0]["Key"]) from None
             failed = [e for e in result.get("Errors", []) if e.get("Code") not in _NOT_FOUND]
             if failed:
                 raise StorageError(f"{self._url(failed[0].get('Key', ''))}: {failed[0].get('Code')}: "
@@ -675,7 +692,7 @@ class S3Backend(Backend):
         try:
             self._copy(self._client.head_object(Bucket=self.bucket, Key=src_key), src_key, dst_key)
         except _CAUGHT as exc:
-            raise _translate(exc, self._url(src_key)) from None
+            raise self._error(exc, src_key) from None
         return self.stat(dst_key)
 
     @retry()
@@ -685,7 +702,7 @@ class S3Backend(Backend):
             head = self._client.head_object(Bucket=self.bucket, Key=key)
             self._copy(head, key, key, {**head.get("Metadata", {}), **attrs_metadata(attrs)})
         except _CAUGHT as exc:
-            raise _translate(exc, self._url(key)) from None
+            raise self._error(exc, key) from None
         return self.stat(key)
 
     def _copy(self, head: dict[str, Any], src_key: str, dst_key: str, metadata: dict[str, str] | None = None) -> None:
@@ -708,7 +725,7 @@ class S3Backend(Backend):
         try:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except _CAUGHT as exc:
-            error = _translate(exc, self._url(key))
+            error = self._error(exc, key)
             if not isinstance(error, NotFound):  # NoSuchUpload: completed or aborted already
                 raise error from None
 
