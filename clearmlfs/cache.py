@@ -213,10 +213,16 @@ class Landing:
 
 class CacheContext:
     """One cache context (``global`` by default) under the configured base folder; with `size_mode` (the SDK's
-    size-aware cache is on), the one folder that mode shares among all contexts, and its limits."""
+    size-aware cache is on), the one folder that mode shares among all contexts, and its limits.
+
+    Limits: at most `file_limit` entries (None: no count, as the mount by default), `byte_limit` bytes (None: no
+    cap), and `min_free` bytes left free on the disk; the free-space rule sizes the cache from its disk, so a
+    dataset that fits on the disk stays cached.
+    """
 
     def __init__(
-        self, base_dir: Path, context: str = DEFAULT_CONTEXT, file_limit: int = 100, byte_limit: int | None = None,
+        self, base_dir: Path, context: str = DEFAULT_CONTEXT, file_limit: int | None = 100,
+        byte_limit: int | None = None,
         min_free: str = "", fetch_concurrency: int = 8, size_mode: SizeCache | None = None,
     ) -> None:
         self.context = context
@@ -619,14 +625,16 @@ class CacheContext:
         return paths
 
     # -- limits and eviction ------------------------------------------------------------------------
-    def set_file_limit(self, limit: int) -> int:
-        """Raise the entry-count limit (never lowers it, as in the SDK); returns the limit in force."""
-        self.file_limit = max(self.file_limit, int(limit))
+    def set_file_limit(self, limit: int) -> int | None:
+        """Raise the entry-count limit (never lowers it, as in the SDK); returns the limit in force (None: the
+        context counts no entries, which no limit raises)."""
+        if self.file_limit is not None:
+            self.file_limit = max(self.file_limit, int(limit))
         return self.file_limit
 
     def clean(self, headroom: float = 0.0, need: int = 0) -> list[Path]:
-        """Evict least-recently-used entries beyond the count and byte limits, and while the disk has less than
-        `min_free` (plus `need`) bytes free; never pinned or dirty ones.
+        """Evict least-recently-used entries beyond the count and byte limits (either may be None: none), and
+        while the disk has less than `min_free` (plus `need`) bytes free; never pinned or dirty ones.
 
         `headroom`: the fraction of each limit to free beyond it, so that many additions need one scan. (With
         the SDK's size-aware cache, its own rules instead: see `_clean_by_size`.)
@@ -634,7 +642,7 @@ class CacheContext:
         if self.size_mode is not None:
             return self._clean_by_size(self.size_mode, need)
         found, locks = self._scan()
-        file_limit = int(self.file_limit * (1 - headroom))
+        file_limit = len(found) if self.file_limit is None else int(self.file_limit * (1 - headroom))
         short = self._space_short(need)
         if len(found) <= file_limit and self.byte_limit is None and short <= 0:
             return []  # (without a single stat: the listing's file types are enough)

@@ -61,7 +61,9 @@ def describe(s: Settings) -> list[str]:
     lines = [
         f"config files: {files}",
         f"cache: {s.cache_dir} [{o.get('cache_dir', 'default')}], file limit {s.cache_file_limit} "
-        f"[{o.get('cache_file_limit', 'default')}]{' (not applied: size-aware cache)' if s.size_cache else ''}",
+        f"[{o.get('cache_file_limit', 'default')}]"
+        + (" (not applied: size-aware cache)" if s.size_cache else "" if s.cache_file_limit_set
+           else " (the API's; the mount counts no files: bytes and free space decide)"),
         _size_cache(s),
         f"s3 (buckets without an entry): {auth} [key: {o.get('s3.key', 'default')}], region "
         f"{d.region or 'from boto3'} [{o.get('s3.region', 'default')}]{', http' if not d.secure else ''}"
@@ -198,13 +200,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     cache = CacheContext(
-        settings.cache_dir, DEFAULT_CONTEXT, settings.cache_file_limit, min_free=settings.cache_min_free,
+        settings.cache_dir, DEFAULT_CONTEXT, settings.mount_file_limit, min_free=settings.cache_min_free,
         size_mode=settings.size_cache,
     )
     if args.action == "stats":
         files, size = cache.stats()
         dirty = cache.dirty_entries()
-        print(f"folder: {cache.folder}\nfiles: {files}\nbytes: {size}\nfile limit: {cache.file_limit}")
+        limit = "none (bytes and free space decide)" if cache.file_limit is None else cache.file_limit
+        print(f"folder: {cache.folder}\nfiles: {files}\nbytes: {size}\nfile limit: {limit}")
         print(f"kept free on its disk: {cache.min_free}")
         print(f"served offline: {cache.counters().get(SERVED_OFFLINE, 0)} (opens of cached files the server could "
               "not confirm)")

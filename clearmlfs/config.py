@@ -171,6 +171,7 @@ class Settings:
     gcs: tuple[GCSBucket, ...] = ()
     cache_dir: Path = Path(DEFAULT_CACHE_DIR).expanduser()
     cache_file_limit: int = DEFAULT_CACHE_FILE_LIMIT
+    cache_file_limit_set: bool = False  # default_cache_manager_size is set in clearml.conf: the mount applies it too
     direct_access: tuple[str, ...] = ("file://*",)
     timeouts: Timeouts = DEFAULT_TIMEOUTS
     api: ApiSettings = ApiSettings()
@@ -180,6 +181,13 @@ class Settings:
     size_cache: SizeCache | None = None  # the SDK's size-aware cache, when clearml.conf turns it on
     sources: tuple[Path, ...] = ()  # every file read, in order
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # setting → where it came from
+
+    @property
+    def mount_file_limit(self) -> int | None:
+        """The entry count the mount's cache keeps: none (bytes and free space decide) unless clearml.conf sets
+        `default_cache_manager_size`. The SDK's default of 100 files would evict a dataset while an epoch reads it;
+        the StorageManager API keeps `cache_file_limit`, as the SDK does."""
+        return self.cache_file_limit if self.cache_file_limit_set else None
 
     # -- resolution -------------------------------------------------------------------------------
     def s3_for(self, url: StorageURL) -> S3Credentials:
@@ -632,6 +640,7 @@ def _settings_from(conf: _Conf) -> Settings:
         gcs=gcs,
         cache_dir=Path(os.path.expandvars(cache_dir)).expanduser(),
         cache_file_limit=_whole(conf.get(limit, DEFAULT_CACHE_FILE_LIMIT), conf.where(limit)),
+        cache_file_limit_set=conf.has(limit),
         direct_access=_direct_access(conf),
         timeouts=_timeouts(conf),
         api=_api_settings(conf.get("api", {}), sdk),

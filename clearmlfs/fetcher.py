@@ -42,7 +42,7 @@ class Setup:
     settings: Settings
     base_dir: Path
     context: str
-    file_limit: int
+    file_limit: int | None
     byte_limit: int | None
     log_level: str
 

@@ -208,7 +208,7 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
     settings = with_options(settings, opts)
     cache_dir = opts.cache_dir or settings.cache_dir
     cache = CacheContext(
-        cache_dir, "global", opts.cache_files or settings.cache_file_limit, opts.cache_max_bytes,
+        cache_dir, "global", opts.cache_files or settings.mount_file_limit, opts.cache_max_bytes,
         settings.cache_min_free, settings.s3.max_multipart_concurrency, size_mode=settings.size_cache,
     )
     backends = backends or BackendPool(settings)

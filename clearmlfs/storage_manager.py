@@ -318,7 +318,9 @@ class StorageManager:
     def set_cache_file_limit(cls, cache_file_limit: int, cache_context: str | None = None) -> int:
         """The number of entries `cache_context` keeps: a context not used yet starts at `cache_file_limit`,
         one in use is only ever raised (as in ClearML). Returns the limit in force."""
-        return _rt().context(cache_context, int(cache_file_limit)).file_limit
+        limit = _rt().context(cache_context, int(cache_file_limit)).file_limit
+        assert limit is not None  # (the API's contexts count entries, as the SDK's do)
+        return limit
 
     # -- metadata -----------------------------------------------------------------------------------
     @classmethod

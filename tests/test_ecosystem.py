@@ -225,6 +225,38 @@ def test_file_fetched_by_the_clearml_sdk_is_read_through_the_mount_without_a_dow
     assert expected.read_bytes() == data
 
 
+@pytest.mark.parametrize("sdk_limit", [None, 100_000], ids=["sdk-default-100", "raised-in-clearml-conf"])
+def test_an_sdk_cleanup_in_the_same_folder_keeps_the_mounts_dataset_only_if_its_limit_is_raised(
+    seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, shared_cache, tmp_path: Path, sdk_limit: int | None
+) -> None:
+    # The documented interplay (README, "The cache"): the SDK deletes all but the newest files of its context
+    # whenever it downloads (clearml 2.1.12 even deletes pinned ones), so the mount fetches them again; the count
+    # set in clearml.conf, which both read, keeps them.
+    store, conf, cache_dir = shared_cache
+    if sdk_limit is not None:
+        tree = json.loads(conf.read_text())
+        tree["sdk"]["storage"]["cache"]["default_cache_manager_size"] = sdk_limit
+        conf.write_text(json.dumps(tree))
+    prefix = store.fresh_prefix()
+    names = [f"{i:03d}.bin" for i in range(130)]
+    for name in names:
+        _put(seaweedfs, f"{prefix}/{name}", store, name.encode())
+    with mounted(conf, tmp_path / "mnt", extra_args=["-o", "ttl=3600"]) as mnt:
+        folder = mnt / url_to_mount_path(prefix)
+        assert all((folder / name).read_bytes() == name.encode() for name in names)
+        assert poll(lambda: all(_cache_entry(cache_dir, f"{prefix}/{n}").exists() for n in names), 10.0)
+        _put(seaweedfs, f"{prefix}/model.bin", store, b"weights")
+        _sdk_get_local_copy(conf, tmp_path / "home", f"{prefix}/model.bin")  # a miss: the SDK cleans first
+        kept = [n for n in names if _cache_entry(cache_dir, f"{prefix}/{n}").exists()]
+        seaweedfs_proxy.reset()
+        assert all((folder / name).read_bytes() == name.encode() for name in names)
+        fetched = seaweedfs_proxy.count("GET", f"{prefix.split('/', 3)[-1]}/")
+    if sdk_limit is None:
+        assert len(kept) == 100 and fetched == len(names) - 100, (len(kept), fetched)
+    else:
+        assert kept == names and fetched == 0, (len(kept), fetched)
+
+
 def test_sdk_copy_of_an_object_overwritten_since_is_not_served_by_the_mount(
     seaweedfs: servers.SeaweedFS, seaweedfs_proxy: Proxy, shared_cache, tmp_path: Path
 ) -> None:
@@ -446,7 +478,8 @@ def test_cache_stats_prune_and_clear_which_refuses_to_drop_unuploaded_files(
         assert _run(clearmlfs("get", "--config", conf, url)).returncode == 0
     stats = _stats(conf)
     assert stats["files"] == "3" and stats["bytes"] == str(60 * KIB), stats
-    assert stats["file limit"] == "100" and stats["dirty (not yet uploaded)"] == "0", stats
+    assert stats["file limit"] == "none (bytes and free space decide)", stats
+    assert stats["dirty (not yet uploaded)"] == "0", stats
 
     pruned = _run(clearmlfs("cache", "prune", "--max-bytes", "0", "--config", conf))
     assert pruned.returncode == 0 and "evicted 3" in pruned.stdout, pruned

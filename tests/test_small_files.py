@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import time
 import uuid
@@ -212,3 +213,22 @@ def test_fetchers_that_cannot_start_fail_their_fetch_and_are_given_up_after_thre
 
     trio.run(main)
     assert len(failures) == 3, failures
+
+
+def test_a_dataset_of_more_files_than_the_sdks_limit_is_fetched_once_over_two_epochs(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    # ClearML's default_cache_manager_size (100) is not set in this clearml.conf: the mount counts no files, and
+    # the second epoch is served from the cache.
+    prefix = f"epochs-{uuid.uuid4().hex[:8]}"
+    client = seaweedfs.client()
+    names = [f"{i:03d}.bin" for i in range(250)]
+    for name in names:
+        client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/{name}", Body=name.encode() * 100)
+    with proxied_mount(seaweedfs, tmp_path, "ttl=3600") as (proxy, bucket):
+        proxy.reset()
+        for epoch in range(2):
+            for name in random.Random(epoch).sample(names, len(names)):
+                assert (bucket / prefix / name).read_bytes() == name.encode() * 100, name
+        fetched = [r.path.rpartition("/")[2] for r in proxy.requests if r.method == "GET" and f"/{prefix}/" in r.path]
+        assert sorted(fetched) == names, f"{len(fetched)} GETs for {len(names)} files over two epochs"

@@ -166,8 +166,10 @@ class SmallFiles(TaskHost):
         if not sequential:
             walk.window, walk.ahead = 4, index
             return
-        # Never more than a quarter of the cache's file limit: read-ahead must not evict what it fetched.
-        walk.window = min(self.settings.readahead, max(1, self.cache.file_limit // 4), walk.window * 2)
+        # Never more than a quarter of the cache's file limit, if it counts: read-ahead must not evict what it fetched.
+        limit = self.cache.file_limit
+        room = self.settings.readahead if limit is None else max(1, limit // 4)
+        walk.window = min(self.settings.readahead, room, walk.window * 2)
         end = min(len(walk.order), index + 1 + walk.window)
         parent = self.ns.table[node.parent]
         for i in range(max(index + 1, walk.ahead + 1), end):

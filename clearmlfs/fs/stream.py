@@ -321,7 +321,8 @@ class Cleaner:
 
     async def added(self, size: int) -> None:
         self._files, self._bytes = self._files + 1, self._bytes + size
-        file_step = max(1, int(self.cache.file_limit * self.HEADROOM))
+        file_limit = self.cache.file_limit
+        file_step = max(1, int(file_limit * self.HEADROOM)) if file_limit is not None else 1 << 62
         byte_step = int(self.cache.byte_limit * self.HEADROOM) if self.cache.byte_limit else 1 << 62
         # The free-space rule is checked as often as the limits are, and whenever what was added since the
         # last scan could have eaten the room it keeps.

@@ -65,6 +65,16 @@ def test_the_least_recently_used_entries_go_first_beyond_the_byte_limit(tmp_path
     assert [p.exists() for p in paths] == [False, False, True, True]
 
 
+def test_without_a_count_limit_bytes_and_free_space_decide(tmp_path: Path) -> None:
+    cache = CacheContext(tmp_path, file_limit=None, min_free="0")
+    paths = [_entry(cache, f"s3://b/{i}", 10, age=1000 - i) for i in range(150)]
+    assert cache.clean() == [] and all(p.exists() for p in paths)
+    assert cache.set_file_limit(10) is None  # no limit to raise: the context still counts none
+    cache.byte_limit = 1000
+    cache.clean()
+    assert [p.exists() for p in paths] == [False] * 50 + [True] * 100
+
+
 def test_dirty_and_pinned_entries_are_never_evicted(tmp_path: Path) -> None:
     cache = CacheContext(tmp_path, file_limit=0, min_free="0")
     dirty = _entry(cache, "s3://b/dirty", 10, age=50, dirty=True)

@@ -474,6 +474,13 @@ def test_a_count_in_quotes_is_refused_as_the_sdk_fails_on_it(tmp_path: Path) -> 
         load_settings(_write(tmp_path, 'sdk.storage.cache.default_cache_manager_size: "50"'))
 
 
+def test_the_mount_counts_files_only_when_clearml_conf_sets_a_count(tmp_path: Path) -> None:
+    unset = load_settings(_write(tmp_path, "sdk.storage.cache.default_base_dir: /tmp/x"))
+    assert (unset.cache_file_limit, unset.mount_file_limit) == (100, None)  # the API keeps the SDK's 100
+    limit = load_settings(_write(tmp_path, "sdk.storage.cache.default_cache_manager_size: 100000"))
+    assert (limit.cache_file_limit, limit.mount_file_limit) == (100000, 100000)
+
+
 # -- provenance, and no secret anywhere ----------------------------------------------------------------------------
 
 MARKER = "SECRET-MARKER-1234"

@@ -3,6 +3,7 @@ what the reader gets, and when."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import threading
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 import trio
 
-from tests.fast.harness import ROOT, Client, errno_of, run
+from clearmlfs.config import Settings
+from clearmlfs.mount import build, parse_options
+from tests.fast.harness import ROOT, Client, MemoryPool, errno_of, run, settings_for
 
 MIB = 1024 * 1024
 
@@ -209,6 +212,33 @@ def test_the_cache_stays_within_its_file_limit(tmp_path: Path) -> None:
         assert files <= 8
 
     run(test, tmp_path, "cache_files=8,readahead_files=0")
+
+
+def test_a_dataset_of_more_files_than_the_sdks_limit_is_fetched_once_over_two_epochs(tmp_path: Path) -> None:
+    # By default the mount counts no files (ClearML's 100 would evict the dataset while an epoch reads it):
+    # bytes and the disk's free space decide.
+    async def test(c: Client) -> None:
+        for i in range(150):
+            c.backend.put(f"ds/{i:03d}", data(100, i))
+        for _epoch in range(2):
+            for i in range(150):
+                assert await c.read(f"{ROOT}/ds/{i:03d}") == data(100, i)
+        assert c.backend.count("GET") == 150
+        assert c.fs.cache.stats()[0] == 150
+
+    run(test, tmp_path, "readahead_files=0")
+
+
+def test_a_file_count_set_in_clearml_conf_or_as_an_option_applies_to_the_mount(tmp_path: Path) -> None:
+    def file_limit(settings: Settings, *options: str) -> int | None:
+        return build(settings, parse_options(["fetch_processes=0", *options]), MemoryPool(settings)).cache.file_limit
+
+    unset = settings_for(tmp_path / "cache")
+    assert file_limit(unset) is None
+    assert file_limit(unset, "cache_files=20") == 20
+    configured = dataclasses.replace(unset, cache_file_limit=8, cache_file_limit_set=True)
+    assert file_limit(configured) == 8
+    assert file_limit(configured, "cache_files=20") == 20
 
 
 # -- rename and unlink of open files ------------------------------------------------------------------------------
