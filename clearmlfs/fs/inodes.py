@@ -257,9 +257,11 @@ class InodeTable:
         """`node` back in the table, for a reply that hands the kernel a reference to it (readdir from a
         snapshot taken before the node was forgotten)."""
         parent = self._nodes.get(node.parent)
-        if parent is not None and parent.gone is not None and parent.gone.get(node.path) is node:
-            # kept by its folder's listing meanwhile: back in that listing too
-            return self.add(parent, node.path, Kind.FILE, parent.child_url(node.path))
+        if node.kind is Kind.FILE and not node.url and parent is not None:  # kept by its folder's listing since
+            name = node.path
+            if parent.gone is not None and parent.gone.get(name) is node:
+                return self.add(parent, name, Kind.FILE, parent.child_url(name))
+            node.path, node.url = parent.child_path(name), parent.child_url(name)  # (let go of by now)
         self._nodes.setdefault(node.inode, node)
         self._by_path.setdefault(node.path, node.inode)
         return node

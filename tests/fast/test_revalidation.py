@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyfuse3
 import pytest
 import trio
 
@@ -130,5 +131,34 @@ def test_files_deleted_elsewhere_leave_a_kept_listing_when_it_is_listed_again(tm
         await trio.sleep(0.3)  # past list_ttl: listed again
         assert sorted(await c.listdir(f"{ROOT}/k")) == [f"{i:02d}" for i in range(10, 20)]
         assert c.fs.ops.ns.table._kept == 0
+
+    run(test, tmp_path, "ttl=0.1,list_ttl=0.2,server_times")
+
+
+def test_a_snapshot_read_after_its_forgotten_files_were_let_go_gives_them_their_paths(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        for i in range(5):
+            c.backend.put(f"s/{i}", b"s")
+        c.backend.put("t/x", b"t")
+        fh = await c.ops.opendir(await c.inode(f"{ROOT}/s"), None)  # type: ignore[arg-type]
+        for i in range(5):
+            await c.attrs(f"{ROOT}/s/{i}")
+        await forget_everything(c)  # kept by the listing of s
+        await trio.sleep(0.3)  # past list_ttl
+        await c.attrs(f"{ROOT}/t/x")
+        await forget_everything(c)  # ... and let go of, now that the listing is too old to answer
+        replied = []
+        original = pyfuse3.readdir_reply
+        pyfuse3.readdir_reply = lambda token, name, attrs, next_id: replied.append(name) or True
+        try:
+            await c.ops.readdir(fh, 0, None)  # type: ignore[arg-type]
+        finally:
+            pyfuse3.readdir_reply = original
+            await c.ops.releasedir(fh)
+        assert sorted(replied)[2:] == [str(i).encode() for i in range(5)]
+        for i in range(5):
+            node = c.fs.ops.ns.table.at(f"{ROOT}/s/{i}")
+            assert node is not None and node.url.endswith(f"/s/{i}")
+        assert c.fs.ops.ns.table.at("0") is None
 
     run(test, tmp_path, "ttl=0.1,list_ttl=0.2,server_times")
