@@ -140,6 +140,11 @@ class InodeTable:
         """The names in `folder`'s listing, live or forgotten."""
         return [*(folder.children or ()), *(folder.gone or ())]
 
+    @staticmethod
+    def size(folder: Node) -> int:
+        """How many names `folder`'s listing holds."""
+        return len(folder.children or ()) + len(folder.gone or ())
+
     def kept(self, folder: Node, name: str) -> Node | None:
         """The forgotten file `name` of `folder`'s listing, as kept (a new listing updates it in place)."""
         return None if folder.gone is None else folder.gone.get(name)

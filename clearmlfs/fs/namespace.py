@@ -654,29 +654,34 @@ class Namespace:
     async def revalidate_by_listing(self, node: Node) -> None:
         """Make the file `node`'s attributes fresh by listing its folder once, where its files are opened fast
         enough that one listing costs less than asking about each (a folder read through in an epoch); one
-        listing of a folder at a time, concurrent opens waiting for it. Otherwise, or if the listing does not
-        show the file, nothing: the caller asks about the file itself."""
+        listing of a folder at a time, concurrent opens waiting for it. While they are still fresh, past half
+        their `ttl`, the folder is listed again in the background, so that its readers need not wait. Otherwise,
+        or if the listing does not show the file, nothing: the caller asks about the file itself."""
         folder = self.table.get(node.parent) if node.kind is Kind.FILE else None
         if folder is None or folder.children is None or self.ttl <= 0 or not listable(node.url):
             return
         opens = self._count_open(folder)
-        if self.fresh(node) or self.entries.pending(node.url):
+        age = time.monotonic() - node.checked
+        if age < self.ttl / 2 or self.entries.pending(node.url):
             return
         under_way = self._relisting.get(folder.inode)
-        if under_way is not None:
+        if under_way is None and opens > LIST_WORTH * (-(-self.table.size(folder) // LIST_PAGE) or 1):
+            under_way = self._relisting[folder.inode] = trio.Event()
+            if age < self.ttl and self._nursery is not None:
+                self._nursery.start_soon(self._relist, folder, under_way)
+            else:
+                await self._relist(folder, under_way)
+        elif under_way is not None and age >= self.ttl:
             await under_way.wait()
-            return
-        pages = -(-len(self.table.names(folder)) // LIST_PAGE) or 1
-        if opens <= LIST_WORTH * pages:
-            return
-        under_way = self._relisting[folder.inode] = trio.Event()
+
+    async def _relist(self, folder: Node, done: trio.Event) -> None:
         try:
             await self._list_objects(folder)
-        except StorageError as exc:  # the file's own request tries, and tells
+        except ClearmlfsError as exc:  # a file's own request tries, and tells
             log.debug("%s: cannot list it to revalidate its files (%s)", folder.url, exc)
         finally:
             del self._relisting[folder.inode]
-            under_way.set()
+            done.set()
 
     def _count_open(self, folder: Node) -> int:
         """Count an open of a file of `folder`; the opens of its files per `ttl` lately (this window's, or the
