@@ -20,7 +20,7 @@ import pyfuse3
 
 from ..errors import NotFound
 
-KEPT_MAX = 200_000  # files the kernel forgot that listings keep (~200 bytes each, beside their ETags)
+KEPT_MAX = 200_000  # files the kernel forgot that listings keep (~400 bytes each, their ETags included)
 
 
 class Kind(enum.Enum):
@@ -150,15 +150,16 @@ class InodeTable:
         return None if folder.gone is None else folder.gone.get(name)
 
     def set_listing(self, folder: Node, children: dict[str, int] | None, gone: dict[str, Node] | None = None) -> None:
-        """`folder`'s listing is now `children` (live nodes) and `gone` (forgotten files, kept as they were)."""
+        """`folder`'s listing, made now, is `children` (live nodes) and `gone` (forgotten files, kept as they
+        were); with None, it has none."""
         self._kept += len(gone or ()) - len(folder.gone or ())
         folder.children, folder.gone = children, gone or None
-        if children is None:
-            folder.listed = 0.0
+        folder.listed = 0.0 if children is None else time.monotonic()
         if folder.gone:
             self._keeping[folder.inode] = None
         else:
             self._keeping.pop(folder.inode, None)
+        self._expire()  # (here too: memory follows the kernel again once listings age, forgotten or not)
 
     def remove(self, node: Node) -> None:
         """Forget the path (the object is gone); the inode stays valid until the kernel forgets it."""
@@ -229,15 +230,16 @@ class InodeTable:
         self._kept += 1
 
     def _expire(self) -> None:
-        """Let go of the listings kept longest once they are too old to answer (`list_ttl`)."""
+        """Let go of the forgotten files of the listings kept longest once too old to answer (`list_ttl`)."""
         while self._keeping:
-            folder = self._nodes.get(next(iter(self._keeping)))
+            inode = next(iter(self._keeping))
+            folder = self._nodes.get(inode)
             if folder is not None and time.monotonic() - folder.listed < self.list_ttl:
                 return
-            if folder is None:
-                self._keeping.pop(next(iter(self._keeping)))
-            else:
-                self.set_listing(folder, None)
+            del self._keeping[inode]
+            if folder is not None and folder.gone is not None:
+                self._kept -= len(folder.gone)
+                folder.children, folder.gone, folder.listed = None, None, 0.0
 
     def _revive(self, parent: Node, name: str, path: str, url: str) -> Node | None:
         node = None if parent.gone is None else parent.gone.pop(name, None)
@@ -245,7 +247,8 @@ class InodeTable:
             return None
         self._kept -= 1
         if not parent.gone:
-            self.set_listing(parent, parent.children, None)
+            parent.gone = None
+            self._keeping.pop(parent.inode, None)
         node.path, node.url, node.parent = path, url, parent.inode
         self._nodes[node.inode] = node
         self._by_path[path] = node.inode

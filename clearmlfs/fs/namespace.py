@@ -369,7 +369,6 @@ class Namespace:
                     continue
             children.append(child)
         self.table.set_listing(node, {c.name: c.inode for c in children})
-        node.listed = time.monotonic()
         return children
 
     async def _listing_for_lookup(self, parent: Node) -> bool:
@@ -512,8 +511,10 @@ class Namespace:
                     await self._local_size(child)
                 children[name] = child.inode
         children.update(self._newer_than(node, asked, children))
+        for name, forgotten in (node.gone or {}).items():
+            if forgotten.checked > asked and name not in kept and name not in children:
+                kept[name] = forgotten  # (as `_newer_than`: uploaded here while the listing was in flight)
         self.table.set_listing(node, children, kept)
-        node.listed = time.monotonic()
         return True
 
     def _newer_than(self, node: Node, asked: float, listed: dict[str, int]) -> dict[str, int]:
