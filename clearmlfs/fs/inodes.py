@@ -4,7 +4,7 @@ An inode number belongs to one mount path for the life of the mount (rename move
 the number with the file), so `ls -i` and tools that remember inodes stay right.
 
 A folder's listing is its live children (`children`: name → inode) and, once the kernel forgot some of them,
-those files kept in compact form (`gone`: name → a node without its path and URL, out of the index). A walk
+those files kept out of the index (`gone`: name → its node, slotted: no dict of its own). A walk
 after the kernel's caches were dropped is answered from them, without listing again; `KEPT_MAX` of them at
 most, and only while their folder's listing answers (`list_ttl`).
 """
@@ -20,7 +20,7 @@ import pyfuse3
 
 from ..errors import NotFound
 
-KEPT_MAX = 200_000  # files the kernel forgot that listings keep (~400 bytes each, their ETags included)
+KEPT_MAX = 200_000  # files the kernel forgot that listings keep (~600 bytes each, path, URL and ETag included)
 
 
 class Kind(enum.Enum):
@@ -212,8 +212,8 @@ class InodeTable:
                 self._keep(parent, node)
 
     def _keep(self, folder: Node, node: Node) -> None:
-        """`folder`'s listing keeps the forgotten `node` without its path and URL (rebuilt when it is back);
-        a listing too old to answer, or one over the bound, is let go instead: it is listed again when needed."""
+        """`folder`'s listing keeps the forgotten `node` (a request about it may still be under way: it stays
+        whole); a listing too old to answer, or one over the bound, is let go instead: listed again when needed."""
         assert folder.children is not None
         del folder.children[node.name]
         self._expire()
@@ -223,9 +223,7 @@ class InodeTable:
         if folder.gone is None:
             folder.gone = {}
             self._keeping[folder.inode] = None
-        name = node.name
-        folder.gone[name] = node
-        node.path, node.url = name, ""  # (the name alone: it finds the node again in `gone`)
+        folder.gone[node.name] = node
         node.kernel_etag, node.kernel_size = "", -1  # (the kernel dropped its pages along with the inode)
         self._kept += 1
 
@@ -249,7 +247,7 @@ class InodeTable:
         if not parent.gone:
             parent.gone = None
             self._keeping.pop(parent.inode, None)
-        node.path, node.url, node.parent = path, url, parent.inode
+        node.path, node.url, node.parent = path, url, parent.inode  # (the same, unless a folder was renamed)
         self._nodes[node.inode] = node
         self._by_path[path] = node.inode
         if parent.children is not None:
@@ -265,11 +263,8 @@ class InodeTable:
         """`node` back in the table, for a reply that hands the kernel a reference to it (readdir from a
         snapshot taken before the node was forgotten)."""
         parent = self._nodes.get(node.parent)
-        if node.kind is Kind.FILE and not node.url and parent is not None:  # kept by its folder's listing since
-            name = node.path
-            if parent.gone is not None and parent.gone.get(name) is node:
-                return self.add(parent, name, Kind.FILE, parent.child_url(name))
-            node.path, node.url = parent.child_path(name), parent.child_url(name)  # (let go of by now)
+        if parent is not None and parent.gone is not None and parent.gone.get(node.name) is node:
+            return self.add(parent, node.name, Kind.FILE, parent.child_url(node.name))  # (kept by its listing since)
         self._nodes.setdefault(node.inode, node)
         self._by_path.setdefault(node.path, node.inode)
         return node

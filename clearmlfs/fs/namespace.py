@@ -678,7 +678,7 @@ class Namespace:
     async def _relist(self, folder: Node, done: trio.Event) -> None:
         try:
             await self._list_objects(folder)
-        except ClearmlfsError as exc:  # a file's own request tries, and tells
+        except (ClearmlfsError, OSError) as exc:  # a file's own request tries, and tells
             log.debug("%s: cannot list it to revalidate its files (%s)", folder.url, exc)
         finally:
             del self._relisting[folder.inode]

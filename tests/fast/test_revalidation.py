@@ -164,3 +164,29 @@ def test_a_snapshot_read_after_its_forgotten_files_were_let_go_gives_them_their_
         assert c.fs.ops.ns.table.at("0") is None
 
     run(test, tmp_path, "ttl=0.1,list_ttl=0.2,server_times")
+
+
+def test_files_forgotten_while_their_stored_times_are_asked_for_stay_whole(tmp_path: Path) -> None:
+    """The HEADs that `opendir` starts for the stored times of a folder's files answer after the kernel forgot
+    the files: they are kept, and the mount goes on."""
+
+    async def test(c: Client) -> None:
+        for i in range(20):
+            c.backend.put(f"h/{i:02d}", b"h")
+        ns = c.fs.ops.ns
+        await ns.listdir(ns.table[await c.inode(f"{ROOT}/h")])  # (listed, no HEAD asked yet)
+        c.backend.hold()
+        fh = await c.ops.opendir(await c.inode(f"{ROOT}/h"), None)  # type: ignore[arg-type]
+        await c.ops.releasedir(fh)
+        await trio.sleep(0.05)  # (the HEADs are on their way, held)
+        for i in range(20):  # the kernel held them (readdirplus), then dropped them
+            node = c.fs.ops.ns.table.at(f"{ROOT}/h/{i:02d}")
+            assert node is not None
+            node.lookups += 1
+        await forget_everything(c)
+        c.backend.release()
+        await trio.sleep(0.05)
+        assert sorted(await c.listdir(f"{ROOT}/h")) == [f"{i:02d}" for i in range(20)]
+        assert await c.read(f"{ROOT}/h/07") == b"h"
+
+    run(test, tmp_path, "ttl=60,list_ttl=60")
