@@ -104,7 +104,7 @@ class InodeTable:
         path = parent.child_path(name)
         node = self.at(path)
         if node is None:
-            node = self._revive(parent, name, path, url) if kind is Kind.FILE else None
+            node = self._revive(parent, name) if kind is Kind.FILE else None
         if node is None:
             self._unkeep(parent, name)
             node = Node(self._next, parent.inode, path, kind, url)
@@ -129,7 +129,7 @@ class InodeTable:
     def listed(self, folder: Node) -> Iterator[Node]:
         """Every node of `folder`'s listing, those the kernel forgot brought back."""
         for name in list(folder.gone or ()):
-            self.add(folder, name, Kind.FILE, folder.child_url(name))
+            self._revive(folder, name)
         for inode in list((folder.children or {}).values()):
             node = self.get(inode)
             if node is not None:
@@ -191,6 +191,10 @@ class InodeTable:
             child.path = node.path + child.path[len(old_path):]
             child.url = new_url + child.url[len(old_url):]
             self._by_path[child.path] = child.inode
+        for folder in (node, *below):
+            for kept in (folder.gone or {}).values():  # (out of the index: moved along all the same)
+                kept.path = node.path + kept.path[len(old_path):]
+                kept.url = new_url + kept.url[len(old_url):]
 
     def forget(self, inode: int, count: int, keep: Callable[[Node], bool] = lambda node: False) -> None:
         """The kernel dropped `count` references to `inode`. A node it holds none of leaves the table, so that
@@ -239,7 +243,9 @@ class InodeTable:
                 self._kept -= len(folder.gone)
                 folder.children, folder.gone, folder.listed = None, None, 0.0
 
-    def _revive(self, parent: Node, name: str, path: str, url: str) -> Node | None:
+    def _revive(self, parent: Node, name: str) -> Node | None:
+        """The file `name` of `parent`'s listing back in the index (no node has its path meanwhile: a new one
+        would have taken its place in the listing)."""
         node = None if parent.gone is None else parent.gone.pop(name, None)
         if node is None:
             return None
@@ -247,9 +253,8 @@ class InodeTable:
         if not parent.gone:
             parent.gone = None
             self._keeping.pop(parent.inode, None)
-        node.path, node.url, node.parent = path, url, parent.inode  # (the same, unless a folder was renamed)
         self._nodes[node.inode] = node
-        self._by_path[path] = node.inode
+        self._by_path[node.path] = node.inode
         if parent.children is not None:
             parent.children[name] = node.inode
         return node

@@ -190,3 +190,19 @@ def test_files_forgotten_while_their_stored_times_are_asked_for_stay_whole(tmp_p
         assert await c.read(f"{ROOT}/h/07") == b"h"
 
     run(test, tmp_path, "ttl=60,list_ttl=60")
+
+
+def test_files_kept_by_a_listing_move_with_their_folder(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        for i in range(5):
+            c.backend.put(f"d/sub/{i}", f"{i}".encode())
+        await c.listdir(f"{ROOT}/d/sub")
+        await forget_everything(c)
+        await c.rename(f"{ROOT}/d", f"{ROOT}/e")
+        assert sorted(await c.listdir(f"{ROOT}/e/sub")) == [str(i) for i in range(5)]
+        assert await c.read(f"{ROOT}/e/sub/3") == b"3"
+        node = c.fs.ops.ns.table.at(f"{ROOT}/e/sub/4")
+        assert node is not None and node.url.endswith("/e/sub/4")
+        assert c.fs.ops.ns.table.at(f"{ROOT}/d/sub/4") is None
+
+    run(test, tmp_path, "ttl=60,list_ttl=60,server_times")
