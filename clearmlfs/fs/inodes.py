@@ -4,13 +4,14 @@ An inode number belongs to one mount path for the life of the mount (rename move
 the number with the file), so `ls -i` and tools that remember inodes stay right.
 
 A folder's listing is its live children (`children`: name → inode) and, once the kernel forgot some of them,
-those files kept out of the index (`gone`: name → its node, slotted: no dict of its own). A walk
+those files kept compactly (`gone`: name → a copy of its node without path and URL, out of the index). A walk
 after the kernel's caches were dropped is answered from them, without listing again; `KEPT_MAX` of them at
 most, and only while their folder's listing answers (`list_ttl`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import pyfuse3
 
 from ..errors import NotFound
 
-KEPT_MAX = 200_000  # files the kernel forgot that listings keep (~600 bytes each, path, URL and ETag included)
+KEPT_MAX = 200_000  # files the kernel forgot that listings keep (~400 bytes each, their ETags included)
 
 
 class Kind(enum.Enum):
@@ -191,10 +192,6 @@ class InodeTable:
             child.path = node.path + child.path[len(old_path):]
             child.url = new_url + child.url[len(old_url):]
             self._by_path[child.path] = child.inode
-        for folder in (node, *below):
-            for kept in (folder.gone or {}).values():  # (out of the index: moved along all the same)
-                kept.path = node.path + kept.path[len(old_path):]
-                kept.url = new_url + kept.url[len(old_url):]
 
     def forget(self, inode: int, count: int, keep: Callable[[Node], bool] = lambda node: False) -> None:
         """The kernel dropped `count` references to `inode`. A node it holds none of leaves the table, so that
@@ -216,8 +213,9 @@ class InodeTable:
                 self._keep(parent, node)
 
     def _keep(self, folder: Node, node: Node) -> None:
-        """`folder`'s listing keeps the forgotten `node` (a request about it may still be under way: it stays
-        whole); a listing too old to answer, or one over the bound, is let go instead: listed again when needed."""
+        """`folder`'s listing keeps the forgotten `node`, as a copy without its path and URL (a request about it
+        may still be under way: the node itself stays whole); a listing too old to answer, or one over the
+        bound, is let go instead: it is listed again when needed."""
         assert folder.children is not None
         del folder.children[node.name]
         self._expire()
@@ -227,8 +225,8 @@ class InodeTable:
         if folder.gone is None:
             folder.gone = {}
             self._keeping[folder.inode] = None
-        folder.gone[node.name] = node
-        node.kernel_etag, node.kernel_size = "", -1  # (the kernel dropped its pages along with the inode)
+        # (the kernel dropped its pages along with the inode: nothing of them is kept)
+        folder.gone[node.name] = dataclasses.replace(node, path="", url="", kernel_etag="", kernel_size=-1)
         self._kept += 1
 
     def _expire(self) -> None:
@@ -253,6 +251,7 @@ class InodeTable:
         if not parent.gone:
             parent.gone = None
             self._keeping.pop(parent.inode, None)
+        node.path, node.url = parent.child_path(name), parent.child_url(name)
         self._nodes[node.inode] = node
         self._by_path[node.path] = node.inode
         if parent.children is not None:
@@ -268,8 +267,9 @@ class InodeTable:
         """`node` back in the table, for a reply that hands the kernel a reference to it (readdir from a
         snapshot taken before the node was forgotten)."""
         parent = self._nodes.get(node.parent)
-        if parent is not None and parent.gone is not None and parent.gone.get(node.name) is node:
-            return self.add(parent, node.name, Kind.FILE, parent.child_url(node.name))  # (kept by its listing since)
+        kept = None if parent is None or parent.gone is None else parent.gone.get(node.name)
+        if parent is not None and kept is not None and kept.inode == node.inode:  # (kept by its listing since)
+            return self.add(parent, node.name, Kind.FILE, parent.child_url(node.name))
         self._nodes.setdefault(node.inode, node)
         self._by_path.setdefault(node.path, node.inode)
         return node
