@@ -266,6 +266,8 @@ class InodeTable:
     def revive(self, node: Node) -> Node:
         """`node` back in the table, for a reply that hands the kernel a reference to it (readdir from a
         snapshot taken before the node was forgotten)."""
+        if self._nodes.get(node.inode) is node:
+            return node  # (as it mostly is: one dict look-up per entry of a walk)
         parent = self._nodes.get(node.parent)
         kept = None if parent is None or parent.gone is None else parent.gone.get(node.name)
         if parent is not None and kept is not None and kept.inode == node.inode:  # (kept by its listing since)
