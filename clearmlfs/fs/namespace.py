@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 AZURE_SUFFIX = ".blob.core.windows.net"
 EMPTY = Path("/dev/null")  # the body of a directory marker
 LOOKUP_LIST_CAP = 5000  # a lookup lists its parent when the parent holds no more than this
+LIST_PAGE = 1000  # entries one listing request returns (S3, GCS and Azure alike)
+# Opens of a folder's files within `ttl` that make one listing page cost less than asking about each file:
+# a page is one request, but parsing its 1,000 entries costs this process as much CPU as some 30 small GETs.
+LIST_WORTH = 16
 
 
 NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
@@ -112,9 +116,9 @@ class Namespace:
         self.settings, self.backends, self.cache, self.workers = settings, backends, cache, workers
         self.writeback = writeback
         self.entries = writeback.entries
-        self.table = InodeTable()
         self.ttl = ttl  # object attributes (and so the ETag checked on open) are at most this old
         self.list_ttl = max(ttl, list_ttl)  # a listing answers readdir and positive lookups this long
+        self.table = InodeTable(self.list_ttl)
         self.rename_dir_limit = rename_dir_limit  # objects a folder rename moves at most (EXDEV beyond)
         # Whether a file's stat shows what its metadata stores even where that costs a HEAD (S3 listings do
         # not show it); if not, the server's time stands in until a HEAD or GET made anyway tells.
@@ -125,6 +129,8 @@ class Namespace:
         self._stat_walk = 0  # the folder whose files a client stats one by one (`stats_ahead`)
         self._attrs_limiter = trio.CapacityLimiter(ATTRS_CONCURRENCY)
         self._unreachable: dict[str, float] = {}  # bucket root URL → time.monotonic() its server last failed
+        self._relisting: dict[int, trio.Event] = {}  # folder inode → the listing revalidating its files, under way
+        self._opens: dict[int, list[float]] = {}  # folder inode → [window start, opens in it, in the one before]
         # Folder URL → the names found, made or written in it through this mount, on a storage that cannot list:
         # what stands in for its listing (readdir, and the folders a lookup cannot ask the server about).
         self._unlisted: dict[str, dict[str, Kind]] = {}
@@ -316,11 +322,10 @@ class Namespace:
             return await self._resolve_unlisted(parent, name)
         if not listable(parent.url):
             return await self._lookup_unlisted(parent, name)
-        children = await self._listing_for_lookup(parent)
-        if children is not None:
-            inode = children.get(name)
-            if inode is not None:
-                return await self.with_attrs(self.table[inode])
+        if await self._listing_for_lookup(parent):
+            child = self.table.child(parent, name)
+            if child is not None:
+                return await self.with_attrs(child)
             if self._fresh(parent.listed):  # a complete listing this recent: trust the miss
                 raise NotFound(parent.child_url(name))
         return await self._lookup_object(parent, name)
@@ -363,24 +368,24 @@ class Namespace:
                 except NotFound:
                     continue
             children.append(child)
-        node.children, node.listed = {c.name: c.inode for c in children}, time.monotonic()
+        self.table.set_listing(node, {c.name: c.inode for c in children})
         return children
 
-    async def _listing_for_lookup(self, parent: Node) -> dict[str, int] | None:
-        """The parent's children, listing it first (up to LOOKUP_LIST_CAP entries) when that is cheap.
+    async def _listing_for_lookup(self, parent: Node) -> bool:
+        """Whether the parent's listing is held, listing it first (up to LOOKUP_LIST_CAP entries) when cheap.
 
         One listing answers the lookups of every sibling (`cat dir/*`, a data loader opening
         thousands of files) where per-name requests would cost two each. A prefix too big to list
         that way is looked up name by name.
         """
         if parent.children is not None and time.monotonic() - parent.listed < self.list_ttl:
-            return parent.children
+            return True
         if parent.big:
-            return None
+            return False
         if not await self._list_objects(parent, cap=LOOKUP_LIST_CAP):
             parent.big = True
-            return None
-        return parent.children
+            return False
+        return parent.children is not None
 
     async def _lookup_object(self, parent: Node, name: str) -> Node:
         url = parent.child_url(name)
@@ -463,8 +468,7 @@ class Namespace:
             return await self._list_unlisted(node)
         if node.children is None or time.monotonic() - node.listed >= self.list_ttl:
             await self._list_objects(node)
-        assert node.children is not None
-        return [self.table[i] for i in node.children.values()]
+        return list(self.table.listed(node))
 
     async def _list_objects(self, node: Node, cap: int | None = None) -> bool:
         """List `node`'s prefix into its children; False (and nothing kept) if it has more than `cap` entries.
@@ -483,13 +487,19 @@ class Namespace:
         if cap is not None and len(entries) > cap:
             return False
         children: dict[str, int] = {}
+        kept: dict[str, Node] = {}  # files the kernel forgot stay forgotten: updated in place
         for entry in entries:
             name = entry.key[len(prefix) :].rstrip("/") if isinstance(entry, Prefix) else entry.key[len(prefix) :]
-            if not valid_name(name) or (isinstance(entry, ObjectInfo) and name in children):
+            if not valid_name(name) or (isinstance(entry, ObjectInfo) and (name in children or name in kept)):
                 continue  # the marker itself, unshowable keys, or an object shadowed by a prefix
             if (self.entries.absent_since(node.child_url(name)) or 0.0) > asked:
                 continue  # deleted here (or found missing) after the listing was asked
             kind = Kind.DIR if isinstance(entry, Prefix) else Kind.FILE
+            forgotten = self.table.kept(node, name) if kind is Kind.FILE else None
+            if forgotten is not None and self.table.at(node.child_path(name)) is None:
+                self.set_object(forgotten, entry, asked)
+                kept[name] = forgotten
+                continue
             child = self.table.add(node, name, kind, node.child_url(name))
             if isinstance(entry, ObjectInfo):
                 self.set_object(child, entry, asked)
@@ -501,7 +511,10 @@ class Namespace:
                     await self._local_size(child)
                 children[name] = child.inode
         children.update(self._newer_than(node, asked, children))
-        node.children, node.listed = children, time.monotonic()
+        for name, forgotten in (node.gone or {}).items():
+            if forgotten.checked > asked and name not in kept and name not in children:
+                kept[name] = forgotten  # (as `_newer_than`: uploaded here while the listing was in flight)
+        self.table.set_listing(node, children, kept)
         return True
 
     def _newer_than(self, node: Node, asked: float, listed: dict[str, int]) -> dict[str, int]:
@@ -576,13 +589,15 @@ class Namespace:
         self._stat_walk = folder.inode
         listed, names = self._sorted.get(folder.inode, (-1.0, []))
         if listed != folder.listed:
-            names = sorted(folder.children)
+            names = sorted(self.table.names(folder))
             self._sorted = {folder.inode: (folder.listed, names)}  # (one folder's: `ls -lR` goes one by one)
         for name in itertools.islice(names, bisect.bisect_right(names, after), None):
             if len(self._heads) >= ATTRS_AHEAD:
                 break
-            inode = folder.children.get(name)
-            sibling = None if inode is None else self.table.get(inode)
+            forgotten = self.table.kept(folder, name)
+            if forgotten is not None and not self._needs_attrs(forgotten):
+                continue  # (known: no need to bring it back)
+            sibling = self.table.child(folder, name)
             if sibling is not None and self._needs_attrs(sibling) and sibling.url not in self._heads:
                 self._heads[sibling.url] = trio.Event()
                 self._nursery.start_soon(self._attrs_of_sibling, sibling)
@@ -627,13 +642,61 @@ class Namespace:
         """Up-to-date size/ETag of an object (at most `ttl` old): close-to-open consistency."""
         if node.kind is Kind.FILE and self.entries.pending(node.url):
             await self._local_size(node)  # not on the server yet: the cache file is the content
-        elif node.kind is Kind.FILE and not self.fresh(node):
+            return node
+        await self.revalidate_by_listing(node)
+        if node.kind is Kind.FILE and not self.fresh(node):
             backend, key = self.locate(node)
             asked = time.monotonic()
             info = await self.ask_or_cached(node, backend.stat, key)
             if isinstance(info, ObjectInfo):
                 self.set_object(node, info, asked)
         return node
+
+    async def revalidate_by_listing(self, node: Node) -> None:
+        """Make the file `node`'s attributes fresh by listing its folder once, where its files are opened fast
+        enough that one listing costs less than asking about each (a folder read through in an epoch); one
+        listing of a folder at a time, concurrent opens waiting for it. While they are still fresh, past half
+        their `ttl`, the folder is listed again in the background, so that its readers need not wait. Otherwise,
+        or if the listing does not show the file, nothing: the caller asks about the file itself."""
+        folder = self.table.get(node.parent) if node.kind is Kind.FILE else None
+        if folder is None or folder.children is None or self.ttl <= 0 or not listable(node.url):
+            return
+        opens = self._count_open(folder)
+        age = time.monotonic() - node.checked
+        if age < self.ttl / 2 or self.entries.pending(node.url):
+            return
+        under_way = self._relisting.get(folder.inode)
+        if under_way is None and opens > LIST_WORTH * (-(-self.table.size(folder) // LIST_PAGE) or 1):
+            under_way = self._relisting[folder.inode] = trio.Event()
+            if age < self.ttl and self._nursery is not None:
+                self._nursery.start_soon(self._relist, folder, under_way)
+            else:
+                await self._relist(folder, under_way)
+        elif under_way is not None and age >= self.ttl:
+            await under_way.wait()
+
+    async def _relist(self, folder: Node, done: trio.Event) -> None:
+        try:
+            await self._list_objects(folder)
+        except (ClearmlfsError, OSError) as exc:  # a file's own request tries, and tells
+            log.debug("%s: cannot list it to revalidate its files (%s)", folder.url, exc)
+        finally:
+            del self._relisting[folder.inode]
+            done.set()
+
+    def _count_open(self, folder: Node) -> int:
+        """Count an open of a file of `folder`; the opens of its files per `ttl` lately (this window's, or the
+        last one's if more)."""
+        now = time.monotonic()
+        window = self._opens.get(folder.inode)
+        if window is None:
+            if len(self._opens) >= 1024:  # (folders read one after another: only the recent ones matter)
+                self._opens.clear()
+            window = self._opens[folder.inode] = [now, 0, 0]
+        if now - window[0] >= self.ttl:
+            window[:] = [now, 0, window[1] if now - window[0] < 2 * self.ttl else 0]
+        window[1] += 1
+        return max(int(window[1]), int(window[2]))
 
     # -- local (direct access) ---------------------------------------------------------------------
     async def _lookup_local(self, parent: Node, name: str) -> Node:

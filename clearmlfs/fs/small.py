@@ -77,6 +77,7 @@ class SmallFiles(TaskHost):
         general open path must decide (local changes, a download by another process, the object grew)."""
         if not await self._settled(node.url):  # fetched ahead right now: its GET is as recent as ours would be
             return None
+        await self.ns.revalidate_by_listing(node)
         ready = self._take_ready(node.url)
         if ready is not None and ready[0] == node.etag and self.ns.fresh(node):
             path: Path | None = ready[1]  # fetched ahead moments ago: no disk check, no thread hop
@@ -185,7 +186,7 @@ class SmallFiles(TaskHost):
         folder = self.entries.get(parent.url)
         walk = folder.walk if folder is not None else None
         if walk is None or walk.listed != parent.listed:
-            order = sorted(n for n, i in parent.children.items() if self._is_file(i))
+            order = sorted([n for n, i in parent.children.items() if self._is_file(i)] + list(parent.gone or ()))
             walk = Walk(parent.listed, order, {n: i for i, n in enumerate(order)})
             self._keep_walk(parent.url, walk)
         return walk
@@ -208,8 +209,7 @@ class SmallFiles(TaskHost):
         return child is not None and child.kind is Kind.FILE
 
     def _child(self, parent: Node, name: str) -> Node | None:
-        inode = parent.children.get(name) if parent.children is not None else None
-        return self.ns.table.get(inode) if inode is not None else None
+        return self.ns.table.child(parent, name)
 
     async def _fetch_ahead(self, node: Node) -> None:
         async with self._slots:
