@@ -25,6 +25,7 @@ import trio
 from ..backends import Backend, ObjectInfo
 from ..cache import CacheContext, Landing
 from ..errors import NoSpace, StorageError, TimedOut
+from ..ranges import Ranges
 from .workers import Workers
 from .writeback import WriteBack
 
@@ -34,15 +35,38 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MISSING, FETCHING, PRESENT = 0, 1, 2
+PAGE = 4096  # a read's own bytes are asked for in whole pages (the kernel reads pages anyway)
+STREAMS = 8  # sequential readers of one object told apart (others' reads may interleave with theirs)
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    part_size: int = 8 * 1024 * 1024  # the unit a random read fetches
+    part_size: int = 8 * 1024 * 1024  # a sequential reader's first read-ahead, doubled each time it is renewed
     concurrency: int = 4  # GETs in flight per object
-    readahead_parts: int = 16  # parts fetched ahead of a sequential reader
-    coalesce: int = 4  # consecutive parts a sequential fetch asks for in one GET
+    readahead_parts: int = 16  # the read-ahead's limit, in parts
+    coalesce: int = 4  # the parts a read-ahead GET asks for at most
+
+
+@dataclass(eq=False)
+class _Fetch:
+    """One ranged GET into the file: bytes [start, end), of which the first `done` have landed."""
+
+    start: int
+    end: int
+    moved: float  # trio time it was asked for or last advanced
+    done: int = 0
+    over: bool = False  # ended: landed (its range is present), failed (`error`), or given up for room
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Reader:
+    """A sequential reader's position: `window` bytes are kept asked for ahead of `next` (0: not sequential
+    yet, a single read), up to `ahead`."""
+
+    next: int
+    ahead: int
+    window: int = 0
 
 
 class Download:
@@ -54,18 +78,15 @@ class Download:
         self._cleaner, self._writeback = cleaner, writeback
         self.landing, self.fd = landing, landing.fd
         self.settings = settings
-        count = -(-info.size // settings.part_size)
-        self.parts = bytearray(count)  # MISSING / FETCHING / PRESENT per part
-        self._present = 0
-        self._progress: dict[int, int] = {}  # bytes of a part in flight already in the file
-        self._moved: dict[int, float] = {}  # trio time a part in flight was asked for or last advanced
-        self._changed = trio.Event()  # set (and replaced) whenever a part advances, lands or fails
-        self._errors: dict[int, BaseException] = {}
+        self._present = Ranges()  # bytes in the file
+        self._asked = Ranges()  # bytes in the file or in flight
+        self._fetches: list[_Fetch] = []  # in flight
+        self._readers: list[_Reader] = []  # most recent last
+        self._changed = trio.Event()  # set (and replaced) whenever a fetch advances, lands or fails
         self._slots = trio.Semaphore(settings.concurrency)
         self._inflight = 0  # fetches scheduled or running: their worker thread may still write to `fd`
         self._abandoned = False
         self._finishing = False
-        self._next_expected = 0  # where a sequential reader will read next
         self.readers = 0
         self.confirmed = 0.0  # time.monotonic() when the last range that arrived was asked for (if it proves
         # that `info` was still the object's current version then: Backend.pinned_read_is_current)
@@ -113,97 +134,120 @@ class Download:
 
     # -- reading -----------------------------------------------------------------------------------
     async def ensure(self, nursery: trio.Nursery, start: int, end: int) -> None:
-        """Wait until bytes [start, end) are in the file (fetching them first if need be)."""
+        """Wait until bytes [start, end) are in the file (fetching them first if need be).
+
+        A read fetches its own pages. A reader that goes on where it (or another reader) stopped is sequential
+        and gets read-ahead, which starts at one part and doubles each time it is renewed, up to
+        `readahead_parts`; a read elsewhere fetches about what it reads, so random reads of a huge object fetch
+        little more than they read (mountpoint-s3's prefetcher and rclone's chunked reads grow the same way).
+        """
         end = min(end, self.info.size)
         if start >= end or self.done.is_set():
             return
         if self.no_space:
             raise NoSpace(f"{self.url}: the cache disk is full")
-        size = self.settings.part_size
-        first, last = start // size, (end - 1) // size
-        sequential = start <= self._next_expected <= end or start == 0
-        self._next_expected = end
-        self._request(nursery, range(first, last + 1))
-        for index in range(first, last + 1):
-            await self._wait(nursery, index, min(end, (index + 1) * size) - index * size)
-        if sequential:  # after the wait: read-ahead must not slow down the bytes a reader waits for
-            self._read_ahead(nursery, last + 1)
+        reader = self._sequential(start, end)
+        if reader is not None:
+            self._read_ahead(nursery, reader, start - start % PAGE)
+        self._request(nursery, start - start % PAGE, min(self.info.size, -(-end // PAGE) * PAGE))
+        await self._wait(nursery, start, end)
 
-    async def _wait(self, nursery: trio.Nursery, index: int, needed: int) -> None:
-        """Wait until the first `needed` bytes of part `index` are in the file; TimedOut if they stop coming
-        for the operation budget (the fetch goes on, bounded by its requests' timeouts)."""
-        budget = self.workers.timeouts.operation
-        # Measured from the part's own last movement: a reader coming after one that timed out on it (the
-        # kernel retries a failed read-ahead as a plain read) does not wait a whole budget again.
-        seen, since = self._progress.get(index, 0), self._moved.get(index, trio.current_time())
+    def _sequential(self, start: int, end: int) -> _Reader | None:
+        """The sequential reader this read continues (from now on at `end`), or None: a read on its own,
+        remembered as where a reader may go on."""
+        reader = next((r for r in reversed(self._readers) if r.next - PAGE <= start <= max(r.next, r.ahead)), None)
+        if reader is None:
+            # A read from byte 0 is taken for the start of a whole read: the read-ahead starts at once.
+            reader = _Reader(end, start - start % PAGE, self.settings.part_size if start == 0 else 0)
+            if len(self._readers) >= STREAMS:
+                del self._readers[0]
+        else:
+            self._readers.remove(reader)
+            reader.window = reader.window or self.settings.part_size
+        self._readers.append(reader)
+        reader.next = max(reader.next, end)
+        return reader if reader.window else None
+
+    def _read_ahead(self, nursery: trio.Nursery, reader: _Reader, start: int) -> None:
+        """Keep `reader.window` bytes asked for ahead of the reader, renewed a full GET at a time."""
+        size, part, most = self.info.size, self.settings.part_size, self.settings.coalesce * self.settings.part_size
+        target = min(size, reader.next + reader.window)
+        ahead = max(reader.ahead, start)
+        if target - ahead >= most and target < size:
+            target = ahead + (target - ahead) // most * most  # whole GETs; the rest with the next renewal
+        if target - ahead >= min(reader.window // 2, most) or target == size > ahead:
+            self._request(nursery, ahead, target)
+            reader.ahead = target
+            reader.window = min(self.settings.readahead_parts * part, reader.window * 2)
+
+    def _request(self, nursery: trio.Nursery, start: int, end: int) -> None:
+        """Start fetching the bytes of [start, end) neither present nor in flight, one GET per gap (at most
+        `coalesce` parts each)."""
+        most = self.settings.coalesce * self.settings.part_size
+        for gap_start, gap_end in list(self._asked.gaps(start, end)):
+            pieces = -(-(gap_end - gap_start) // most)  # of equal size: no small GET at the end of a big one
+            step = -(-(gap_end - gap_start) // pieces // PAGE) * PAGE
+            for piece in range(gap_start, gap_end, step):
+                fetch = _Fetch(piece, min(gap_end, piece + step), trio.current_time())
+                self._asked.add(fetch.start, fetch.end)
+                self._fetches.append(fetch)
+                # Counted from now, not from when the task starts: an abandon in between must not close `fd`.
+                self._inflight += 1
+                nursery.start_soon(self._fetch, fetch)
+
+    async def _wait(self, nursery: trio.Nursery, start: int, end: int) -> None:
+        """Wait until bytes [start, end) are in the file, asking again for those whose fetch ended without
+        them (another reader got its error, or it gave up to make room)."""
         while True:
-            error = self._errors.pop(index, None)
-            if error is not None:
-                raise error
-            if self.parts[index] == PRESENT or self._progress.get(index, 0) >= needed:
+            gap = next(self._present.gaps(start, end), None)
+            if gap is None:
                 return
-            if self.parts[index] == MISSING:  # an earlier attempt failed: try again for this reader
-                self._request(nursery, [index])
-            with trio.move_on_at(since + budget):
-                await self._changed.wait()
-            if self._progress.get(index, 0) != seen:
-                seen, since = self._progress.get(index, 0), self._moved.get(index, trio.current_time())
-            elif trio.current_time() >= since + budget:
-                raise TimedOut(f"{self.url}: no byte of {index * self.settings.part_size}+ for {budget:g} s")
+            fetch = next((f for f in self._fetches if f.start <= gap[0] < f.end), None)
+            if fetch is None:
+                self._request(nursery, gap[0], gap[1])
+                continue
+            upto = min(end, fetch.end)
+            if await self._follow(fetch, upto):
+                start = upto
 
-    def _advance(self, first: int, count: int, done: int) -> None:
-        """`done` bytes of the GET starting at part `first` are in the file."""
-        size = self.settings.part_size
-        for index in range(first, first + count):
-            part_done = min(size, done - (index - first) * size)
-            if part_done <= 0:
-                break
-            self._progress[index] = max(self._progress.get(index, 0), part_done)
-            self._moved[index] = trio.current_time()
+    async def _follow(self, fetch: _Fetch, upto: int) -> bool:
+        """Wait until `fetch` has landed its bytes up to `upto` (True), or ended without them (False); its error
+        if it failed; TimedOut if its bytes stop coming for the operation budget (the fetch goes on, bounded by
+        its request's timeouts).
+
+        Measured from the fetch's own last movement: a reader coming after one that timed out on it (the
+        kernel retries a failed read-ahead as a plain read) does not wait a whole budget again."""
+        budget = self.workers.timeouts.operation
+        while fetch.start + fetch.done < upto:
+            if fetch.error is not None:
+                raise fetch.error
+            if fetch.over:
+                return False
+            with trio.move_on_at(fetch.moved + budget):
+                await self._changed.wait()
+            if not fetch.over and fetch.start + fetch.done < upto and trio.current_time() >= fetch.moved + budget:
+                raise TimedOut(f"{self.url}: no byte of {fetch.start + fetch.done}+ for {budget:g} s")
+        return True
+
+    def _advance(self, fetch: _Fetch, done: int) -> None:
+        """`done` bytes of `fetch` are in the file."""
+        if done > fetch.done:
+            fetch.done, fetch.moved = done, trio.current_time()
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _read_ahead(self, nursery: trio.Nursery, after: int) -> None:
-        """Keep the parts ahead of a sequential reader coming, a full coalesced GET at a time."""
-        end = min(len(self.parts), after + self.settings.readahead_parts)
-        missing = next((i for i in range(after, end) if self.parts[i] == MISSING), end)
-        if end - missing >= min(self.settings.coalesce, len(self.parts) - missing):
-            self._request(nursery, range(missing, end))
-
-    def _request(self, nursery: trio.Nursery, indexes: range | list[int]) -> None:
-        """Start fetching the missing parts among `indexes`, consecutive ones together in one GET."""
-        run: list[int] = []
-        for index in indexes:
-            if index < len(self.parts) and self.parts[index] == MISSING:
-                self.parts[index] = FETCHING
-                self._moved[index] = trio.current_time()
-                run.append(index)
-                if len(run) < self.settings.coalesce:
-                    continue
-            if run:
-                self._schedule(nursery, run)
-                run = []
-        if run:
-            self._schedule(nursery, run)
-
-    def _schedule(self, nursery: trio.Nursery, run: list[int]) -> None:
-        # Counted from now, not from when the task starts: an abandon in between must not close `fd` under it.
-        self._inflight += 1
-        nursery.start_soon(self._fetch, run[0], len(run))
-
-    async def _fetch(self, first: int, count: int) -> None:
-        size = self.settings.part_size
-        start = first * size
-        length = min(count * size, self.info.size - start)
-        run = range(first, first + count)
-
+    async def _fetch(self, fetch: _Fetch) -> None:
+        start, length = fetch.start, fetch.end - fetch.start
         token = trio.lowlevel.current_trio_token()
 
         def progress(done: int) -> None:  # called from the worker thread
             # Fire and forget: waiting for the loop to run it would stall the download on every piece.
             # Callbacks run in order, all before the fetch's own completion is delivered.
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._advance, first, count, done)
+                token.run_sync_soon(self._advance, fetch, done)
 
         try:
             async with self._slots:
@@ -214,24 +258,19 @@ class Download:
                 if self.backend.pinned_read_is_current:
                     self.confirmed = max(self.confirmed, asked)
         except Exception as exc:  # handed to the waiting readers, who turn it into an errno
-            for index in run:
-                self.parts[index] = MISSING
-                self._progress.pop(index, None)
-                self._moved.pop(index, None)
+            self._asked.remove(fetch.start, fetch.end)
+            fetch.done = 0  # (what landed is not counted: the range is fetched again whole)
             if isinstance(exc, NoSpace) and await self._room_made(length):
-                return  # MISSING again, without an error: the readers waiting for it ask again
+                return  # ended without an error: the readers waiting for it ask again
             self.no_space = self.no_space or isinstance(exc, NoSpace)
-            for index in run:
-                self._errors[index] = exc
+            fetch.error = exc
             log.warning("%s: bytes %d-%d failed: %s", self.url, start, start + length, exc)
         else:
-            for index in run:
-                self.parts[index] = PRESENT
-                self._moved.pop(index, None)
-            self._present += count
+            self._present.add(fetch.start, fetch.end)
         finally:
-            self._changed.set()
-            self._changed = trio.Event()
+            fetch.over = True
+            self._fetches.remove(fetch)
+            self._notify()
             self._inflight -= 1
             if self._abandoned and self._inflight == 0:
                 self._close_fd()  # only now: a worker thread may have been writing to it
@@ -249,10 +288,10 @@ class Download:
             return False
 
     async def settle(self, budget: float) -> None:
-        """When every part has been asked for, wait (within `budget`) for the fetches still finishing: a reader
+        """When every byte has been asked for, wait (within `budget`) for the fetches still finishing: a reader
         that got the last bytes as they arrived may close before their GETs have returned, and the object
         would be dropped instead of kept."""
-        if MISSING in self.parts:
+        if self._asked.total < self.info.size:
             return
         with trio.move_on_after(budget):
             while self._inflight and not self.complete:
@@ -260,12 +299,11 @@ class Download:
 
     def present(self, start: int, end: int) -> bool:
         """Whether bytes [start, end) are all in the file."""
-        size = self.settings.part_size
-        return all(self.parts[i] == PRESENT for i in range(start // size, (max(end, start + 1) - 1) // size + 1))
+        return self._present.covers(start, end)
 
     @property
     def complete(self) -> bool:
-        return self._present == len(self.parts)
+        return self._present.total >= self.info.size
 
     # -- ending ------------------------------------------------------------------------------------
     async def finish(self) -> None:

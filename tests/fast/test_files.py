@@ -74,6 +74,51 @@ def test_readers_of_one_object_share_one_download(tmp_path: Path) -> None:
     run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
 
 
+def test_random_reads_of_a_large_object_fetch_about_what_they_read(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        content = data(64 * MIB, 5)
+        c.backend.put("big", content)
+        rng = np.random.default_rng(6)
+        fh = await c.open(f"{ROOT}/big")
+        read = 0
+        for offset in rng.integers(1, 64 * MIB - 64 * 1024, 40) // 4096 * 4096:
+            assert await c.read_fh(fh, int(offset), 64 * 1024) == content[offset:offset + 64 * 1024]
+            read += 64 * 1024
+        await c.ops.release(fh)
+        assert c.backend.bytes_sent <= 2 * read
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_a_sequential_reader_gets_a_growing_read_ahead(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        content = data(40 * MIB, 7)
+        c.backend.put("big", content)
+        assert await c.read(f"{ROOT}/big") == content
+        # 1, 2, 4 parts, then GETs of `coalesce` (4) parts: not a GET per read, nor per part
+        assert c.backend.count("GET") <= 12
+        assert c.backend.bytes_sent == 40 * MIB
+        gets = c.backend.count("GET")
+        assert await c.read(f"{ROOT}/big") == content  # complete: published, served from the cache
+        assert c.backend.count("GET") == gets
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_a_reader_going_on_from_a_random_read_becomes_sequential(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        content = data(32 * MIB, 8)
+        c.backend.put("big", content)
+        fh = await c.open(f"{ROOT}/big")
+        assert await c.read_fh(fh, 5 * MIB, 128 * 1024) == content[5 * MIB:5 * MIB + 128 * 1024]
+        assert c.backend.bytes_sent == 128 * 1024  # alone: only what it read
+        assert await c.read_fh(fh, 5 * MIB + 128 * 1024) == content[5 * MIB + 128 * 1024:]
+        await c.ops.release(fh)
+        assert c.backend.count("GET") <= 12
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
 def test_a_large_new_file_is_uploaded_as_one_stream(tmp_path: Path) -> None:
     async def test(c: Client) -> None:
         await c.write(f"{ROOT}/ckpt", data(20 * MIB, 5))
