@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE = 4096  # a read's own bytes are asked for in whole pages (the kernel reads pages anyway)
+KEEP_WAIT = 2.0  # seconds an abandoned download waits for its fetches in flight to keep what it holds
 STREAMS = 8  # sequential readers of one object told apart (others' reads may interleave with theirs)
 
 
@@ -80,6 +81,9 @@ class Download:
         self.settings = settings
         self._present = Ranges()  # bytes in the file
         self._asked = Ranges()  # bytes in the file or in flight
+        for start, end in landing.present:  # kept by an earlier download of this version
+            self._present.add(start, end)
+            self._asked.add(start, end)
         self._fetches: list[_Fetch] = []  # in flight
         self._readers: list[_Reader] = []  # most recent last
         self._changed = trio.Event()  # set (and replaced) whenever a fetch advances, lands or fails
@@ -326,13 +330,31 @@ class Download:
             self.landing.discard()
         self.done.set()
 
-    def abandon(self) -> None:
-        """Nobody reads it any more and it is incomplete: stop fetching and drop the partial file."""
-        self._abandoned = True  # queued fetches return at once; running ones finish their part
+    async def abandon(self) -> None:
+        """Nobody reads it any more and it is incomplete: stop fetching, and keep the ranges it holds for the
+        next reader of this version, once its fetches in flight have ended (within a short wait). A fetch
+        still running then could write into the file after a reader of another version took it over: the
+        file is dropped instead (unlinked: a late write goes nowhere), as it is when the cache disk is full."""
+        self._abandoned = True  # queued fetches return at once; running ones finish their range
         self._close_map()
-        self.landing.discard()
-        if self._inflight == 0:
-            self._close_fd()
+        self._inflight += 1  # (held here: the file stays open until it is kept or dropped)
+        try:
+            with trio.move_on_after(min(KEEP_WAIT, self.workers.timeouts.operation)):
+                while self._inflight > 1:
+                    await self._changed.wait()
+            if self._inflight > 1 or self.no_space:
+                self.landing.discard()
+                return
+            await self.workers.disk(self.landing.keep, self.info, list(self._present))
+        except OSError as exc:
+            log.warning("%s: the ranges read are not kept: %s", self.url, exc)
+            self.landing.discard()
+            return
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._close_fd()
+        await self._cleaner.added(self._present.total)  # (kept copies count against the cache's limits)
 
     def _close_fd(self) -> None:
         self.landing.close()
@@ -408,7 +430,7 @@ class Downloads(TaskHost):
             return current
         # The cache's download lock (StorageManager takes it too), without waiting: if another process holds
         # it, that process is downloading the object; the caller then waits for it instead.
-        landing = await self.workers.metadata(self.cache.land, url, info.size)
+        landing = await self.workers.metadata(self.cache.land, url, info.size, False, info)
         if landing is None:
             return None
         entry = self.entries.at(url)
@@ -458,7 +480,7 @@ class Downloads(TaskHost):
                 await download.finish()
                 download.close_file()
             else:
-                download.abandon()
+                await download.abandon()
         finally:
             entry.end_fetch()
             self.entries.release(entry)
