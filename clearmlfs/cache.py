@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -200,7 +201,14 @@ class Landing:
     def publish(self, info: ObjectInfo) -> Path:
         """The complete file becomes the cache entry, recorded as `info`'s version."""
         final = self.cache.path_for(self.url)
-        os.replace(self.partial, final)
+        try:
+            os.replace(self.partial, final)
+        except OSError as exc:  # a state folder on another filesystem than the cache's (a mount in between)
+            if exc.errno != errno.EXDEV:
+                raise
+            staged = self.cache.partial_for(self.url)
+            shutil.copyfile(self.partial, staged)
+            os.replace(staged, final)
         self.cache.drop_sparse(self.url)  # (an older partial copy, if this was a whole fetch)
         self.cache.save_state(EntryState(self.url, info.etag, info.size), durable=False)
         self.cache.added(info.size)

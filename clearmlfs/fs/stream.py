@@ -1,13 +1,14 @@
 """Streaming downloads: an object is fetched range by range into a sparse cache file while it is read.
 
-`open()` returns at once; a read waits only for the parts it covers. Parts are
-fetched on demand, in parallel, with read-ahead while the reads are sequential,
-and a read far away (the tail of a zip, a safetensors header) asks for its own
-part first. Every reader of an object shares one `Download`. When every part is
-present the file is renamed into the managed cache: the same complete, reusable
-entry a whole-object fetch would have made. A download nobody reads any more is
-abandoned and its partial file removed, so a partial file is never taken for a
-complete one.
+`open()` returns at once; a read waits only for the bytes it covers. A read on
+its own (a random read, the tail of a zip, a safetensors header) fetches its own
+pages; a reader going on where a read stopped is sequential and gets read-ahead
+that grows from one part to `readahead_parts`, in parallel GETs. Every reader of
+an object shares one `Download`. When every byte is present the file is renamed
+into the managed cache: the same complete, reusable entry a whole-object fetch
+would have made. A download nobody reads any more is abandoned: the ranges it
+holds are kept in our state folder for the next reader of the same version
+(`Landing.keep`), never where the SDK would take them for a complete copy.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class Download:
         self.confirmed = 0.0  # time.monotonic() when the last range that arrived was asked for (if it proves
         # that `info` was still the object's current version then: Backend.pinned_read_is_current)
         self.done = trio.Event()
+        self.closed = trio.Event()  # its last reader has gone, and it is published, kept or dropped
         self._map: mmap.mmap | None = None  # the file, mapped for `view`
         self._mapped: tuple[int, int] | None = None  # the pages of the last view
         self._map_failed = False
@@ -425,6 +427,13 @@ class Downloads(TaskHost):
         """The shared download of `url` at `info`'s version (its entry's); None if another process is
         fetching it. The caller's handle keeps the entry."""
         current = self.entries.at(url).download
+        if current is not None and current.readers == 0:
+            # Being closed by its last reader, holding the download lock: wait for it to be published (the
+            # caller then finds the copy cached) or kept (this download goes on from its ranges).
+            await current.closed.wait()
+            if current.published:
+                return None
+            current = self.entries.at(url).download
         if current is not None and current.info.etag == info.etag:
             current.readers += 1
             return current
@@ -469,8 +478,6 @@ class Downloads(TaskHost):
         if download.readers > 0:
             return
         entry = download.entry
-        if entry.download is download:
-            entry.download = None
         try:
             if not download.done.is_set() and not download.complete:
                 await download.settle(self.workers.timeouts.operation)
@@ -482,5 +489,8 @@ class Downloads(TaskHost):
             else:
                 await download.abandon()
         finally:
+            if entry.download is download:
+                entry.download = None
+            download.closed.set()
             entry.end_fetch()
             self.entries.release(entry)
