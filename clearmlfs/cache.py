@@ -201,6 +201,8 @@ class Landing:
     def publish(self, info: ObjectInfo) -> Path:
         """The complete file becomes the cache entry, recorded as `info`'s version."""
         final = self.cache.path_for(self.url)
+        if not self._own():
+            raise StorageError(f"{self.url}: the partial copy was replaced by another download")
         try:
             os.replace(self.partial, final)
         except OSError as exc:  # a state folder on another filesystem than the cache's (a mount in between)
@@ -217,10 +219,11 @@ class Landing:
         return final
 
     def discard(self) -> None:
-        for path in (self._record, self.partial):  # the record first: it must never describe another file
-            if path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+        if self.fd < 0 or self._own():
+            for path in (self._record, self.partial):  # the record first: it must never describe another file
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
         self._release_lock()
 
     def keep(self, info: ObjectInfo, ranges: list[tuple[int, int]]) -> None:
@@ -230,9 +233,22 @@ class Landing:
             self.discard()
             return
         os.fdatasync(self.fd)
+        if not self._own():  # (the name is another download's now: leave it to that one)
+            self._release_lock()
+            return
         record = {"url": self.url, "etag": info.etag, "size": info.size, "ranges": [list(r) for r in ranges]}
         _replace_file(self._record, record, durable=True)
         self._release_lock()
+
+    def _own(self) -> bool:
+        """Whether the file at `partial` is still the one this landing filled. (A sparse file's name is the
+        entry's: should its download lock file be removed while held, another download could replace it.)"""
+        if self._record is None:
+            return True
+        try:
+            return os.stat(self.partial).st_ino == os.fstat(self.fd).st_ino
+        except OSError:
+            return False
 
     def close(self) -> None:
         if self.fd >= 0:
