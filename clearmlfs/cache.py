@@ -238,6 +238,7 @@ class Landing:
             return
         record = {"url": self.url, "etag": info.etag, "size": info.size, "ranges": [list(r) for r in ranges]}
         _replace_file(self._record, record, durable=True)
+        os.utime(self.fd)  # used now: eviction takes the least recently used first
         self._release_lock()
 
     def _own(self) -> bool:
