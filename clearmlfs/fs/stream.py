@@ -152,11 +152,13 @@ class Download:
             return
         if self.no_space:
             raise NoSpace(f"{self.url}: the cache disk is full")
-        reader = self._sequential(start, end)
-        if reader is not None:
-            self._read_ahead(nursery, reader, start - start % PAGE)
-        self._request(nursery, start - start % PAGE, min(self.info.size, -(-end // PAGE) * PAGE))
+        reader, first = self._sequential(start, end), start - start % PAGE
+        if reader is not None and reader.ahead <= first:  # its first read-ahead starts with this read's bytes
+            self._read_ahead(nursery, reader, first)
+        self._request(nursery, first, min(self.info.size, -(-end // PAGE) * PAGE))
         await self._wait(nursery, start, end)
+        if reader is not None:  # renewed after the wait: it must not slow down the bytes a reader waits for
+            self._read_ahead(nursery, reader, first)
 
     def _sequential(self, start: int, end: int) -> _Reader | None:
         """The sequential reader this read continues (from now on at `end`), or None: a read on its own,
