@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096  # a read's own bytes are asked for in whole pages (the kernel reads pages anyway)
 KEEP_WAIT = 2.0  # seconds an abandoned download waits for its fetches in flight to keep what it holds
+# The first read-ahead of a reader found going on from a read in the middle of an object, doubled from there:
+# small, as mountpoint-s3's first request is, since a random reader's reads now and then look sequential.
+FIRST_WINDOW = 1024 * 1024
 STREAMS = 8  # sequential readers of one object told apart (others' reads may interleave with theirs)
 
 
@@ -143,9 +146,10 @@ class Download:
         """Wait until bytes [start, end) are in the file (fetching them first if need be).
 
         A read fetches its own pages. A reader that goes on where it (or another reader) stopped is sequential
-        and gets read-ahead, which starts at one part and doubles each time it is renewed, up to
-        `readahead_parts`; a read elsewhere fetches about what it reads, so random reads of a huge object fetch
-        little more than they read (mountpoint-s3's prefetcher and rclone's chunked reads grow the same way).
+        and gets read-ahead, which starts at 1 MiB (one part for a read from byte 0: a whole read) and doubles
+        each time it is renewed, up to `readahead_parts`; a read elsewhere fetches about what it reads, so
+        random reads of a huge object fetch little more than they read (mountpoint-s3's prefetcher grows the
+        same way, and starts again small after a seek).
         """
         end = min(end, self.info.size)
         if start >= end or self.done.is_set():
@@ -153,11 +157,12 @@ class Download:
         if self.no_space:
             raise NoSpace(f"{self.url}: the cache disk is full")
         reader, first = self._sequential(start, end), start - start % PAGE
-        if reader is not None and reader.ahead <= first:  # its first read-ahead starts with this read's bytes
+        starting = reader is not None and reader.ahead <= first
+        if reader is not None and starting:  # its first read-ahead starts with this read's bytes
             self._read_ahead(nursery, reader, first)
         self._request(nursery, first, min(self.info.size, -(-end // PAGE) * PAGE))
         await self._wait(nursery, start, end)
-        if reader is not None:  # renewed after the wait: it must not slow down the bytes a reader waits for
+        if reader is not None and not starting:  # renewed after the wait: not to slow down the bytes awaited
             self._read_ahead(nursery, reader, first)
 
     def _sequential(self, start: int, end: int) -> _Reader | None:
@@ -171,7 +176,7 @@ class Download:
                 del self._readers[0]
         else:
             self._readers.remove(reader)
-            reader.window = reader.window or self.settings.part_size
+            reader.window = reader.window or min(FIRST_WINDOW, self.settings.part_size)
         self._readers.append(reader)
         reader.next = max(reader.next, end)
         return reader if reader.window else None
