@@ -8,6 +8,8 @@ Layout (the SDK's, so a file fetched by either tool is found by the other)::
     <base>/clearmlfs/<context>/<entry>.json                         our per-entry state
     <base>/clearmlfs/<context>/<entry>.fetch                        download-once lock
     <base>/clearmlfs/<context>/<entry>.upload                       a multipart upload in progress
+    <base>/clearmlfs/<context>/<entry>.sparse, <entry>.ranges       a partial copy read in ranges, and which
+                                                                     ranges of which version it holds
 
 Our state lives outside the SDK's folder because the SDK counts and deletes
 everything it finds there. Pins use the SDK's lock-file convention so its cleaner
@@ -31,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -61,8 +64,11 @@ LOCK_PREFIX = ".lock."
 LOCK_SUFFIX = ".clearml"
 PARTIAL_SUFFIX = ".partially"
 RENAME_SUFFIX = ".rename"  # a folder rename's journal, in the state folder
+SPARSE_SUFFIX = ".sparse"  # a partial copy of an object read in ranges, in the state folder (the SDK never sees it)
+RANGES_SUFFIX = ".ranges"  # beside it: the version it was read from and the byte ranges it holds
 FETCH_PART = 8 * 1024 * 1024  # the range a whole-object fetch asks for at a time
 STALE_PARTIAL_SECONDS = 24 * 3600
+KEPT_SHARE = 0.25  # the part of the cache's limits (count, bytes) partial copies kept between downloads may take
 T = TypeVar("T")
 SERVED_OFFLINE = "served_offline"  # the counter of opens served from the cache, the server unreachable
 STATS_FILE = "counters.stats"  # (not *.json: the entries' records are)
@@ -154,11 +160,19 @@ class Landing:
     ranges were read from (each read is pinned to that version: a change on the server fails it, never mixes
     two versions). `discard` drops it instead; `close` closes its descriptor, which a download with reads still
     in flight closes last.
+
+    A landing read in ranges (`CacheContext.land(resume=...)`) fills the entry's sparse file in the state folder
+    instead, which `keep` leaves there with the ranges it holds, for the next download of the same version.
     """
 
-    def __init__(self, cache: CacheContext, url: str, partial: Path, fd: int, lock_fd: int) -> None:
+    def __init__(
+        self, cache: CacheContext, url: str, partial: Path, fd: int, lock_fd: int,
+        present: list[tuple[int, int]] | None = None,
+    ) -> None:
         self.cache, self.url, self.partial, self.fd = cache, url, partial, fd
         self._lock_fd = lock_fd
+        self.present = present or []  # the byte ranges a kept sparse file already held
+        self._record = partial.with_suffix(RANGES_SUFFIX) if partial.name.endswith(SPARSE_SUFFIX) else None
         cache.in_use(partial)
 
     def fill(
@@ -187,7 +201,17 @@ class Landing:
     def publish(self, info: ObjectInfo) -> Path:
         """The complete file becomes the cache entry, recorded as `info`'s version."""
         final = self.cache.path_for(self.url)
-        os.replace(self.partial, final)
+        if not self._own():
+            raise StorageError(f"{self.url}: the partial copy was replaced by another download")
+        try:
+            os.replace(self.partial, final)
+        except OSError as exc:  # a state folder on another filesystem than the cache's (a mount in between)
+            if exc.errno != errno.EXDEV:
+                raise
+            staged = self.cache.partial_for(self.url)
+            shutil.copyfile(self.partial, staged)
+            os.replace(staged, final)
+        self.cache.drop_sparse(self.url)  # (an older partial copy, if this was a whole fetch)
         self.cache.save_state(EntryState(self.url, info.etag, info.size), durable=False)
         self.cache.added(info.size)
         log.debug("fetched %s (%d bytes)", self.url, info.size)
@@ -195,9 +219,37 @@ class Landing:
         return final
 
     def discard(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.partial.unlink()
+        if self.fd < 0 or self._own():
+            for path in (self._record, self.partial):  # the record first: it must never describe another file
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
         self._release_lock()
+
+    def keep(self, info: ObjectInfo, ranges: list[tuple[int, int]]) -> None:
+        """Leave the sparse file for the next download of `info`'s version, recorded as holding `ranges`
+        (its data made durable first: after a crash, a range recorded is a range on disk)."""
+        if self._record is None or not ranges:
+            self.discard()
+            return
+        os.fdatasync(self.fd)
+        if not self._own():  # (the name is another download's now: leave it to that one)
+            self._release_lock()
+            return
+        record = {"url": self.url, "etag": info.etag, "size": info.size, "ranges": [list(r) for r in ranges]}
+        _replace_file(self._record, record, durable=True)
+        os.utime(self.fd)  # used now: eviction takes the least recently used first
+        self._release_lock()
+
+    def _own(self) -> bool:
+        """Whether the file at `partial` is still the one this landing filled. (A sparse file's name is the
+        entry's: should its download lock file be removed while held, another download could replace it.)"""
+        if self._record is None:
+            return True
+        try:
+            return os.stat(self.partial).st_ino == os.fstat(self.fd).st_ino
+        except OSError:
+            return False
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -406,6 +458,7 @@ class CacheContext:
     def forget(self, url: str) -> None:
         """Drop the cached copy and state of `url` (the object was deleted)."""
         self._remove(self.path_for(url))
+        self._evict_kept(self.key_for(url))
 
     def move(self, url: str, new_url: str, etag: str) -> None:
         """Carry a cached copy over to the URL it was renamed to, so the new name needs no download."""
@@ -535,25 +588,93 @@ class CacheContext:
                 landing.discard()
             landing.close()
 
-    def land(self, url: str, size: int = 0, wait: bool = False) -> Landing | None:
+    def land(
+        self, url: str, size: int = 0, wait: bool = False, resume: ObjectInfo | None = None
+    ) -> Landing | None:
         """Begin a download of `url` into the cache (`size` bytes, if known: the file is made that size, sparse,
         so that ranges land at their offsets). None, if not `wait`ing, when another thread or process is
-        downloading it (it holds the entry's download lock)."""
+        downloading it (it holds the entry's download lock).
+
+        `resume`: the version about to be read in ranges. The download goes to the entry's sparse file, which
+        goes on from the ranges a download of that version kept there (`Landing.present`); one of another
+        version is dropped first."""
         lock_fd = os.open(self._fetch_lock_path(url), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(lock_fd)
             return None
+        present: list[tuple[int, int]] = []
         try:
-            partial = self.partial_for(url)
-            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            if resume is None:
+                partial = self.partial_for(url)
+                fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            else:
+                partial = self._sparse_path(self.key_for(url))
+                fd, present = _open_sparse(partial, url, resume)
         except BaseException:
             os.close(lock_fd)
             raise
-        if size:
+        if size and not present:
             os.ftruncate(fd, size)
-        return Landing(self, url, partial, fd, lock_fd)
+        return Landing(self, url, partial, fd, lock_fd, present)
+
+    def _sparse_path(self, key: str) -> Path:
+        return self.state_folder / f"{key}{SPARSE_SUFFIX}"
+
+    def _kept(self) -> list[tuple[float, int, str]]:
+        """(last written, bytes on disk, entry key) of each partial copy kept in the state folder, oldest first."""
+        found = []
+        with os.scandir(self.state_folder) as listing:
+            for entry in listing:
+                if entry.name.endswith(SPARSE_SUFFIX):
+                    with contextlib.suppress(OSError):
+                        st = entry.stat()
+                        found.append((st.st_mtime, st.st_blocks * 512, entry.name[: -len(SPARSE_SUFFIX)]))
+        return sorted(found)
+
+    def _clean_kept(self, headroom: float, need: int) -> list[Path]:
+        """Evict partial copies, oldest first: beyond `KEPT_SHARE` of the cache's limits (count, bytes), while
+        the disk is short of room, and when a day old. They go before complete copies, which cost a whole
+        download to get back; one being downloaded into (its download lock held) stays."""
+        kept = self._kept()
+        count_limit = int(self.file_limit * KEPT_SHARE * (1 - headroom))
+        byte_limit = None if self.byte_limit is None else int(self.byte_limit * KEPT_SHARE * (1 - headroom))
+        total, short, now = sum(size for _, size, _ in kept), self._space_short(need), time.time()
+        evicted = []
+        for index, (mtime, size, key) in enumerate(kept):
+            over = len(kept) - index > count_limit or (byte_limit is not None and total > byte_limit)
+            if not (over or short > 0 or now - mtime > STALE_PARTIAL_SECONDS):
+                break  # (oldest first: the rest are newer)
+            if self._evict_kept(key):
+                total, short = total - size, short - size
+                evicted.append(self._sparse_path(key))
+        return evicted
+
+    def _evict_kept(self, key: str) -> bool:
+        """Drop the partial copy of entry `key` unless a download holds its lock (it is in use)."""
+        if not self._sparse_path(key).exists():
+            return False
+        lock_fd = os.open(self._fetch_lock_of(key), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        else:
+            self._drop_sparse(key)
+            return True
+        finally:
+            os.close(lock_fd)
+
+    def drop_sparse(self, url: str) -> None:
+        """Drop the partial copy kept of `url` (the caller holds its download lock)."""
+        self._drop_sparse(self.key_for(url))
+
+    def _drop_sparse(self, key: str) -> None:
+        sparse = self._sparse_path(key)
+        for path in (sparse.with_suffix(RANGES_SUFFIX), sparse):  # the record first
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def _fetch_lock_path(self, url: str) -> Path:
         return self._fetch_lock_of(self.key_for(url))
@@ -639,17 +760,18 @@ class CacheContext:
         `headroom`: the fraction of each limit to free beyond it, so that many additions need one scan. (With
         the SDK's size-aware cache, its own rules instead: see `_clean_by_size`.)
         """
+        kept = self._clean_kept(headroom, need)
         if self.size_mode is not None:
-            return self._clean_by_size(self.size_mode, need)
+            return kept + self._clean_by_size(self.size_mode, need)
         found, locks = self._scan()
         file_limit = len(found) if self.file_limit is None else int(self.file_limit * (1 - headroom))
         short = self._space_short(need)
         if len(found) <= file_limit and self.byte_limit is None and short <= 0:
-            return []  # (without a single stat: the listing's file types are enough)
+            return kept  # (without a single stat: the listing's file types are enough)
         entries = sorted(found, key=_last_used)  # least recently used first
         byte_limit = None if self.byte_limit is None else int(self.byte_limit * (1 - headroom))
         total = sum(_size(e) for e in entries) if byte_limit is not None else 0
-        evicted = []
+        evicted = kept
         for index, entry in enumerate(entries):
             over_count = index < len(entries) - file_limit
             over_bytes = byte_limit is not None and total > byte_limit
@@ -820,7 +942,7 @@ class CacheContext:
 
     def clear(self, include_dirty: bool = False) -> list[Path]:
         """Remove every entry nobody has pinned (and, unless `include_dirty`, that is uploaded)."""
-        removed = []
+        removed = [self._sparse_path(key) for _, _, key in self._kept() if self._evict_kept(key)]
         for path in self._entries():
             key = self._key_of(path)
             if self.is_pinned(key) or (not include_dirty and not self._evictable(key)):
@@ -854,6 +976,27 @@ def _sdk_copy_matches(path: Path, info: ObjectInfo) -> bool:
                 digest.update(chunk)
         return digest.hexdigest() == info.etag
     return st.st_mtime >= info.mtime
+
+
+def _open_sparse(path: Path, url: str, info: ObjectInfo) -> tuple[int, list[tuple[int, int]]]:
+    """The sparse file at `path`, opened, and the ranges of `info`'s version its record says it holds; emptied
+    (its record dropped first) if it holds another version's, or its record is missing or unreadable."""
+    record_path = path.with_suffix(RANGES_SUFFIX)
+    present: list[tuple[int, int]] = []
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        record = json.loads(_read_small_file(record_path))
+        if (record["url"], record["etag"], record["size"]) == (url, info.etag, info.size) and info.etag:
+            present = [(int(start), int(end)) for start, end in record["ranges"]]
+    if present:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(fd).st_size == info.size:
+            return fd, present
+        os.close(fd)
+    # A new file, not the old one emptied: nothing written into the old one can reach the new one.
+    for stale in (record_path, path):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), []
 
 
 def _replace_file(path: Path, record: dict[str, object], durable: bool) -> None:

@@ -426,6 +426,9 @@ def test_read_pinned_to_an_etag_never_mixes_versions(store: Store, conf: Path, t
     backend, key = _backend(conf, url)
     old = backend.stat(key)
     assert backend.read(key, 0, 100, etag=old.etag) == (tmp_path / "v1").read_bytes()[:100]
+    with open(tmp_path / "ranges", "w+b") as ranges:  # a range read into a sparse file, at its offset
+        backend.read_to(ranges.fileno(), key, 1000, 500, etag=old.etag)
+        assert os.pread(ranges.fileno(), 500, 1000) == (tmp_path / "v1").read_bytes()[1000:1500]
     StorageManager.upload_file(str(_file(tmp_path / "v2", 4096, seed=2)), url)
     if store.name == "local":
         return  # a plain file has no versions to pin
@@ -436,3 +439,5 @@ def test_read_pinned_to_an_etag_never_mixes_versions(store: Store, conf: Path, t
         return
     with pytest.raises((Changed, NotFound)):
         backend.read(key, 0, 100, etag=old.etag)
+    with open(tmp_path / "ranges", "r+b") as ranges, pytest.raises((Changed, NotFound)):
+        backend.read_to(ranges.fileno(), key, 1000, 500, etag=old.etag)

@@ -56,6 +56,27 @@ def test_reading_the_tail_of_a_huge_object_fetches_only_a_small_part(big_object,
     assert sent < 32 * MIB, f"{sent / MIB:.1f} MiB fetched to read 1 KiB at the end of a 1 GiB object"
 
 
+def test_random_reads_of_a_huge_object_fetch_about_what_they_read(big_object, proxied_mount) -> None:
+    key, local = big_object
+    proxy, bucket = proxied_mount
+    rng = np.random.default_rng(2)
+    offsets = [int(o) // 4096 * 4096 for o in rng.integers(1, GIB - 64 * 1024, 300)]
+    proxy.reset()
+    with open(local, "rb") as expected, open(bucket / key, "rb") as f:
+        for offset in offsets:
+            expected.seek(offset)
+            assert os.pread(f.fileno(), 64 * 1024, offset) == expected.read(64 * 1024)
+    read = len(offsets) * 64 * 1024
+    sent = proxy.bytes_sent(path_contains=key)
+    assert sent <= 2 * read + 8 * MIB, f"{sent / MIB:.1f} MiB fetched for {read / MIB:.1f} MiB of random reads"
+    proxy.reset()
+    with open(local, "rb") as expected, open(bucket / key, "rb") as f:  # kept: read again from the cache file
+        for offset in offsets[:50]:
+            expected.seek(offset)
+            assert os.pread(f.fileno(), 64 * 1024, offset) == expected.read(64 * 1024)
+    assert proxy.bytes_sent(path_contains=key) == 0
+
+
 def test_first_bytes_are_readable_before_the_object_is_down(big_object, proxied_mount) -> None:
     key, local = big_object
     proxy, bucket = proxied_mount

@@ -40,6 +40,7 @@ class MemoryBackend(Backend):
         self.stream_threshold = stream_threshold
         self.objects: dict[str, _Object] = {}
         self.requests: list[str] = []  # "METHOD key", in order
+        self.bytes_sent = 0  # by GETs: what a reader made the server send
         self._lock = threading.Lock()
         self._failures: list[ClearmlfsError] = []
         self._held = threading.Event()
@@ -96,7 +97,10 @@ class MemoryBackend(Backend):
         obj = self._get("GET", key)
         if etag and obj.etag != etag:
             raise Transient(f"{self.url_prefix}/{key}: changed while read")
-        return obj.data[start:] if length is None else obj.data[start:start + length]
+        data = obj.data[start:] if length is None else obj.data[start:start + length]
+        with self._lock:
+            self.bytes_sent += len(data)
+        return data
 
     def read_to(
         self, fd: int, key: str, start: int, length: int, etag: str | None = None,

@@ -1,13 +1,14 @@
 """Streaming downloads: an object is fetched range by range into a sparse cache file while it is read.
 
-`open()` returns at once; a read waits only for the parts it covers. Parts are
-fetched on demand, in parallel, with read-ahead while the reads are sequential,
-and a read far away (the tail of a zip, a safetensors header) asks for its own
-part first. Every reader of an object shares one `Download`. When every part is
-present the file is renamed into the managed cache: the same complete, reusable
-entry a whole-object fetch would have made. A download nobody reads any more is
-abandoned and its partial file removed, so a partial file is never taken for a
-complete one.
+`open()` returns at once; a read waits only for the bytes it covers. A read on
+its own (a random read, the tail of a zip, a safetensors header) fetches its own
+pages; a reader going on where a read stopped is sequential and gets read-ahead
+that grows from one part to `readahead_parts`, in parallel GETs. Every reader of
+an object shares one `Download`. When every byte is present the file is renamed
+into the managed cache: the same complete, reusable entry a whole-object fetch
+would have made. A download nobody reads any more is abandoned: the ranges it
+holds are kept in our state folder for the next reader of the same version
+(`Landing.keep`), never where the SDK would take them for a complete copy.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import trio
 from ..backends import Backend, ObjectInfo
 from ..cache import CacheContext, Landing
 from ..errors import NoSpace, StorageError, TimedOut
+from ..ranges import Ranges
 from .workers import Workers
 from .writeback import WriteBack
 
@@ -34,15 +36,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MISSING, FETCHING, PRESENT = 0, 1, 2
+PAGE = 4096  # a read's own bytes are asked for in whole pages (the kernel reads pages anyway)
+KEEP_WAIT = 2.0  # seconds an abandoned download waits for its fetches in flight to keep what it holds
+# The first read-ahead of a reader found going on from a read in the middle of an object, doubled from there:
+# small, as mountpoint-s3's first request is, since a random reader's reads now and then look sequential.
+FIRST_WINDOW = 1024 * 1024
+STREAMS = 8  # sequential readers of one object told apart (others' reads may interleave with theirs)
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    part_size: int = 8 * 1024 * 1024  # the unit a random read fetches
+    part_size: int = 8 * 1024 * 1024  # a sequential reader's first read-ahead, doubled each time it is renewed
     concurrency: int = 4  # GETs in flight per object
-    readahead_parts: int = 16  # parts fetched ahead of a sequential reader
-    coalesce: int = 4  # consecutive parts a sequential fetch asks for in one GET
+    readahead_parts: int = 16  # the read-ahead's limit, in parts
+    coalesce: int = 4  # the parts a read-ahead GET asks for at most
+
+
+@dataclass(eq=False)
+class _Fetch:
+    """One ranged GET into the file: bytes [start, end), of which the first `done` have landed."""
+
+    start: int
+    end: int
+    moved: float  # trio time it was asked for or last advanced
+    done: int = 0
+    over: bool = False  # ended: landed (its range is present), failed (`error`), or given up for room
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Reader:
+    """A sequential reader's position: `window` bytes are kept asked for ahead of `next` (0: not sequential
+    yet, a single read), up to `ahead`."""
+
+    next: int
+    ahead: int
+    window: int = 0
 
 
 class Download:
@@ -54,22 +83,23 @@ class Download:
         self._cleaner, self._writeback = cleaner, writeback
         self.landing, self.fd = landing, landing.fd
         self.settings = settings
-        count = -(-info.size // settings.part_size)
-        self.parts = bytearray(count)  # MISSING / FETCHING / PRESENT per part
-        self._present = 0
-        self._progress: dict[int, int] = {}  # bytes of a part in flight already in the file
-        self._moved: dict[int, float] = {}  # trio time a part in flight was asked for or last advanced
-        self._changed = trio.Event()  # set (and replaced) whenever a part advances, lands or fails
-        self._errors: dict[int, BaseException] = {}
+        self._present = Ranges()  # bytes in the file
+        self._asked = Ranges()  # bytes in the file or in flight
+        for start, end in landing.present:  # kept by an earlier download of this version
+            self._present.add(start, end)
+            self._asked.add(start, end)
+        self._fetches: list[_Fetch] = []  # in flight
+        self._readers: list[_Reader] = []  # most recent last
+        self._changed = trio.Event()  # set (and replaced) whenever a fetch advances, lands or fails
         self._slots = trio.Semaphore(settings.concurrency)
         self._inflight = 0  # fetches scheduled or running: their worker thread may still write to `fd`
         self._abandoned = False
         self._finishing = False
-        self._next_expected = 0  # where a sequential reader will read next
         self.readers = 0
         self.confirmed = 0.0  # time.monotonic() when the last range that arrived was asked for (if it proves
         # that `info` was still the object's current version then: Backend.pinned_read_is_current)
         self.done = trio.Event()
+        self.closed = trio.Event()  # its last reader has gone, and it is published, kept or dropped
         self._map: mmap.mmap | None = None  # the file, mapped for `view`
         self._mapped: tuple[int, int] | None = None  # the pages of the last view
         self._map_failed = False
@@ -113,97 +143,124 @@ class Download:
 
     # -- reading -----------------------------------------------------------------------------------
     async def ensure(self, nursery: trio.Nursery, start: int, end: int) -> None:
-        """Wait until bytes [start, end) are in the file (fetching them first if need be)."""
+        """Wait until bytes [start, end) are in the file (fetching them first if need be).
+
+        A read fetches its own pages. A reader that goes on where it (or another reader) stopped is sequential
+        and gets read-ahead, which starts at 1 MiB (one part for a read from byte 0: a whole read) and doubles
+        each time it is renewed, up to `readahead_parts`; a read elsewhere fetches about what it reads, so
+        random reads of a huge object fetch little more than they read (mountpoint-s3's prefetcher grows the
+        same way, and starts again small after a seek).
+        """
         end = min(end, self.info.size)
         if start >= end or self.done.is_set():
             return
         if self.no_space:
             raise NoSpace(f"{self.url}: the cache disk is full")
-        size = self.settings.part_size
-        first, last = start // size, (end - 1) // size
-        sequential = start <= self._next_expected <= end or start == 0
-        self._next_expected = end
-        self._request(nursery, range(first, last + 1))
-        for index in range(first, last + 1):
-            await self._wait(nursery, index, min(end, (index + 1) * size) - index * size)
-        if sequential:  # after the wait: read-ahead must not slow down the bytes a reader waits for
-            self._read_ahead(nursery, last + 1)
+        reader, first = self._sequential(start, end), start - start % PAGE
+        starting = reader is not None and reader.ahead <= first
+        if reader is not None and starting:  # its first read-ahead starts with this read's bytes
+            self._read_ahead(nursery, reader, first)
+        self._request(nursery, first, min(self.info.size, -(-end // PAGE) * PAGE))
+        await self._wait(nursery, start, end)
+        if reader is not None and not starting:  # renewed after the wait: not to slow down the bytes awaited
+            self._read_ahead(nursery, reader, first)
 
-    async def _wait(self, nursery: trio.Nursery, index: int, needed: int) -> None:
-        """Wait until the first `needed` bytes of part `index` are in the file; TimedOut if they stop coming
-        for the operation budget (the fetch goes on, bounded by its requests' timeouts)."""
-        budget = self.workers.timeouts.operation
-        # Measured from the part's own last movement: a reader coming after one that timed out on it (the
-        # kernel retries a failed read-ahead as a plain read) does not wait a whole budget again.
-        seen, since = self._progress.get(index, 0), self._moved.get(index, trio.current_time())
+    def _sequential(self, start: int, end: int) -> _Reader | None:
+        """The sequential reader this read continues (from now on at `end`), or None: a read on its own,
+        remembered as where a reader may go on."""
+        reader = next((r for r in reversed(self._readers) if r.next - PAGE <= start <= max(r.next, r.ahead)), None)
+        if reader is None:
+            # A read from byte 0 is taken for the start of a whole read: the read-ahead starts at once.
+            reader = _Reader(end, start - start % PAGE, self.settings.part_size if start == 0 else 0)
+            if len(self._readers) >= STREAMS:
+                del self._readers[0]
+        else:
+            self._readers.remove(reader)
+            reader.window = reader.window or min(FIRST_WINDOW, self.settings.part_size)
+        self._readers.append(reader)
+        reader.next = max(reader.next, end)
+        return reader if reader.window else None
+
+    def _read_ahead(self, nursery: trio.Nursery, reader: _Reader, start: int) -> None:
+        """Keep `reader.window` bytes asked for ahead of the reader, renewed a full GET at a time."""
+        size, part, most = self.info.size, self.settings.part_size, self.settings.coalesce * self.settings.part_size
+        target = min(size, reader.next + reader.window)
+        ahead = max(reader.ahead, start)
+        if target - ahead >= most and target < size:
+            target = ahead + (target - ahead) // most * most  # whole GETs; the rest with the next renewal
+        if target - ahead >= min(reader.window // 2, most) or target == size > ahead:
+            self._request(nursery, ahead, target)
+            reader.ahead = target
+            reader.window = min(self.settings.readahead_parts * part, reader.window * 2)
+
+    def _request(self, nursery: trio.Nursery, start: int, end: int) -> None:
+        """Start fetching the bytes of [start, end) neither present nor in flight, one GET per gap (at most
+        `coalesce` parts each)."""
+        most = self.settings.coalesce * self.settings.part_size
+        for gap_start, gap_end in list(self._asked.gaps(start, end)):
+            pieces = -(-(gap_end - gap_start) // most)  # of equal size: no small GET at the end of a big one
+            step = -(-(gap_end - gap_start) // pieces // PAGE) * PAGE
+            for piece in range(gap_start, gap_end, step):
+                fetch = _Fetch(piece, min(gap_end, piece + step), trio.current_time())
+                self._asked.add(fetch.start, fetch.end)
+                self._fetches.append(fetch)
+                # Counted from now, not from when the task starts: an abandon in between must not close `fd`.
+                self._inflight += 1
+                nursery.start_soon(self._fetch, fetch)
+
+    async def _wait(self, nursery: trio.Nursery, start: int, end: int) -> None:
+        """Wait until bytes [start, end) are in the file, asking again for those whose fetch ended without
+        them (another reader got its error, or it gave up to make room)."""
         while True:
-            error = self._errors.pop(index, None)
-            if error is not None:
-                raise error
-            if self.parts[index] == PRESENT or self._progress.get(index, 0) >= needed:
+            gap = next(self._present.gaps(start, end), None)
+            if gap is None:
                 return
-            if self.parts[index] == MISSING:  # an earlier attempt failed: try again for this reader
-                self._request(nursery, [index])
-            with trio.move_on_at(since + budget):
-                await self._changed.wait()
-            if self._progress.get(index, 0) != seen:
-                seen, since = self._progress.get(index, 0), self._moved.get(index, trio.current_time())
-            elif trio.current_time() >= since + budget:
-                raise TimedOut(f"{self.url}: no byte of {index * self.settings.part_size}+ for {budget:g} s")
+            fetch = next((f for f in self._fetches if f.start <= gap[0] < f.end), None)
+            if fetch is None:
+                self._request(nursery, gap[0], gap[1])
+                continue
+            upto = min(end, fetch.end)
+            if await self._follow(fetch, upto):
+                start = upto
 
-    def _advance(self, first: int, count: int, done: int) -> None:
-        """`done` bytes of the GET starting at part `first` are in the file."""
-        size = self.settings.part_size
-        for index in range(first, first + count):
-            part_done = min(size, done - (index - first) * size)
-            if part_done <= 0:
-                break
-            self._progress[index] = max(self._progress.get(index, 0), part_done)
-            self._moved[index] = trio.current_time()
+    async def _follow(self, fetch: _Fetch, upto: int) -> bool:
+        """Wait until `fetch` has landed its bytes up to `upto` (True), or ended without them (False); its error
+        if it failed; TimedOut if its bytes stop coming for the operation budget (the fetch goes on, bounded by
+        its request's timeouts).
+
+        Measured from the fetch's own last movement: a reader coming after one that timed out on it (the
+        kernel retries a failed read-ahead as a plain read) does not wait a whole budget again."""
+        budget = self.workers.timeouts.operation
+        while fetch.start + fetch.done < upto:
+            if fetch.error is not None:
+                raise fetch.error
+            if fetch.over:
+                return False
+            with trio.move_on_at(fetch.moved + budget):
+                await self._changed.wait()
+            if not fetch.over and fetch.start + fetch.done < upto and trio.current_time() >= fetch.moved + budget:
+                raise TimedOut(f"{self.url}: no byte of {fetch.start + fetch.done}+ for {budget:g} s")
+        return True
+
+    def _advance(self, fetch: _Fetch, done: int) -> None:
+        """`done` bytes of `fetch` are in the file."""
+        if done > fetch.done:
+            fetch.done, fetch.moved = done, trio.current_time()
+        self._notify()
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _read_ahead(self, nursery: trio.Nursery, after: int) -> None:
-        """Keep the parts ahead of a sequential reader coming, a full coalesced GET at a time."""
-        end = min(len(self.parts), after + self.settings.readahead_parts)
-        missing = next((i for i in range(after, end) if self.parts[i] == MISSING), end)
-        if end - missing >= min(self.settings.coalesce, len(self.parts) - missing):
-            self._request(nursery, range(missing, end))
-
-    def _request(self, nursery: trio.Nursery, indexes: range | list[int]) -> None:
-        """Start fetching the missing parts among `indexes`, consecutive ones together in one GET."""
-        run: list[int] = []
-        for index in indexes:
-            if index < len(self.parts) and self.parts[index] == MISSING:
-                self.parts[index] = FETCHING
-                self._moved[index] = trio.current_time()
-                run.append(index)
-                if len(run) < self.settings.coalesce:
-                    continue
-            if run:
-                self._schedule(nursery, run)
-                run = []
-        if run:
-            self._schedule(nursery, run)
-
-    def _schedule(self, nursery: trio.Nursery, run: list[int]) -> None:
-        # Counted from now, not from when the task starts: an abandon in between must not close `fd` under it.
-        self._inflight += 1
-        nursery.start_soon(self._fetch, run[0], len(run))
-
-    async def _fetch(self, first: int, count: int) -> None:
-        size = self.settings.part_size
-        start = first * size
-        length = min(count * size, self.info.size - start)
-        run = range(first, first + count)
-
+    async def _fetch(self, fetch: _Fetch) -> None:
+        start, length = fetch.start, fetch.end - fetch.start
         token = trio.lowlevel.current_trio_token()
 
         def progress(done: int) -> None:  # called from the worker thread
             # Fire and forget: waiting for the loop to run it would stall the download on every piece.
             # Callbacks run in order, all before the fetch's own completion is delivered.
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(self._advance, first, count, done)
+                token.run_sync_soon(self._advance, fetch, done)
 
         try:
             async with self._slots:
@@ -214,24 +271,19 @@ class Download:
                 if self.backend.pinned_read_is_current:
                     self.confirmed = max(self.confirmed, asked)
         except Exception as exc:  # handed to the waiting readers, who turn it into an errno
-            for index in run:
-                self.parts[index] = MISSING
-                self._progress.pop(index, None)
-                self._moved.pop(index, None)
+            self._asked.remove(fetch.start, fetch.end)
+            fetch.done = 0  # (what landed is not counted: the range is fetched again whole)
             if isinstance(exc, NoSpace) and await self._room_made(length):
-                return  # MISSING again, without an error: the readers waiting for it ask again
+                return  # ended without an error: the readers waiting for it ask again
             self.no_space = self.no_space or isinstance(exc, NoSpace)
-            for index in run:
-                self._errors[index] = exc
+            fetch.error = exc
             log.warning("%s: bytes %d-%d failed: %s", self.url, start, start + length, exc)
         else:
-            for index in run:
-                self.parts[index] = PRESENT
-                self._moved.pop(index, None)
-            self._present += count
+            self._present.add(fetch.start, fetch.end)
         finally:
-            self._changed.set()
-            self._changed = trio.Event()
+            fetch.over = True
+            self._fetches.remove(fetch)
+            self._notify()
             self._inflight -= 1
             if self._abandoned and self._inflight == 0:
                 self._close_fd()  # only now: a worker thread may have been writing to it
@@ -249,10 +301,10 @@ class Download:
             return False
 
     async def settle(self, budget: float) -> None:
-        """When every part has been asked for, wait (within `budget`) for the fetches still finishing: a reader
+        """When every byte has been asked for, wait (within `budget`) for the fetches still finishing: a reader
         that got the last bytes as they arrived may close before their GETs have returned, and the object
         would be dropped instead of kept."""
-        if MISSING in self.parts:
+        if self._asked.total < self.info.size:
             return
         with trio.move_on_after(budget):
             while self._inflight and not self.complete:
@@ -260,12 +312,11 @@ class Download:
 
     def present(self, start: int, end: int) -> bool:
         """Whether bytes [start, end) are all in the file."""
-        size = self.settings.part_size
-        return all(self.parts[i] == PRESENT for i in range(start // size, (max(end, start + 1) - 1) // size + 1))
+        return self._present.covers(start, end)
 
     @property
     def complete(self) -> bool:
-        return self._present == len(self.parts)
+        return self._present.total >= self.info.size
 
     # -- ending ------------------------------------------------------------------------------------
     async def finish(self) -> None:
@@ -288,13 +339,31 @@ class Download:
             self.landing.discard()
         self.done.set()
 
-    def abandon(self) -> None:
-        """Nobody reads it any more and it is incomplete: stop fetching and drop the partial file."""
-        self._abandoned = True  # queued fetches return at once; running ones finish their part
+    async def abandon(self) -> None:
+        """Nobody reads it any more and it is incomplete: stop fetching, and keep the ranges it holds for the
+        next reader of this version, once its fetches in flight have ended (within a short wait). A fetch
+        still running then could write into the file after a reader of another version took it over: the
+        file is dropped instead (unlinked: a late write goes nowhere), as it is when the cache disk is full."""
+        self._abandoned = True  # queued fetches return at once; running ones finish their range
         self._close_map()
-        self.landing.discard()
-        if self._inflight == 0:
-            self._close_fd()
+        self._inflight += 1  # (held here: the file stays open until it is kept or dropped)
+        try:
+            with trio.move_on_after(min(KEEP_WAIT, self.workers.timeouts.operation)):
+                while self._inflight > 1:
+                    await self._changed.wait()
+            if self._inflight > 1 or self.no_space:
+                self.landing.discard()
+                return
+            await self.workers.disk(self.landing.keep, self.info, list(self._present))
+        except OSError as exc:
+            log.warning("%s: the ranges read are not kept: %s", self.url, exc)
+            self.landing.discard()
+            return
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._close_fd()
+        await self._cleaner.added(self._present.total)  # (kept copies count against the cache's limits)
 
     def _close_fd(self) -> None:
         self.landing.close()
@@ -366,12 +435,19 @@ class Downloads(TaskHost):
         """The shared download of `url` at `info`'s version (its entry's); None if another process is
         fetching it. The caller's handle keeps the entry."""
         current = self.entries.at(url).download
+        if current is not None and current.readers == 0:
+            # Being closed by its last reader, holding the download lock: wait for it to be published (the
+            # caller then finds the copy cached) or kept (this download goes on from its ranges).
+            await current.closed.wait()
+            if current.published:
+                return None
+            current = self.entries.at(url).download
         if current is not None and current.info.etag == info.etag:
             current.readers += 1
             return current
         # The cache's download lock (StorageManager takes it too), without waiting: if another process holds
         # it, that process is downloading the object; the caller then waits for it instead.
-        landing = await self.workers.metadata(self.cache.land, url, info.size)
+        landing = await self.workers.metadata(self.cache.land, url, info.size, False, info)
         if landing is None:
             return None
         entry = self.entries.at(url)
@@ -410,8 +486,6 @@ class Downloads(TaskHost):
         if download.readers > 0:
             return
         entry = download.entry
-        if entry.download is download:
-            entry.download = None
         try:
             if not download.done.is_set() and not download.complete:
                 await download.settle(self.workers.timeouts.operation)
@@ -421,7 +495,10 @@ class Downloads(TaskHost):
                 await download.finish()
                 download.close_file()
             else:
-                download.abandon()
+                await download.abandon()
         finally:
+            if entry.download is download:
+                entry.download = None
+            download.closed.set()
             entry.end_fetch()
             self.entries.release(entry)

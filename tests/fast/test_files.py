@@ -15,7 +15,7 @@ import trio
 
 from clearmlfs.config import Settings
 from clearmlfs.mount import build, parse_options
-from tests.fast.harness import ROOT, Client, MemoryPool, errno_of, run, settings_for
+from tests.fast.harness import ROOT, Client, MemoryPool, errno_of, memory_mount, run, settings_for
 
 MIB = 1024 * 1024
 
@@ -75,6 +75,121 @@ def test_readers_of_one_object_share_one_download(tmp_path: Path) -> None:
         assert c.backend.count("GET") <= 4  # four 1 MiB parts, each fetched once
 
     run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_random_reads_of_a_large_object_fetch_about_what_they_read(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        content = data(64 * MIB, 5)
+        c.backend.put("big", content)
+        rng = np.random.default_rng(6)
+        fh = await c.open(f"{ROOT}/big")
+        read = 0
+        for offset in rng.integers(1, 64 * MIB - 64 * 1024, 40) // 4096 * 4096:
+            assert await c.read_fh(fh, int(offset), 64 * 1024) == content[offset:offset + 64 * 1024]
+            read += 64 * 1024
+        await c.ops.release(fh)
+        assert c.backend.bytes_sent <= 2 * read
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_a_sequential_reader_gets_a_growing_read_ahead(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        content = data(40 * MIB, 7)
+        c.backend.put("big", content)
+        assert await c.read(f"{ROOT}/big") == content
+        # 1, 2, 4 parts, then GETs of `coalesce` (4) parts: not a GET per read, nor per part
+        assert c.backend.count("GET") <= 12
+        assert c.backend.bytes_sent == 40 * MIB
+        gets = c.backend.count("GET")
+        assert await c.read(f"{ROOT}/big") == content  # complete: published, served from the cache
+        assert c.backend.count("GET") == gets
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_a_reader_going_on_from_a_random_read_becomes_sequential(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        content = data(32 * MIB, 8)
+        c.backend.put("big", content)
+        fh = await c.open(f"{ROOT}/big")
+        assert await c.read_fh(fh, 5 * MIB, 128 * 1024) == content[5 * MIB:5 * MIB + 128 * 1024]
+        assert c.backend.bytes_sent == 128 * 1024  # alone: only what it read
+        assert await c.read_fh(fh, 5 * MIB + 128 * 1024) == content[5 * MIB + 128 * 1024:]
+        await c.ops.release(fh)
+        assert c.backend.count("GET") <= 12
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+async def read_some(c: Client, offsets: list[int], content: bytes, size: int = 64 * 1024) -> None:
+    """Random reads at `offsets`, through one handle, checked against `content`."""
+    fh = await c.open(f"{ROOT}/big")
+    for offset in offsets:
+        assert await c.read_fh(fh, offset, size) == content[offset:offset + size]
+    await c.ops.release(fh)
+
+
+OFFSETS = [3 * MIB + 4096, 11 * MIB, 7 * MIB + 12288, 29 * MIB]
+
+
+def test_the_ranges_read_are_kept_for_the_next_mount(tmp_path: Path) -> None:
+    async def main() -> None:
+        content = data(32 * MIB, 9)
+        pool = MemoryPool(settings_for(tmp_path / "cache"))
+        async with memory_mount(tmp_path, "read_part_size=1M,small_file_size=64K", pool=pool) as c:
+            c.backend.put("big", content)
+            await read_some(c, OFFSETS, content)
+            sent = c.backend.bytes_sent
+        async with memory_mount(tmp_path, "read_part_size=1M,small_file_size=64K", pool=pool) as c:
+            await read_some(c, OFFSETS[::-1], content)
+            assert c.backend.bytes_sent == sent  # all of them from the cache file
+            await read_some(c, [20 * MIB], content)
+            assert c.backend.bytes_sent == sent + 64 * 1024  # and only what is new from the server
+
+    trio.run(main)
+
+
+def test_ranges_kept_of_an_older_version_are_never_served(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        old, new = data(32 * MIB, 10), data(32 * MIB, 11)
+        c.backend.put("big", old)
+        await read_some(c, OFFSETS, old)
+        c.backend.put("big", new)
+        await trio.sleep(0.05)  # past the ttl: the next open sees the new version
+        await read_some(c, OFFSETS, new)
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K,ttl=0.02,list_ttl=0.02")
+
+
+def test_a_partial_copy_is_never_taken_for_a_complete_one(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        content = data(32 * MIB, 12)
+        c.backend.put("big", content)
+        await read_some(c, OFFSETS, content)
+        url = f"s3://{c.backend.url_prefix.split('://', 1)[1]}/big"
+        assert c.fs.cache.lookup(url) is None  # not under the SDK's name, where the SDK would take it
+        assert not list(c.fs.cache.folder.glob("*.partially"))
+        assert await c.read(f"{ROOT}/big") == content  # read whole: completed from what was kept, published
+        assert c.fs.cache.lookup(url) is not None
+        assert not list(c.fs.cache.state_folder.glob("*.sparse"))
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K")
+
+
+def test_partial_copies_are_evicted_beyond_their_share_of_the_cache(tmp_path: Path) -> None:
+    async def test(c: Client) -> None:
+        contents = [data(16 * MIB, 20 + index) for index in range(8)]
+        for index, content in enumerate(contents):
+            c.backend.put(f"big{index}", content)
+        for index, content in enumerate(contents):
+            fh = await c.open(f"{ROOT}/big{index}")
+            assert await c.read_fh(fh, 5 * MIB, 4096) == content[5 * MIB:5 * MIB + 4096]
+            await c.ops.release(fh)
+        c.fs.cache.clean()
+        assert len(list(c.fs.cache.state_folder.glob("*.sparse"))) <= 1  # a quarter of cache_files=4
+
+    run(test, tmp_path, "read_part_size=1M,small_file_size=64K,cache_files=4")
 
 
 def test_a_large_new_file_is_uploaded_as_one_stream(tmp_path: Path) -> None:
