@@ -638,12 +638,13 @@ class CacheContext:
         the disk is short of room, and when a day old. They go before complete copies, which cost a whole
         download to get back; one being downloaded into (its download lock held) stays."""
         kept = self._kept()
-        count_limit = int(self.file_limit * KEPT_SHARE * (1 - headroom))
+        count_limit = None if self.file_limit is None else int(self.file_limit * KEPT_SHARE * (1 - headroom))
         byte_limit = None if self.byte_limit is None else int(self.byte_limit * KEPT_SHARE * (1 - headroom))
         total, short, now = sum(size for _, size, _ in kept), self._space_short(need), time.time()
         evicted = []
         for index, (mtime, size, key) in enumerate(kept):
-            over = len(kept) - index > count_limit or (byte_limit is not None and total > byte_limit)
+            over = (count_limit is not None and len(kept) - index > count_limit) or (
+                byte_limit is not None and total > byte_limit)
             if not (over or short > 0 or now - mtime > STALE_PARTIAL_SECONDS):
                 break  # (oldest first: the rest are newer)
             if self._evict_kept(key):
