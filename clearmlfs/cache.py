@@ -63,6 +63,7 @@ DEFAULT_CONTEXT = "global"
 LOCK_PREFIX = ".lock."
 LOCK_SUFFIX = ".clearml"
 PARTIAL_SUFFIX = ".partially"
+DIRTY_SUFFIX = ".dirty"  # a dirty cache file's second name, in the state folder
 RENAME_SUFFIX = ".rename"  # a folder rename's journal, in the state folder
 SPARSE_SUFFIX = ".sparse"  # a partial copy of an object read in ranges, in the state folder (the SDK never sees it)
 RANGES_SUFFIX = ".ranges"  # beside it: the version it was read from and the byte ranges it holds
@@ -349,8 +350,44 @@ class CacheContext:
     def save_state(self, state: EntryState, durable: bool = True) -> None:
         """Record `state` (write, rename; fsync when `durable`: a dirty flag must survive a crash)."""
         _replace_file(self._state_path(self.key_for(state.url)), asdict(state), durable or state.dirty)
+        self._keep_dirty(state)
         if self._freshness is not None:
             self._freshness.dirty(self.path_for(state.url), state.dirty)
+
+    # A second name for a dirty cache file, in our state folder: the ClearML SDK's cleanup deletes files of its
+    # folder beyond its count even while they are pinned (clearml 2.1.12 checks the lock, then deletes the file
+    # anyway), and a file not uploaded yet must survive it. Same inode: the writes still coming are in it too.
+    def _dirty_link(self, url: str) -> Path:
+        return self.state_folder / f"{self.key_for(url)}{DIRTY_SUFFIX}"
+
+    def _keep_dirty(self, state: EntryState) -> None:
+        if state.dirty:
+            self.keep_dirty(state.url)
+        else:
+            self._dirty_link(state.url).unlink(missing_ok=True)
+
+    def keep_dirty(self, url: str) -> None:
+        """Give `url`'s dirty cache file its second name (once the file exists: a new file is recorded dirty
+        before it is created)."""
+        link, path = self._dirty_link(url), self.path_for(url)
+        try:
+            if link.exists() and os.path.samefile(link, path):
+                return
+            spare = link.with_name(f"{link.name}.{uuid.uuid4().hex[:8]}")
+            os.link(path, spare)
+            os.replace(spare, link)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # (a state folder on another filesystem): the file is only less protected
+            log.warning("cannot keep a second name for %s, not uploaded yet: %s", url, exc)
+
+    def restore_dirty(self, url: str) -> None:
+        """Give a dirty cache file its name back if something else deleted it (see `_keep_dirty`)."""
+        path, link = self.path_for(url), self._dirty_link(url)
+        if not path.exists() and link.exists():
+            log.warning("the cache file of %s, not uploaded yet, was deleted by another program; restored", url)
+            with contextlib.suppress(FileExistsError):
+                os.link(link, path)
 
     def _records(self, suffix: str) -> Iterator[dict[str, Any]]:
         """Each readable JSON record `<entry><suffix>` of the state folder (one being replaced is skipped)."""
@@ -471,6 +508,7 @@ class CacheContext:
         finally:
             with contextlib.suppress(OSError):
                 self._state_path(self.key_for(url)).unlink()
+            self._dirty_link(url).unlink(missing_ok=True)
         size = new.stat().st_size
         self.save_state(EntryState(new_url, etag, size, dirty=bool(state and state.dirty)))
 
@@ -937,7 +975,8 @@ class CacheContext:
     def _forget_state(self, name: str) -> None:
         # The download lock goes too, or the state folder would keep a file for every URL ever fetched. (A
         # process holding it right now only loses the guarantee that nobody downloads the URL alongside it.)
-        for leftover in (self._state_path(name), self._fetch_lock_of(name)):
+        dirty_link = self.state_folder / f"{name}{DIRTY_SUFFIX}"
+        for leftover in (self._state_path(name), self._fetch_lock_of(name), dirty_link):
             with contextlib.suppress(OSError):
                 leftover.unlink()
 

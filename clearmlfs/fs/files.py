@@ -299,6 +299,7 @@ class OpenFiles:
         handle.writer = True
         await self._make_dirty(handle)  # recorded before the file exists: a crash cannot lose it
         handle.pin, handle.fd = await self._pin_and_open(handle.entry, path, os.O_RDWR, True)
+        await self.workers.metadata(self.cache.keep_dirty, url)
         if parent.children is not None:
             parent.children[name] = node.inode
         self._may_stream(handle)

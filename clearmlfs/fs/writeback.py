@@ -193,6 +193,8 @@ class WriteBack:
         """Upload `source` as `url`: what the server made of it, and whether that left the entry clean."""
         parsed = parse_url(url)
         backend = self.backends.get(parsed)
+        if source == self.cache.path_for(url):
+            await self.workers.metadata(self.cache.restore_dirty, url)
         before = await self.workers.metadata(self.cache.state, url)
         mtime_ns = (await self.workers.metadata(os.stat, source)).st_mtime_ns
         attrs = Attrs(mtime_ns, _stored_mode(before))
@@ -334,6 +336,7 @@ class WriteBack:
                 entry.discarded()
             return
         path = self.cache.path_for(url)
+        await self.workers.metadata(self.cache.restore_dirty, url)
         if not path.exists():
             log.error("dirty entry for %s has no cache file; nothing to upload", url)
             await self.discard(url)

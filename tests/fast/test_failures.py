@@ -84,6 +84,22 @@ def test_a_stream_already_uploading_is_abandoned_when_a_write_fails(tmp_path: Pa
     run(test, tmp_path)
 
 
+def test_a_file_not_uploaded_yet_survives_another_program_deleting_its_cache_file(tmp_path: Path) -> None:
+    """The ClearML SDK's cleanup deletes files of the shared cache folder beyond its count, pinned or not."""
+
+    async def test(c: Client) -> None:
+        c.backend.fail_next(100, Transient("503"))
+        assert await errno_of(c.write(f"{ROOT}/kept", b"precious")) == errno.EIO
+        url = f"{c.backend.url_prefix}/kept"
+        c.fs.cache.path_for(url).unlink()  # as the SDK's cleaner does
+        c.backend._failures.clear()
+        assert await c.fs.writeback.upload_pending() == 0
+        assert c.backend.data("kept") == b"precious"
+        assert not list(c.fs.cache.state_folder.glob("*.dirty"))  # (clean again: the second name goes)
+
+    run(test, tmp_path)
+
+
 def test_a_failed_upload_fails_close_keeps_the_bytes_and_is_retried(tmp_path: Path) -> None:
     async def test(c: Client) -> None:
         c.backend.fail_next(100, Transient("503"))
