@@ -141,7 +141,9 @@ def test_config_shows_the_mode_its_limits_and_where_each_comes_from(tmp_path: Pa
         "[default], files used within 20 s kept [default]"
     )
     cache, off = shown({})
-    assert off == "size-aware cache: off [default]" and cache.endswith("file limit 100 [default]")
+    assert off == "size-aware cache: off [default]"
+    assert cache.endswith("file limit 100 [default] (the API's; the mount counts no files: bytes and free space "
+                          "decide)")
     _, disabled = shown({"storage": {"cache": {SECTION: {"enabled": False}}}})
     assert disabled == f"size-aware cache: off [{strategy}.enabled]"
 
