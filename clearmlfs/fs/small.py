@@ -77,7 +77,8 @@ class SmallFiles(TaskHost):
         general open path must decide (local changes, a download by another process, the object grew)."""
         if not await self._settled(node.url):  # fetched ahead right now: its GET is as recent as ours would be
             return None
-        await self.ns.revalidate_by_listing(node)
+        if node.cached_etag:  # a copy to revalidate: without one, the GET below is the only request
+            await self.ns.revalidate_by_listing(node)
         ready = self._take_ready(node.url)
         if ready is not None and ready[0] == node.etag and self.ns.fresh(node):
             path: Path | None = ready[1]  # fetched ahead moments ago: no disk check, no thread hop

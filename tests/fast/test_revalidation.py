@@ -47,6 +47,22 @@ def test_files_of_a_folder_read_through_again_are_revalidated_by_one_listing(tmp
     run(test, tmp_path, f"ttl={TTL},list_ttl=10", "readahead_files=0,cache_files=10000")
 
 
+def test_files_read_for_the_first_time_are_not_revalidated_by_listing(tmp_path: Path) -> None:
+    """A first epoch: each open's own GET answers for the file, so listing the folder would only cost."""
+    async def test(c: Client) -> None:
+        names = [f"{i:03d}.bin" for i in range(200)]
+        for name in names:
+            c.backend.put(f"cold/{name}", name.encode())
+        await c.listdir(f"{ROOT}/cold")
+        await past_ttl(c)
+        c.backend.requests.clear()
+        assert await read_all(c, "cold", names[::-1]) == [n.encode() for n in names[::-1]]
+        assert c.backend.count("LIST") == 0
+        assert per_file_requests(c, "cold") <= 2 * len(names)  # (the stored time's HEAD at lookup, the GET)
+
+    run(test, tmp_path, f"ttl={TTL},list_ttl=10", "readahead_files=0,cache_files=10000")
+
+
 def test_a_change_made_elsewhere_is_seen_on_open_after_ttl_when_revalidated_by_listing(tmp_path: Path) -> None:
     async def test(c: Client) -> None:
         names = [f"{i:03d}" for i in range(100)]
