@@ -226,10 +226,16 @@ class OpenFiles:
         return handle
 
     async def _pin_and_open(self, entry: Entry, path: Path, flags: int, create: bool = False) -> tuple[Pin, int]:
-        """`path` pinned and opened; FileNotFoundError if it was evicted meanwhile."""
+        """`path` pinned and opened; FileNotFoundError if it was evicted meanwhile.
+
+        On the loop, as pyfuse3's and s3ql's examples do: a local disk answers these calls (and the pin's, and
+        a close) from memory in microseconds, where a hop to a worker thread and back costs the daemon a
+        hundred futex calls of lock hand-over per open (measured: a second epoch of 5,000 files took twice
+        as long). What takes time in proportion to the data (reads, truncation, freeing a deleted file's
+        blocks) still goes to `Workers.disk`."""
         pin = await self._pin(entry, path)
         try:
-            return pin, await self.workers.disk(_open_pinned, path, flags, create)
+            return pin, _open_pinned(path, flags, create)
         except BaseException:
             self._unpin(entry, pin)
             raise
@@ -239,7 +245,7 @@ class OpenFiles:
         a lock file), and a daemon serving thousands of open files must not spend two on each."""
         pin = entry.pins.get(path.name)
         if pin is None:
-            made = await self.workers.disk(self.cache.pin, path)
+            made = self.cache.pin(path)  # (on the loop: see `_pin_and_open`)
             pin = entry.pins.setdefault(path.name, made)
             if pin is not made:  # pinned by another open meanwhile
                 made.release()
@@ -254,6 +260,14 @@ class OpenFiles:
             if entry.pins.get(pin.entry_name) is pin:
                 del entry.pins[pin.entry_name]
 
+    async def _close(self, fd: int) -> None:
+        """Close a cache file's descriptor: on the loop (see `_pin_and_open`), unless it is the last one of a
+        deleted file, whose blocks the close frees, which takes a while for a large one."""
+        if _unlinked(fd):
+            await self.workers.disk(os.close, fd)
+        else:
+            os.close(fd)
+
     async def _streaming(self, node: Node, download: Download, keep_cache: bool) -> OpenFile:
         # Pinned under the entry's final name: it is renamed into place once complete.
         entry = self.entries.at(node.url)
@@ -266,7 +280,7 @@ class OpenFiles:
         # The old content is about to be dropped: do not download it.
         async def create() -> Path:
             path = self.cache.path_for(node.url)
-            await self.workers.disk(_touch, path)
+            _touch(path)  # (on the loop: see `_pin_and_open`)
             return path
 
         handle = await self._open_prepared(node, flags, await create(), create)
@@ -486,7 +500,7 @@ class OpenFiles:
             self.writeback.close_writer(entry)
         self.passthrough.release(entry, handle.node.inode, handle.backing_id, handle.behind)
         try:
-            await self.workers.disk(os.close, handle.fd)  # (the last one of a deleted file frees its blocks)
+            await self._close(handle.fd)
             if handle.download is not None:
                 # Its last ranges checked the version as a stat would: a re-open right after needs no stat.
                 self.ns.confirm(handle.node, handle.download.info.etag, handle.download.confirmed)
@@ -499,6 +513,10 @@ class OpenFiles:
             # (a handle still dirty here failed its flush: the writeback loop retries from the cache file)
             entry.handles.remove(handle)
             self.entries.release(entry)
+
+
+def _unlinked(fd: int) -> bool:
+    return os.fstat(fd).st_nlink == 0
 
 
 def _open_pinned(path: Path, flags: int, create: bool) -> int:
