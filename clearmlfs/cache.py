@@ -3,7 +3,7 @@
 Layout (the SDK's, so a file fetched by either tool is found by the other)::
 
     <base>/storage_manager/<context>/<md5(url)>.<basename>          cached objects
-    <base>/storage_manager/<context>/.lock.NNN.<entry>.clearml      pins (flock'd while held)
+    <base>/storage_manager/<context>/.lock.NNN.<entry>.clearml      pins (flock'd while held; the mount's: links, Pin)
     <base>/storage_manager/<context>/<entry>_<time>.partially       downloads in progress
     <base>/clearmlfs/<context>/<entry>.json                         our per-entry state
     <base>/clearmlfs/<context>/<entry>.fetch                        download-once lock

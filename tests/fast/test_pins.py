@@ -13,6 +13,7 @@ import trio
 
 from clearmlfs import cache as cache_module
 from clearmlfs.cache import CacheContext, entry_name
+from clearmlfs.config import SizeCache
 from clearmlfs.fs.files import OpenFile
 from tests.fast.harness import ROOT, Client, memory_mount, run
 
@@ -187,3 +188,18 @@ def test_the_start_up_sweep_removes_the_links_nobody_holds(tmp_path: Path) -> No
     assert cache.sweep_locks() == 1
     assert not stale.exists() and sdk_lock.exists() and pin.path.exists() and held(pin.path)
     pin.release()
+
+
+def test_in_the_sdks_size_aware_mode_the_link_is_in_the_state_folder_and_no_bytes(tmp_path: Path) -> None:
+    cache = CacheContext(tmp_path, file_limit=None, size_mode=SizeCache(max_used_bytes=150, min_free_bytes=0,
+                                                                      cleanup_seconds_threshold=0.0))
+    kept = _cache_file(cache, "s3://b/kept", b"k" * 100)
+    pin = cache.open_pinned(kept, os.O_RDONLY)
+    assert pin.linked and pin.path.parent == cache.state_folder and held(pin.path)
+    assert cache.stats() == (1, 100)
+    _cache_file(cache, "s3://b/other", b"o" * 100)
+    os.utime(kept, (0, 0))  # the least recently used
+    cache.clean()
+    assert kept.exists() and cache.stats() == (1, 100)
+    pin.release()
+    assert not pin.path.exists()
