@@ -3,7 +3,7 @@
 Layout (the SDK's, so a file fetched by either tool is found by the other)::
 
     <base>/storage_manager/<context>/<md5(url)>.<basename>          cached objects
-    <base>/storage_manager/<context>/.lock.NNN.<entry>.clearml      pins (flock'd while held)
+    <base>/storage_manager/<context>/.lock.NNN.<entry>.clearml      pins (flock'd while held; the mount's: links, Pin)
     <base>/storage_manager/<context>/<entry>_<time>.partially       downloads in progress
     <base>/clearmlfs/<context>/<entry>.json                         our per-entry state
     <base>/clearmlfs/<context>/<entry>.fetch                        download-once lock
@@ -69,6 +69,9 @@ SPARSE_SUFFIX = ".sparse"  # a partial copy of an object read in ranges, in the 
 RANGES_SUFFIX = ".ranges"  # beside it: the version it was read from and the byte ranges it holds
 FETCH_PART = 8 * 1024 * 1024  # the range a whole-object fetch asks for at a time
 STALE_PARTIAL_SECONDS = 24 * 3600
+# Why a hard link for a pin cannot be made; the pin then takes a lock file of its own (Pin).
+LINK_FAILURES = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EROFS, errno.EACCES, errno.ENOENT,
+                           errno.EOPNOTSUPP, errno.ENOSYS})
 KEPT_SHARE = 0.25  # the part of the cache's limits (count, bytes) partial copies kept between downloads may take
 T = TypeVar("T")
 SERVED_OFFLINE = "served_offline"  # the counter of opens served from the cache, the server unreachable
@@ -128,22 +131,46 @@ class EntryState:
 
 
 class Pin:
-    """A held ``.lock.NNN.<entry>.clearml`` flock: the entry must not be evicted until `release`."""
+    """A held ``.lock.NNN.<entry>.clearml`` flock: the entry must not be evicted until `release`.
 
-    def __init__(self, fd: int, path: Path, entry_name: str, on_release: Callable[[], None] | None = None) -> None:
-        self._fd, self.path, self.entry_name = fd, path, entry_name
+    Two kinds. A linked pin's lock file is a hard link to the cache file itself, locked shared through `fd`, the
+    descriptor the entry's open handles read through: one descriptor per open file, where a separate lock file
+    would cost two (a daemon may serve thousands of open files). Whoever checks the pin (the SDK's cleaner,
+    `is_pinned`) opens the lock file without truncating it and fails to lock it exclusively, as with any lock
+    file. Otherwise (`lock_fd`) the lock file is an empty one of its own, as the SDK makes, and `fd`, if any, is
+    beside it.
+    """
+
+    def __init__(
+        self, path: Path, entry_name: str, file_name: str, fd: int = -1, lock_fd: int = -1,
+        writable: bool = False,
+    ) -> None:
+        self.path, self.entry_name, self.file_name = path, entry_name, file_name
+        self.fd = fd  # the cache file's descriptor (-1: none), closed by `release`
+        self.writable = writable  # `fd` may be written through
+        self._lock_fd = lock_fd
+        self._held = True
         self.users = 0  # the open files sharing it (the mount pins a cache file once, however often it is open)
-        self._on_release = on_release
+        self.on_release: Callable[[], None] | None = None  # called once released
+
+    @property
+    def linked(self) -> bool:
+        return self._lock_fd < 0
 
     def release(self) -> None:
-        if self._fd < 0:
+        if not self._held:
             return
+        self._held = False
+        # Unlinking first: nobody can find a lock we are about to drop. A link only while it is still ours.
         with contextlib.suppress(OSError):
-            self.path.unlink()  # unlinking first: nobody can find a lock we are about to drop
-        os.close(self._fd)
-        self._fd = -1
-        if self._on_release is not None:
-            self._on_release()
+            if not self.linked or os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()
+        for fd in (self._lock_fd, self.fd):
+            if fd >= 0:
+                os.close(fd)
+        self._lock_fd = self.fd = -1
+        if self.on_release is not None:
+            self.on_release()
 
     def __enter__(self) -> Pin:
         return self
@@ -723,22 +750,94 @@ class CacheContext:
 
     # -- pins ---------------------------------------------------------------------------------------
     def pin(self, path: Path) -> Pin:
-        """Hold the entry at `path` against eviction (by us and by the SDK) until the pin is released."""
+        """Hold the entry at `path` against eviction (by us and by the SDK) until the pin is released, with a
+        lock file of its own."""
         key = self._key_of(path)
-        lock_folder = self._lock_folder if self.size_mode is not None else path.parent
-        for i in range(1000):
-            lock_path = lock_folder / f"{LOCK_PREFIX}{i:03d}.{key}{LOCK_SUFFIX}"
+        for lock_path in self._lock_names(path):
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 continue
-            if self._freshness is None:
-                return Pin(fd, lock_path, key)
-            self.in_use(path)
-            return Pin(fd, lock_path, key, lambda: self.not_in_use(path))
+            return self._pinned(path, Pin(lock_path, key, path.name, lock_fd=fd))
         raise RuntimeError(f"cannot pin {path}: 1000 lock files are held")
+
+    def open_pinned(self, path: Path, flags: int, create: bool = False) -> Pin:
+        """The cache file at `path` opened (`flags`: O_RDONLY or O_RDWR; `create`: created, or emptied) and its
+        entry pinned, the pin owning the descriptor (`Pin.fd`). FileNotFoundError if it was evicted meanwhile."""
+        fd = os.open(path, flags | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
+        return self.hold(path, fd, verify=not create, writable=flags & os.O_ACCMODE == os.O_RDWR)
+
+    def hold(
+        self, path: Path, fd: int, verify: bool = True, writable: bool = False, source: Path | None = None
+    ) -> Pin:
+        """Pin the entry at `path` by `fd`, a descriptor of its file (or, with `verify` off, of its download in
+        progress, named `source`), which the pin takes over. With `verify`, FileNotFoundError if `path` is no
+        longer `fd`'s file once pinned: evicted, or replaced, between open and pin (an eviction moves the file
+        aside, then checks the pins; so one of the two sees the other)."""
+        try:
+            pin = self._linked_pin(path, fd, writable, source)
+            if pin is None:
+                pin = self.pin(path)
+                pin.fd, pin.writable = fd, writable
+        except BaseException:
+            os.close(fd)
+            raise
+        if verify and _inode(path) != os.fstat(fd).st_ino:
+            pin.release()
+            raise FileNotFoundError(errno.ENOENT, "evicted from the cache while being opened", str(path))
+        return pin
+
+    def _linked_pin(self, path: Path, fd: int, writable: bool, source: Path | None) -> Pin | None:
+        """A linked pin on `fd` (see `Pin`); None where a hard link cannot be made (the lock folder on another
+        filesystem, as the size-aware mode's state folder may be, or a filesystem without hard links), or the
+        shared lock cannot be taken now (a check of a stale link of this file holds it for an instant)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return None
+        for lock_path in self._lock_names(path):
+            try:
+                _link(fd, source or path, lock_path)
+            except FileExistsError:
+                continue
+            except OSError as exc:  # (ENOENT: the file has no name left, or no /proc)
+                if exc.errno not in LINK_FAILURES:
+                    raise
+                log.debug("pinning %s with a lock file of its own: %s", path.name, exc)
+                break
+            return self._pinned(path, Pin(lock_path, self._key_of(path), path.name, fd=fd, writable=writable))
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+
+    def _lock_names(self, path: Path) -> Iterator[Path]:
+        """The names a new pin of the entry at `path` may take, lowest number first."""
+        key = self._key_of(path)
+        lock_folder = self._lock_folder if self.size_mode is not None else path.parent
+        for i in range(1000):
+            yield lock_folder / f"{LOCK_PREFIX}{i:03d}.{key}{LOCK_SUFFIX}"
+
+    def _pinned(self, path: Path, pin: Pin) -> Pin:
+        if self._freshness is not None:
+            self.in_use(path)
+            pin.on_release = lambda: self.not_in_use(path)
+        return pin
+
+    def sweep_locks(self) -> int:
+        """Remove the lock files only a process gone (killed) could have left as links to cache files: each
+        keeps a whole file's blocks alive, evicted or not. One nobody holds is removed if it is a link or has
+        content; an empty one may be an SDK process's, made an instant before its lock, and is left to the
+        usual checks (which remove it once unheld). Returns how many were removed."""
+        removed = 0
+        for lock_path in self._lock_folder.glob(f"{LOCK_PREFIX}[0-9][0-9][0-9].*{LOCK_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                st = lock_path.stat()
+                if (st.st_nlink > 1 or st.st_size > 0) and _remove_unheld(lock_path):
+                    removed += 1
+        if removed:
+            log.info("removed %d lock files left by a process that ended", removed)
+        return removed
 
     def in_use(self, path: Path) -> None:
         """`path` (a pinned copy, a download in progress) must outlive the SDK's cleaner until `not_in_use`."""
@@ -759,17 +858,9 @@ class CacheContext:
             pattern = f"{LOCK_PREFIX}[0-9][0-9][0-9].{_glob_escape(name)}{LOCK_SUFFIX}"
             lock_paths = list(self._lock_folder.glob(pattern))
         for lock_path in lock_paths:
-            try:
-                fd = os.open(lock_path, os.O_RDWR)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                lock_path.unlink(missing_ok=True)  # nobody holds it: a leftover
-            except BlockingIOError:
-                pinned = True
-            finally:
-                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                if not _remove_unheld(lock_path):  # (one nobody holds is a leftover)
+                    pinned = True
         return pinned
 
     def _lock_paths_now(self, name: str, known: list[Path]) -> list[Path]:
@@ -1152,6 +1243,43 @@ def touch_atime(path: Path) -> None:
     if _libc.utimensat(_AT_FDCWD, os.fsencode(path), times, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(path))
+
+
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return -1
+
+
+def _link(fd: int, source: Path, lock_path: Path) -> None:
+    """Make `lock_path` a name of `fd`'s file: through /proc, exactly that file; where the kernel refuses that
+    (EXDEV seen when the process's root is not its mount's root), through `source`, the file's name when it was
+    opened, checked afterwards to still be that file."""
+    try:
+        os.link(f"/proc/self/fd/{fd}", lock_path, follow_symlinks=True)
+        return
+    except OSError as exc:
+        if exc.errno == errno.EEXIST or exc.errno not in LINK_FAILURES:
+            raise
+    os.link(source, lock_path)
+    if os.stat(lock_path).st_ino != os.fstat(fd).st_ino:
+        lock_path.unlink()
+        raise OSError(errno.ENOENT, "replaced while being pinned", str(source))
+
+
+def _remove_unheld(lock_path: Path) -> bool:
+    """Remove `lock_path` if nobody holds its lock; whether it was removed."""
+    fd = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        lock_path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _size_of(path: Path) -> int:

@@ -232,6 +232,7 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
 
 async def start(fs: Filesystem, nursery: trio.Nursery) -> None:
     """Start the filesystem's background tasks in `nursery`, after learning what earlier mounts left dirty."""
+    await trio.to_thread.run_sync(fs.cache.sweep_locks)  # pins a killed daemon left: links keep files alive
     await fs.writeback.load()  # before the first request: files left dirty must show as they are locally
     await fs.ops.ns.finish_renames()  # and folders renamed across a crash show whole, under one name
     await nursery.start(fs.ops.ns.run)

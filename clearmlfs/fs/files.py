@@ -46,7 +46,7 @@ class OpenFile:
     fh: int
     node: Node
     entry: Entry  # its object's (for a direct-access file, its path's): renamed with it
-    fd: int
+    fd: int  # may be its pin's (`shared_fd`)
     local: bool  # a direct-access file
     pin: Pin | None
     dirty: bool = False
@@ -66,6 +66,11 @@ class OpenFile:
     # The errno of a write (or truncate) that failed: the file holds part of what was written, so nothing of
     # it may be uploaded. Every later write, flush and fsync of the handle fails with it.
     failed: int = 0
+
+    @property
+    def shared_fd(self) -> bool:
+        """Whether `fd` is its pin's, which the open files of the entry share and the pin closes."""
+        return self.pin is not None and self.fd >= 0 and self.fd == self.pin.fd
 
     @property
     def url(self) -> str:
@@ -226,39 +231,43 @@ class OpenFiles:
         return handle
 
     async def _pin_and_open(self, entry: Entry, path: Path, flags: int, create: bool = False) -> tuple[Pin, int]:
-        """`path` pinned and opened; FileNotFoundError if it was evicted meanwhile.
+        """`path` pinned and opened; FileNotFoundError if it was evicted meanwhile. The entry is pinned once
+        however many handles have it open, and they read through the pin's descriptor when it is of the same
+        file and mode: a daemon serving thousands of open files must not spend more than one on each.
 
-        On the loop, as pyfuse3's and s3ql's examples do: a local disk answers these calls (and the pin's, and
-        a close) from memory in microseconds, where a hop to a worker thread and back costs the daemon a
-        hundred futex calls of lock hand-over per open (measured: a second epoch of 5,000 files took twice
-        as long). What takes time in proportion to the data (reads, truncation, freeing a deleted file's
-        blocks) still goes to `Workers.disk`."""
-        pin = await self._pin(entry, path)
-        try:
-            return pin, _open_pinned(path, flags, create)
-        except BaseException:
-            self._unpin(entry, pin)
-            raise
-
-    async def _pin(self, entry: Entry, path: Path) -> Pin:
-        """`path` pinned against eviction, once however many handles have it open: a pin is a descriptor (and
-        a lock file), and a daemon serving thousands of open files must not spend two on each."""
+        On the loop, as pyfuse3's and s3ql's examples do: a local disk answers these calls (and a close) from
+        memory in microseconds, where a hop to a worker thread and back costs the daemon a hundred futex calls
+        of lock hand-over per open (measured: a second epoch of 5,000 files took twice as long). What takes
+        time in proportion to the data (reads, truncation, freeing a deleted file's blocks) goes to
+        `Workers.disk`."""
         pin = entry.pins.get(path.name)
         if pin is None:
-            made = self.cache.pin(path)  # (on the loop: see `_pin_and_open`)
-            pin = entry.pins.setdefault(path.name, made)
-            if pin is not made:  # pinned by another open meanwhile
-                made.release()
+            made = self.cache.open_pinned(path, flags, create)
+            return self._adopt(entry, made), made.fd
         pin.users += 1
-        return pin
+        try:
+            return pin, _share(pin, path, flags, create)
+        except BaseException:
+            await self._unpin(entry, pin)
+            raise
 
     @staticmethod
-    def _unpin(entry: Entry, pin: Pin) -> None:
+    def _adopt(entry: Entry, made: Pin) -> Pin:
+        # (Pinned by another open meanwhile, the entry keeps that pin; this open keeps its own.)
+        entry.pins.setdefault(made.file_name, made)
+        made.users += 1
+        return made
+
+    async def _unpin(self, entry: Entry, pin: Pin) -> None:
         pin.users -= 1
         if pin.users == 0:
-            pin.release()
-            if entry.pins.get(pin.entry_name) is pin:
-                del entry.pins[pin.entry_name]
+            if entry.pins.get(pin.file_name) is pin:
+                del entry.pins[pin.file_name]
+            if pin.fd >= 0 and _last_name(pin.fd):  # (its release frees the blocks of a file evicted meanwhile)
+                with trio.CancelScope(shield=True):
+                    await self.workers.disk(pin.release)
+            else:
+                pin.release()
 
     async def _close(self, fd: int) -> None:
         """Close a cache file's descriptor: on the loop (see `_pin_and_open`), unless it is the last one of a
@@ -271,8 +280,15 @@ class OpenFiles:
     async def _streaming(self, node: Node, download: Download, keep_cache: bool) -> OpenFile:
         # Pinned under the entry's final name: it is renamed into place once complete.
         entry = self.entries.at(node.url)
-        pin = await self._pin(entry, self.cache.path_for(node.url))
-        handle = self._register(node, os.dup(download.fd), pin)
+        final = self.cache.path_for(node.url)
+        pin = entry.pins.get(final.name)
+        if pin is None:
+            made = self.cache.hold(final, os.dup(download.fd), False, False, download.landing.partial)
+            pin, fd = self._adopt(entry, made), made.fd
+        else:
+            pin.users += 1
+            fd = pin.fd if pin.fd >= 0 and _same_file(pin.fd, download.fd) else os.dup(download.fd)
+        handle = self._register(node, fd, pin)
         handle.download, handle.keep_cache = download, keep_cache
         return handle
 
@@ -500,7 +516,8 @@ class OpenFiles:
             self.writeback.close_writer(entry)
         self.passthrough.release(entry, handle.node.inode, handle.backing_id, handle.behind)
         try:
-            await self._close(handle.fd)
+            if not handle.shared_fd:
+                await self._close(handle.fd)
             if handle.download is not None:
                 # Its last ranges checked the version as a stat would: a re-open right after needs no stat.
                 self.ns.confirm(handle.node, handle.download.info.etag, handle.download.confirmed)
@@ -509,7 +526,7 @@ class OpenFiles:
                     handle.node.cached_etag = handle.download.info.etag
         finally:
             if handle.pin is not None:
-                self._unpin(entry, handle.pin)
+                await self._unpin(entry, handle.pin)
             # (a handle still dirty here failed its flush: the writeback loop retries from the cache file)
             entry.handles.remove(handle)
             self.entries.release(entry)
@@ -517,6 +534,24 @@ class OpenFiles:
 
 def _unlinked(fd: int) -> bool:
     return os.fstat(fd).st_nlink == 0
+
+
+def _last_name(fd: int) -> bool:
+    """Whether the file of `fd` has one name left (a pin's link, about to go with the pin)."""
+    return os.fstat(fd).st_nlink <= 1
+
+
+def _share(pin: Pin, path: Path, flags: int, create: bool) -> int:
+    """The pin's descriptor, if it is of the file at `path` and open for `flags`; else one of our own (the pin
+    is by entry name: a newer version of the file, or a writer of a file pinned by readers, needs its own)."""
+    if not create and pin.fd >= 0 and (flags == os.O_RDONLY or pin.writable) and _same_file(pin.fd, path):
+        return pin.fd
+    return _open_pinned(path, flags, create)
+
+
+def _same_file(fd: int, other: int | Path) -> bool:
+    inode = os.fstat(other).st_ino if isinstance(other, int) else _inode(other)
+    return os.fstat(fd).st_ino == inode
 
 
 def _open_pinned(path: Path, flags: int, create: bool) -> int:
