@@ -81,10 +81,23 @@ class Fetchers(TaskHost):
         self._slots = trio.CapacityLimiter(max(1, processes))
         self._idle: list[_Process] = []
         self._failures = 0
+        self._starting = 0  # started in the background by `ready`
 
     @property
     def available(self) -> bool:
         return self.processes > 0 and self._failures < 3 and self.nursery is not None
+
+    def ready(self) -> bool:
+        """Whether a started fetcher is idle now, to take a reader's own fetch without a wait; if none is but
+        one may be, one starts in the background for the next."""
+        if not self.available:
+            return False
+        if self._idle:
+            return True
+        if self._slots.available_tokens > self._starting and self.nursery is not None:
+            self._starting += 1
+            self.nursery.start_soon(self._prestart_one)
+        return False
 
     async def fetch_small(self, url: str, limit: int, known: ObjectInfo | None) -> SmallResult:
         """`CacheContext.fetch_small(url, ...)`, done by a fetcher process."""
@@ -127,13 +140,16 @@ class Fetchers(TaskHost):
                 nursery.start_soon(self._prestart_one)
 
     async def _prestart_one(self) -> None:
-        async with self._slots:
-            try:
-                fetcher = await self._start()
-            except StorageError as exc:
-                log.warning("%s", exc)
-                return
-            self._idle.append(fetcher)
+        try:
+            async with self._slots:
+                try:
+                    fetcher = await self._start()
+                except StorageError as exc:
+                    log.warning("%s", exc)
+                    return
+                self._idle.append(fetcher)
+        finally:
+            self._starting = max(0, self._starting - 1)
 
     async def _start(self) -> _Process:
         try:

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import trio
 
-from clearmlfs.errors import AccessDenied, NoSpace, Rejected, Transient
+from clearmlfs.errors import AccessDenied, NoSpace, Rejected, StorageError, Transient
 from clearmlfs.fs import files
+from clearmlfs.fs.fetchers import Fetchers
 from tests.fast.harness import ROOT, Client, MemoryPool, errno_of, memory_mount, run, settings_for
 
 
@@ -282,3 +283,25 @@ def test_the_retry_loop_backs_off_from_a_file_whose_uploads_keep_failing(tmp_pat
         assert c.backend.data("later") == b"x"
 
     run(test, tmp_path)
+
+
+def test_a_reader_whose_fetcher_process_fails_gets_the_file_from_the_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader's fetch goes to an idle fetcher process; one that dies (or answers garbage) costs the reader
+    nothing but the daemon's own request."""
+    asked: list[str] = []
+
+    async def broken(self: Fetchers, url: str, limit: int, known: object) -> None:
+        asked.append(url)
+        raise StorageError("fetcher process 4242 exited (status -9)")
+
+    monkeypatch.setattr(Fetchers, "ready", lambda self: True)
+    monkeypatch.setattr(Fetchers, "fetch_small", broken)
+
+    async def test(c: Client) -> None:
+        c.backend.put("f/small.bin", b"small")
+        assert await c.read(f"{ROOT}/f/small.bin") == b"small"
+        assert len(asked) == 1
+
+    run(test, tmp_path, "readahead_files=0")
