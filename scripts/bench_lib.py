@@ -466,7 +466,8 @@ class Clearmlfs(Tool):
         exe = VENV_BIN / "clearmlfs"
         if not exe.exists():
             raise Unavailable(f"{exe} missing (run scripts/setup.sh)")
-        self.conf = self.workdir / "conf" / "clearml.conf"
+        # One per tool: each clearmlfs variant has its own cache folder, which its clearml.conf names.
+        self.conf = self.workdir / "conf" / f"{self.name}.conf"
         self.conf.parent.mkdir(parents=True, exist_ok=True)
         stores.write_conf(self.conf, self.cache_dir, stores.seaweed_store(self.info))
         self.conf.chmod(0o600)
