@@ -1091,6 +1091,12 @@ class CacheContext:
         return len(entries), sum(_size(e) for e in entries)
 
 
+    def partial_stats(self) -> tuple[int, int]:
+        """(copies, bytes on disk) of the partial copies kept for random reads, which `stats` does not count."""
+        kept = self._kept()
+        return len(kept), sum(size for _, size, _ in kept)
+
+
 def _sdk_copy_matches(path: Path, info: ObjectInfo) -> bool:
     """Whether a cache file we have no record of holds the object's current content.
 

@@ -208,6 +208,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         dirty = cache.dirty_entries()
         limit = "none (bytes and free space decide)" if cache.file_limit is None else cache.file_limit
         print(f"folder: {cache.folder}\nfiles: {files}\nbytes: {size}\nfile limit: {limit}")
+        partial, partial_size = cache.partial_stats()
+        print(f"partial copies (ranges of objects read at random): {partial}, {partial_size} bytes on disk")
         print(f"kept free on its disk: {cache.min_free}")
         print(f"served offline: {cache.counters().get(SERVED_OFFLINE, 0)} (opens of cached files the server could "
               "not confirm)")

@@ -205,3 +205,16 @@ def test_a_small_object_lands_in_one_request(tmp_path: Path) -> None:
     assert fetched is not None and fetched[0] is not None and fetched[0].read_bytes() == b"small"
     assert fetched[1] is not None and fetched[1].etag == info.etag
     assert not list(cache.folder.glob("*.partially"))
+
+
+def test_partial_copies_are_counted_apart_from_the_entries(tmp_path: Path) -> None:
+    cache = CacheContext(tmp_path)
+    _entry(cache, "s3://b/whole", 10, age=1)
+    sparse = cache.state_folder / f"{entry_name('s3://b/big')}.sparse"
+    with sparse.open("wb") as f:
+        f.truncate(1 << 30)  # a hole: only what was written counts
+        f.seek(1 << 20)
+        f.write(b"x" * 65536)
+    assert cache.stats() == (1, 10)
+    copies, size = cache.partial_stats()
+    assert copies == 1 and 65536 <= size < 1 << 20
