@@ -784,7 +784,7 @@ class CacheContext:
         except BaseException:
             os.close(fd)
             raise
-        if verify and _inode(path) != os.fstat(fd).st_ino:
+        if verify and inode_of(path) != os.fstat(fd).st_ino:
             pin.release()
             raise FileNotFoundError(errno.ENOENT, "evicted from the cache while being opened", str(path))
         return pin
@@ -1090,7 +1090,6 @@ class CacheContext:
         entries = self._scan()[0]
         return len(entries), sum(_size(e) for e in entries)
 
-
     def partial_stats(self) -> tuple[int, int]:
         """(copies, bytes on disk) of the partial copies kept for random reads, which `stats` does not count."""
         kept = self._kept()
@@ -1251,7 +1250,8 @@ def touch_atime(path: Path) -> None:
         raise OSError(err, os.strerror(err), str(path))
 
 
-def _inode(path: Path) -> int:
+def inode_of(path: Path) -> int:
+    """The inode number of `path`; -1 if nothing is there."""
     try:
         return os.stat(path).st_ino
     except FileNotFoundError:

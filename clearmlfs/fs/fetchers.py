@@ -96,8 +96,14 @@ class Fetchers(TaskHost):
             return True
         if self._slots.available_tokens > self._starting and self.nursery is not None:
             self._starting += 1
-            self.nursery.start_soon(self._prestart_one)
+            self.nursery.start_soon(self._start_spare)
         return False
+
+    async def _start_spare(self) -> None:
+        try:
+            await self._prestart_one()
+        finally:
+            self._starting -= 1
 
     async def fetch_small(self, url: str, limit: int, known: ObjectInfo | None) -> SmallResult:
         """`CacheContext.fetch_small(url, ...)`, done by a fetcher process."""
@@ -140,16 +146,13 @@ class Fetchers(TaskHost):
                 nursery.start_soon(self._prestart_one)
 
     async def _prestart_one(self) -> None:
-        try:
-            async with self._slots:
-                try:
-                    fetcher = await self._start()
-                except StorageError as exc:
-                    log.warning("%s", exc)
-                    return
-                self._idle.append(fetcher)
-        finally:
-            self._starting = max(0, self._starting - 1)
+        async with self._slots:
+            try:
+                fetcher = await self._start()
+            except StorageError as exc:
+                log.warning("%s", exc)
+                return
+            self._idle.append(fetcher)
 
     async def _start(self) -> _Process:
         try:

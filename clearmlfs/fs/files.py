@@ -10,6 +10,7 @@ new file written in order from its first byte is uploaded while it is written
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -23,7 +24,7 @@ import pyfuse3
 import trio
 
 from ..backends import ObjectInfo
-from ..cache import CacheContext, Pin
+from ..cache import CacheContext, Pin, inode_of
 from ..errors import NoSpace, ReadOnly, StorageError, TimedOut, to_errno
 from .entries import Entry
 from .inodes import Kind, Node
@@ -263,19 +264,20 @@ class OpenFiles:
         if pin.users == 0:
             if entry.pins.get(pin.file_name) is pin:
                 del entry.pins[pin.file_name]
-            if pin.fd >= 0 and _last_name(pin.fd):  # (its release frees the blocks of a file evicted meanwhile)
-                with trio.CancelScope(shield=True):
-                    await self.workers.disk(pin.release)
+            if pin.fd >= 0:  # (a linked pin's release drops a name of the file too)
+                await self._let_go(pin.fd, pin.release, names_dropped=1 if pin.linked else 0)
             else:
                 pin.release()
 
-    async def _close(self, fd: int) -> None:
-        """Close a cache file's descriptor: on the loop (see `_pin_and_open`), unless it is the last one of a
-        deleted file, whose blocks the close frees, which takes a while for a large one."""
-        if _unlinked(fd):
-            await self.workers.disk(os.close, fd)
+    async def _let_go(self, fd: int, release: Callable[[], None], names_dropped: int = 0) -> None:
+        """`release()`, which closes `fd` (a cache file's) and drops `names_dropped` of its names: on the loop
+        (see `_pin_and_open`), unless the file has no name left then, and the close frees its blocks, which
+        takes a while for a large one."""
+        if os.fstat(fd).st_nlink <= names_dropped:
+            with trio.CancelScope(shield=True):
+                await self.workers.disk(release)
         else:
-            os.close(fd)
+            release()
 
     async def _streaming(self, node: Node, download: Download, keep_cache: bool) -> OpenFile:
         # Pinned under the entry's final name: it is renamed into place once complete.
@@ -517,7 +519,7 @@ class OpenFiles:
         self.passthrough.release(entry, handle.node.inode, handle.backing_id, handle.behind)
         try:
             if not handle.shared_fd:
-                await self._close(handle.fd)
+                await self._let_go(handle.fd, functools.partial(os.close, handle.fd))
             if handle.download is not None:
                 # Its last ranges checked the version as a stat would: a re-open right after needs no stat.
                 self.ns.confirm(handle.node, handle.download.info.etag, handle.download.confirmed)
@@ -532,15 +534,6 @@ class OpenFiles:
             self.entries.release(entry)
 
 
-def _unlinked(fd: int) -> bool:
-    return os.fstat(fd).st_nlink == 0
-
-
-def _last_name(fd: int) -> bool:
-    """Whether the file of `fd` has one name left (a pin's link, about to go with the pin)."""
-    return os.fstat(fd).st_nlink <= 1
-
-
 def _share(pin: Pin, path: Path, flags: int, create: bool) -> int:
     """The pin's descriptor, if it is of the file at `path` and open for `flags`; else one of our own (the pin
     is by entry name: a newer version of the file, or a writer of a file pinned by readers, needs its own)."""
@@ -550,23 +543,16 @@ def _share(pin: Pin, path: Path, flags: int, create: bool) -> int:
 
 
 def _same_file(fd: int, other: int | Path) -> bool:
-    inode = os.fstat(other).st_ino if isinstance(other, int) else _inode(other)
+    inode = os.fstat(other).st_ino if isinstance(other, int) else inode_of(other)
     return os.fstat(fd).st_ino == inode
 
 
 def _open_pinned(path: Path, flags: int, create: bool) -> int:
     fd = os.open(path, flags | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
-    if not create and os.fstat(fd).st_ino != _inode(path):  # evicted (or replaced) between pin and open
+    if not create and os.fstat(fd).st_ino != inode_of(path):  # evicted (or replaced) between pin and open
         os.close(fd)
         raise FileNotFoundError(errno.ENOENT, "evicted from the cache while being opened", str(path))
     return fd
-
-
-def _inode(path: Path) -> int:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return -1
 
 
 def _touch(path: Path) -> None:

@@ -193,8 +193,6 @@ class WriteBack:
         """Upload `source` as `url`: what the server made of it, and whether that left the entry clean."""
         parsed = parse_url(url)
         backend = self.backends.get(parsed)
-        if source == self.cache.path_for(url):
-            await self.workers.metadata(self.cache.restore_dirty, url)
         before = await self.workers.metadata(self.cache.state, url)
         mtime_ns = (await self.workers.metadata(os.stat, source)).st_mtime_ns
         attrs = Attrs(mtime_ns, _stored_mode(before))
