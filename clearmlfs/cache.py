@@ -555,6 +555,14 @@ class CacheContext:
         else:
             touch_atime(path)  # that SDK orders by access time and keeps the modification time
 
+    def _touch_if_there(self, path: Path) -> float | None:
+        """`_touch(path)`, and its modification time; None if it is gone (evicted)."""
+        try:
+            self._touch(path)
+            return path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def has_current(self, url: str, info: ObjectInfo | None) -> bool:
         """Whether a complete, current copy of `url` is cached (without touching it)."""
         path = self.path_for(url)
@@ -630,9 +638,9 @@ class CacheContext:
         if state is not None and state.dirty or cached and state is None:
             return None
         if cached and state is not None and known is not None and known.etag == state.etag:
-            with contextlib.suppress(OSError):
-                os.utime(final)
-            return final, None
+            if self._touch_if_there(final) is not None:
+                return final, None
+            cached = False  # evicted just now
         landing = self.land(url)
         if landing is None:
             return None
@@ -642,8 +650,12 @@ class CacheContext:
             info = self._with_room(limit, backend.read_small, landing.fd, key, limit, unless)
             if info is None:  # unchanged since we cached it
                 assert state is not None
-                os.utime(final)
-                return final, ObjectInfo(key, state.size, known.mtime if known else final.stat().st_mtime, state.etag)
+                mtime = self._touch_if_there(final)
+                if mtime is not None:
+                    return final, ObjectInfo(key, state.size, known.mtime if known else mtime, state.etag)
+                # Evicted while the server said it was current: no copy to serve, so the whole object, now.
+                info = self._with_room(limit, backend.read_small, landing.fd, key, limit, None)
+                assert info is not None
             if info.size > limit:
                 return None, info
             published = True

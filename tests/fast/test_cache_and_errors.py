@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from clearmlfs.backends import ObjectInfo
 from clearmlfs.backends.memory import MemoryBackend
 from clearmlfs.cache import CacheContext, EntryState, entry_name
 from clearmlfs.errors import (
@@ -205,6 +206,29 @@ def test_a_small_object_lands_in_one_request(tmp_path: Path) -> None:
     assert fetched is not None and fetched[0] is not None and fetched[0].read_bytes() == b"small"
     assert fetched[1] is not None and fetched[1].etag == info.etag
     assert not list(cache.folder.glob("*.partially"))
+
+
+class EvictedDuringRequest(MemoryBackend):
+    """A server answering a conditional GET while the cache's cleaner evicts the copy it is about."""
+
+    def __init__(self, root: str, evict: Path) -> None:
+        super().__init__(root)
+        self.evict = evict
+
+    def read_small(self, fd: int, key: str, limit: int, unless_etag: str | None = None) -> ObjectInfo | None:
+        if unless_etag is not None:
+            self.evict.unlink()
+        return super().read_small(fd, key, limit, unless_etag)
+
+
+def test_a_copy_evicted_while_the_server_says_it_is_current_is_fetched_again(tmp_path: Path) -> None:
+    cache = CacheContext(tmp_path)
+    backend = EvictedDuringRequest("s3://mem:1/bucket", cache.path_for(URL))
+    backend.put("small.bin", b"small")
+    assert cache.fetch_small(URL, backend, "small.bin", 1024) is not None
+    fetched = cache.fetch_small(URL, backend, "small.bin", 1024)  # a 304, of a copy gone meanwhile
+    assert fetched is not None and fetched[0] is not None and fetched[0].read_bytes() == b"small"
+    assert fetched[1] is not None
 
 
 def test_partial_copies_are_counted_apart_from_the_entries(tmp_path: Path) -> None:
