@@ -227,6 +227,8 @@ def build(settings: Settings, opts: MountOptions, backends: BackendPool | None =
     downloads = Downloads(cache, workers, writeback, stream, fetchers)
     small = SmallFiles(ns, cache, workers, fetchers, downloads.cleaner,
                        SmallSettings(opts.small_file_size, opts.readahead_files))
+    if not opts.server_times:
+        ns.attrs_by_get = small.attrs_by_get
     passthrough = Passthrough(opts.passthrough, cache.folder, entries)
     files = OpenFiles(ns, cache, workers, writeback, downloads, small, passthrough, opts.read_only)
     ops = Operations(ns, files, ttl=opts.ttl)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds libfuse (>= 3.16, for kernel passthrough) into VENV/libfuse-VERSION and pyfuse3 3.5.0 against it, with
-# the project's two patches (docs/pyfuse3-patches.md). Run by scripts/setup.sh as a process of its own: any
+# the project's patches (docs/pyfuse3-patches.md). Run by scripts/setup.sh as a process of its own: any
 # failure exits non-zero, and setup.sh then installs the stock pyfuse3 instead.
 #   usage: build-pyfuse3.sh VENV
 # Environment: LIBFUSE_SOURCES="VERSION=SHA256 ..." (tried in order), LIBFUSE_POOL (the URL they are under),
@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$1"
 PYFUSE3_VERSION=3.5.0
-PATCHES=(scripts/pyfuse3-passthrough.patch scripts/pyfuse3-write-views.patch)
+PATCHES=(scripts/pyfuse3-passthrough.patch scripts/pyfuse3-write-views.patch scripts/pyfuse3-parallel-dirops.patch)
 # Debian's pool keeps only the versions its current releases use: each known version is tried, and its
 # tarball must match the SHA-256 Debian's .dsc gives for it.
 LIBFUSE_SOURCES="${LIBFUSE_SOURCES:-3.17.2=3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f}"

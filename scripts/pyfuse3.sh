@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs pyfuse3 into VENV: the patched build (scripts/build-pyfuse3.sh: kernel passthrough, write views), or,
-# when that cannot be had or CLEARMLFS_PYFUSE3=stock asks for it, the registry's pyfuse3, with one warning line
-# saying what is lost. The mount works either way.
+# Installs pyfuse3 into VENV: the patched build (scripts/build-pyfuse3.sh: kernel passthrough, write views,
+# parallel lookups), or, when that cannot be had or CLEARMLFS_PYFUSE3=stock asks for it, the registry's pyfuse3,
+# with one warning line saying what is lost. The mount works either way.
 #   usage: pyfuse3.sh VENV
 set -euo pipefail
 
@@ -22,7 +22,7 @@ case "$MODE" in
     patched)
         if ! bash "$ROOT/scripts/build-pyfuse3.sh" "$VENV"; then
             echo "[setup] WARNING: could not build the patched libfuse/pyfuse3; installing the stock pyfuse3:" \
-                "no kernel passthrough, no write views (the mount works without them)" >&2
+                "no kernel passthrough, no write views, lookups of a folder one at a time (the mount works without them)" >&2
             stock
         fi
         ;;

@@ -27,6 +27,7 @@ from clearmlfs.fs.passthrough import (
     DropBehind,
     capabilities,
     kernel_supports,
+    parallel_lookups_supported,
     pyfuse3_supports,
     write_views_supported,
 )
@@ -118,6 +119,7 @@ def test_the_capabilities_reported_are_those_of_the_installed_pyfuse3_and_kernel
     said = capabilities()
     assert ("kernel passthrough on" in said) == passthrough_available(), said
     assert ("write views on" in said) == write_views_supported(), said
+    assert ("parallel lookups on" in said) == parallel_lookups_supported(), said
 
 
 # -- reads ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import contextlib
 import os
 import random
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from clearmlfs.fs.namespace import READING_OPENS
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
 from tests.mounting import fetchers_of, mounted, no_mounts_left, poll  # noqa: F401 - session fixture, used by being imported
@@ -110,6 +112,52 @@ def test_a_random_open_fetches_no_neighbours(folder, proxied) -> None:
         assert (bucket / prefix / name).read_bytes() == contents[name]
     time.sleep(0.5)
     assert proxy.count("GET", f"/{prefix}/") == 3, [r.path for r in proxy.requests]
+
+
+def test_in_a_folder_being_read_a_cold_open_costs_its_get_alone_and_a_stat_walk_its_heads_alone(
+    folder, seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    """Once a folder's files are being opened (a data loader's shuffled epoch), a lookup of one of its small files
+    is answered by the GET whose headers carry what a HEAD would say, and the open that follows asks nothing.
+    `ls -l` still asks by HEAD: no file body."""
+    prefix, contents = folder
+    order = random.Random(5).sample(sorted(contents), 2 * READING_OPENS)
+    with proxied_mount(seaweedfs, tmp_path, "fetch_processes=2") as (proxy, bucket):
+        for name in order[:READING_OPENS]:
+            assert (bucket / prefix / name).read_bytes() == contents[name]
+        proxy.reset()
+        for name in order[READING_OPENS:]:
+            assert (bucket / prefix / name).read_bytes() == contents[name]
+        files = [(r.method, r.path.rpartition("/")[2]) for r in proxy.requests if f"/{prefix}/" in r.path]
+        assert sorted(files) == sorted(("GET", name) for name in order[READING_OPENS:]), files
+        proxy.reset()
+        listed = {p.name: p.stat().st_size for p in (bucket / prefix).iterdir()}
+        assert listed == {name: len(data) for name, data in contents.items()}
+        assert proxy.count("GET", f"/{prefix}/") == 0, "a stat walk fetched file bodies"
+
+
+def test_lookups_in_one_folder_are_answered_at_once(folder, seaweedfs: servers.SeaweedFS, tmp_path: Path) -> None:
+    """The kernel sends the lookups of one folder together (FUSE_CAP_PARALLEL_DIROPS): readers opening files of
+    a dataset folder do not wait for each other's requests. Two stats are held by a stalled server at once."""
+    prefix, contents = folder
+    names = sorted(contents)
+    options = "fetch_processes=0,revalidate_timeout=30,read_timeout=30"
+    with proxied_mount(seaweedfs, tmp_path, options) as (proxy, bucket):
+        assert (bucket / prefix / names[0]).stat().st_size == len(contents[names[0]])  # the folder is listed
+        proxy.reset()
+        proxy.stall()
+        sizes: dict[str, int] = {}
+        readers = [threading.Thread(target=lambda n=n: sizes.update({n: (bucket / prefix / n).stat().st_size}))
+                   for n in names[1:3]]
+        for reader in readers:
+            reader.start()
+        held = lambda: {r.path.rpartition("/")[2] for r in proxy.requests if f"/{prefix}/" in r.path}  # noqa: E731
+        both = poll(lambda: held() >= set(names[1:3]), 10, 0.05)
+        proxy.resume()
+        for reader in readers:
+            reader.join(60)
+        assert both, f"one lookup waited for the other: held {sorted(held())}"
+        assert sizes == {n: len(contents[n]) for n in names[1:3]}
 
 
 def test_a_small_file_changed_on_the_server_is_seen_after_ttl_and_an_unchanged_one_costs_a_304(

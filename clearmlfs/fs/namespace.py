@@ -21,7 +21,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -59,6 +59,7 @@ LIST_PAGE = 1000  # entries one listing request returns (S3, GCS and Azure alike
 # Opens of a folder's files within `ttl` that make one listing page cost less than asking about each file:
 # a page is one request, but parsing its 1,000 entries costs this process as much CPU as some 30 small GETs.
 LIST_WORTH = 16
+READING_OPENS = 8  # opens of a folder's files per `ttl` from which its lookups fetch small files (`with_attrs`)
 
 
 NAME_MAX = 255  # bytes: longer names cannot be looked up through the kernel
@@ -126,7 +127,11 @@ class Namespace:
         self._heads: dict[str, trio.Event] = {}  # URL → its stored attributes' HEAD, while under way
         self._sorted: dict[int, tuple[float, list[str]]] = {}  # a folder's inode → (its listing's time, names)
         self._nursery: trio.Nursery | None = None
+        self._listing: dict[int, trio.Event] = {}  # folders listed for a lookup right now: one listing each
         self._stat_walk = 0  # the folder whose files a client stats one by one (`stats_ahead`)
+        # Learns a small file's stored attributes from a GET of it instead of a HEAD (`SmallFiles.attrs_by_get`):
+        # True if the server was asked. Wired by the mount; None: always a HEAD.
+        self.attrs_by_get: Callable[[Node], Awaitable[bool]] | None = None
         self._attrs_limiter = trio.CapacityLimiter(ATTRS_CONCURRENCY)
         self._unreachable: dict[str, float] = {}  # bucket root URL → time.monotonic() its server last failed
         self._relisting: dict[int, trio.Event] = {}  # folder inode → the listing revalidating its files, under way
@@ -378,13 +383,20 @@ class Namespace:
         thousands of files) where per-name requests would cost two each. A prefix too big to list
         that way is looked up name by name.
         """
+        while (under_way := self._listing.get(parent.inode)) is not None:  # (lookups of a folder run at once)
+            await under_way.wait()
         if parent.children is not None and time.monotonic() - parent.listed < self.list_ttl:
             return True
         if parent.big:
             return False
-        if not await self._list_objects(parent, cap=LOOKUP_LIST_CAP):
-            parent.big = True
-            return False
+        done = self._listing[parent.inode] = trio.Event()
+        try:
+            if not await self._list_objects(parent, cap=LOOKUP_LIST_CAP):
+                parent.big = True
+                return False
+        finally:
+            del self._listing[parent.inode]
+            done.set()
         return parent.children is not None
 
     async def _lookup_object(self, parent: Node, name: str) -> Node:
@@ -551,7 +563,7 @@ class Namespace:
                 found[name] = Kind.DIR if sep else found.get(name, Kind.FILE)
         return found
 
-    def _needs_attrs(self, node: Node) -> bool:
+    def needs_attrs(self, node: Node) -> bool:
         return (node.kind is Kind.FILE and not node.attrs_known and self.stored_times
                 and not self.entries.pending(node.url))
 
@@ -559,9 +571,10 @@ class Namespace:
         """`node`, with what its metadata stores asked of the server where only a listing told of it (a HEAD, or
         the answer to a GET of it under way). With `ahead` (a stat), or where a client stats one file after
         another (`ls -l`), the next files of its folder are asked about meanwhile, in the background."""
-        if not self._needs_attrs(node):
+        if not self.needs_attrs(node):
             return node
-        if ahead or node.parent == self._stat_walk:
+        walking = ahead or node.parent == self._stat_walk
+        if walking:
             parent = self.table.get(node.parent)
             if parent is not None:
                 self.stats_ahead(parent, node.name)
@@ -570,15 +583,26 @@ class Namespace:
         for event in waits:
             if event is not None:
                 await event.wait()
-        if self._needs_attrs(node) and not self._offline_now(node.url):  # (not asked yet, or that failed)
-            try:
-                await self._head(node)
-            except StorageError as exc:
-                if not unreachable(exc):
-                    raise
-                # Times are not content: the listing's stand until the server answers again.
-                log.debug("%s: stored times not known (%s)", node.url, exc)
+        if not self.needs_attrs(node) or self._offline_now(node.url):
+            return node
+        # Outside a stat walk, in a folder whose files are being opened (a data loader's), a lookup is most likely
+        # an open's: a GET answers it and the open that follows, one request instead of two. Elsewhere (`mv`,
+        # `rm`, a lone `stat`) a HEAD asks without fetching the content.
+        if (not walking and self.attrs_by_get is not None and self._opened_lately(node)
+                and await self.attrs_by_get(node)):
+            return node
+        try:
+            await self._head(node)
+        except StorageError as exc:
+            if not unreachable(exc):
+                raise
+            # Times are not content: the listing's stand until the server answers again.
+            log.debug("%s: stored times not known (%s)", node.url, exc)
         return node
+
+    def _opened_lately(self, node: Node) -> bool:
+        folder = self.table.get(node.parent)
+        return folder is not None and self._count_open(folder, opens=0) >= READING_OPENS
 
     def stats_ahead(self, folder: Node, after: str = "") -> None:
         """Ask, in the background, for the stored attributes of up to ATTRS_AHEAD files of `folder` after the
@@ -595,10 +619,10 @@ class Namespace:
             if len(self._heads) >= ATTRS_AHEAD:
                 break
             forgotten = self.table.kept(folder, name)
-            if forgotten is not None and not self._needs_attrs(forgotten):
+            if forgotten is not None and not self.needs_attrs(forgotten):
                 continue  # (known: no need to bring it back)
             sibling = self.table.child(folder, name)
-            if sibling is not None and self._needs_attrs(sibling) and sibling.url not in self._heads:
+            if sibling is not None and self.needs_attrs(sibling) and sibling.url not in self._heads:
                 self._heads[sibling.url] = trio.Event()
                 self._nursery.start_soon(self._attrs_of_sibling, sibling)
 
@@ -684,18 +708,27 @@ class Namespace:
             del self._relisting[folder.inode]
             done.set()
 
-    def _count_open(self, folder: Node) -> int:
-        """Count an open of a file of `folder`; the opens of its files per `ttl` lately (this window's, or the
-        last one's if more)."""
+    def count_open(self, node: Node) -> None:
+        """Count an open of the file `node` that `revalidate_by_listing`, which counts the others, is not asked
+        about (its first, cold, open)."""
+        folder = self.table.get(node.parent)
+        if folder is not None and self.ttl > 0:
+            self._count_open(folder)
+
+    def _count_open(self, folder: Node, opens: int = 1) -> int:
+        """Count `opens` opens of files of `folder` (0: only ask); the opens of its files per `ttl` lately (this
+        window's, or the last one's if more)."""
         now = time.monotonic()
         window = self._opens.get(folder.inode)
+        if window is None and not opens:
+            return 0
         if window is None:
             if len(self._opens) >= 1024:  # (folders read one after another: only the recent ones matter)
                 self._opens.clear()
             window = self._opens[folder.inode] = [now, 0, 0]
         if now - window[0] >= self.ttl:
             window[:] = [now, 0, window[1] if now - window[0] < 2 * self.ttl else 0]
-        window[1] += 1
+        window[1] += opens
         return max(int(window[1]), int(window[2]))
 
     # -- local (direct access) ---------------------------------------------------------------------

@@ -90,6 +90,9 @@ class Operations(pyfuse3.Operations):
     # The patched pyfuse3 (scripts/pyfuse3-write-views.patch) hands `write` a view of libfuse's buffer, not a
     # copy: valid until `write` returns, which `OpenFiles.write` never outlives (it writes before returning).
     write_views = True
+    # And sends lookups and readdirs of one folder at once (scripts/pyfuse3-parallel-dirops.patch): otherwise the
+    # kernel sends them one at a time, and 4 readers opening files of one folder wait for each other's HEADs.
+    enable_parallel_dirops = True
 
     def __init__(self, ns: Namespace, files: OpenFiles, ttl: float = 1.0) -> None:
         super().__init__()

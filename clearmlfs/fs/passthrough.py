@@ -102,11 +102,18 @@ def write_views_supported() -> bool:
     return hasattr(pyfuse3.Operations, "write_views")
 
 
+def parallel_lookups_supported() -> bool:
+    """Whether this pyfuse3 asks for lookups of one folder at once (scripts/pyfuse3-parallel-dirops.patch)."""
+    return hasattr(pyfuse3.Operations, "enable_parallel_dirops")
+
+
 def capabilities() -> str:
     """What this installation can do, in one line (`clearmlfs config`)."""
     passthrough = "on" if pyfuse3_supports() and kernel_supports() else "off ({})".format(
         "this kernel is older than 6.9" if pyfuse3_supports() else "stock pyfuse3: scripts/setup.sh builds one")
-    return f"kernel passthrough {passthrough}; write views {'on' if write_views_supported() else 'off'}"
+    on = {True: "on", False: "off"}
+    return (f"kernel passthrough {passthrough}; write views {on[write_views_supported()]}; "
+            f"parallel lookups {on[parallel_lookups_supported()]}")
 
 
 class Passthrough(TaskHost):

@@ -39,6 +39,7 @@ class SmallSettings:
     max_size: int = 4 * 1024 * 1024  # objects up to this size are fetched whole, in one GET
     readahead: int = 32  # files fetched ahead of a reader walking a directory in name order (0: none)
     concurrency: int = 8  # read-ahead fetches under way (each fetcher process does one at a time)
+    lookup_get_size: int = 256 * 1024  # a file up to this size is looked up by its GET (`attrs_by_get`)
 
 
 @dataclass
@@ -79,6 +80,8 @@ class SmallFiles(TaskHost):
             return None
         if node.cached_etag:  # a copy to revalidate: without one, the GET below is the only request
             await self.ns.revalidate_by_listing(node)
+        else:
+            self.ns.count_open(node)
         ready = self._take_ready(node.url)
         if ready is not None and ready[0] == node.etag and self.ns.fresh(node):
             path: Path | None = ready[1]  # fetched ahead moments ago: no disk check, no thread hop
@@ -161,6 +164,29 @@ class SmallFiles(TaskHost):
             except StorageError as exc:
                 log.debug("%s: fetching it in a fetcher process failed (%s): fetching it here", url, exc)
         return await self.ns.ask_or_cached(node, self.cache.fetch_small, url, backend, key, limit, known)
+
+    async def attrs_by_get(self, node: Node) -> bool:
+        """Learn the stored attributes of `node`, which a lookup needs, from a GET of the whole file (a reader's
+        fetch: `_fetch_for_reader`) instead of a HEAD, when it is small enough that its body costs about what a
+        second round trip would: the open that usually follows finds it fetched, and costs no request.
+
+        True if the server was asked (within the revalidation budget, as a HEAD would be); False where a HEAD
+        must ask: a file cached already (a 304 carries no metadata), written here, being fetched, or any
+        failure, which the HEAD then reports as what it is."""
+        if (node.size > self.settings.lookup_get_size or node.cached_etag or not self.applies(node)
+                or self._fetching(node.url) is not None or self.entries.held(node.url)):
+            return False
+        with trio.move_on_after(self.workers.timeouts.revalidate):
+            try:
+                path = await self._fetch(node)
+            except (StorageError, OSError) as exc:
+                log.debug("%s: fetching it for its attributes failed (%s): asking with a HEAD", node.url, exc)
+                return False
+            if path is not None:
+                self._keep_ready(node.url, node.etag, path)
+            return not self.ns.needs_attrs(node)
+        log.debug("%s: no answer to its GET within the revalidation budget: its stored times are not known", node.url)
+        return True
 
     async def _added(self, size: int) -> None:
         try:
