@@ -778,7 +778,7 @@ class CacheContext:
     def open_pinned(self, path: Path, flags: int, create: bool = False) -> Pin:
         """The cache file at `path` opened (`flags`: O_RDONLY or O_RDWR; `create`: created, or emptied) and its
         entry pinned, the pin owning the descriptor (`Pin.fd`). FileNotFoundError if it was evicted meanwhile."""
-        fd = os.open(path, flags | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
+        fd = open_cache_file(path, flags, create)
         return self.hold(path, fd, verify=not create, writable=flags & os.O_ACCMODE == os.O_RDWR)
 
     def hold(
@@ -1260,6 +1260,11 @@ def touch_atime(path: Path) -> None:
     if _libc.utimensat(_AT_FDCWD, os.fsencode(path), times, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(path))
+
+
+def open_cache_file(path: Path, flags: int, create: bool = False) -> int:
+    """A descriptor of the cache file `path` (`create`: created, or emptied), private to this user."""
+    return os.open(path, flags | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
 
 
 def inode_of(path: Path) -> int:

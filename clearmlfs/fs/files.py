@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 
 from ..backends import ObjectInfo
-from ..cache import CacheContext, Pin, inode_of
+from ..cache import CacheContext, Pin, inode_of, open_cache_file
 from ..errors import NoSpace, ReadOnly, StorageError, TimedOut, to_errno
 from .entries import Entry
 from .inodes import Kind, Node
@@ -548,8 +548,8 @@ def _same_file(fd: int, other: int | Path) -> bool:
 
 
 def _open_pinned(path: Path, flags: int, create: bool) -> int:
-    fd = os.open(path, flags | (os.O_CREAT | os.O_TRUNC if create else 0), 0o600)
-    if not create and os.fstat(fd).st_ino != inode_of(path):  # evicted (or replaced) between pin and open
+    fd = open_cache_file(path, flags, create)
+    if not create and not _same_file(fd, path):  # evicted (or replaced) between pin and open
         os.close(fd)
         raise FileNotFoundError(errno.ENOENT, "evicted from the cache while being opened", str(path))
     return fd

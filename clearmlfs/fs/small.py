@@ -99,6 +99,11 @@ class SmallFiles(TaskHost):
             return True
         return False
 
+    def _may_fetch(self, node: Node) -> bool:
+        """Whether a fetch of `node` started on the side (ahead of its reader, for a lookup) may go now: not
+        being fetched, written or uploaded."""
+        return self._fetching(node.url) is None and self.applies(node) and not self.entries.held(node.url)
+
     def _fetching(self, url: str) -> trio.Event | None:
         entry = self.entries.get(url)
         return None if entry is None else entry.fetching
@@ -173,8 +178,7 @@ class SmallFiles(TaskHost):
         True if the server was asked (within the revalidation budget, as a HEAD would be); False where a HEAD
         must ask: a file cached already (a 304 carries no metadata), written here, being fetched, or any
         failure, which the HEAD then reports as what it is."""
-        if (node.size > self.settings.lookup_get_size or node.cached_etag or not self.applies(node)
-                or self._fetching(node.url) is not None or self.entries.held(node.url)):
+        if node.size > self.settings.lookup_get_size or node.cached_etag or not self._may_fetch(node):
             return False
         with trio.move_on_after(self.workers.timeouts.revalidate):
             try:
@@ -254,7 +258,7 @@ class SmallFiles(TaskHost):
 
     async def _fetch_ahead(self, node: Node) -> None:
         async with self._slots:
-            if self._fetching(node.url) is not None or not self.applies(node) or self.entries.held(node.url):
+            if not self._may_fetch(node):
                 return  # being fetched, written or uploaded: the reader's own open will see to it
             try:
                 path = await self._fetch(node, ahead=True)
