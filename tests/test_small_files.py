@@ -12,12 +12,13 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from clearmlfs.fs.namespace import READING_OPENS
+from clearmlfs.fs.namespace import ATTRS_AHEAD, READING_OPENS
 from clearmlfs.urls import url_to_mount_path
 from tests import servers, stores
 from tests.mounting import fetchers_of, mounted, no_mounts_left, poll  # noqa: F401 - session fixture, used by being imported
@@ -134,6 +135,49 @@ def test_in_a_folder_being_read_a_cold_open_costs_its_get_alone_and_a_stat_walk_
         listed = {p.name: p.stat().st_size for p in (bucket / prefix).iterdir()}
         assert listed == {name: len(data) for name, data in contents.items()}
         assert proxy.count("GET", f"/{prefix}/") == 0, "a stat walk fetched file bodies"
+
+
+def test_a_folder_listed_then_read_in_shuffled_order_costs_a_get_per_file_and_no_heads(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    """A data loader lists its folder first (ImageFolder, a glob), then opens the files shuffled. The listing
+    starts asking ahead for what `ls -l` would stat next; once files are being opened, that stops and each file
+    costs its GET alone. `ls -l` afterwards still fetches no file body."""
+    prefix = f"listed-{uuid.uuid4().hex[:8]}"
+    names = [f"{i:04d}.bin" for i in range(1000)]  # more than the stat walk asks ahead of the first files
+    client = seaweedfs.client()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/{n}", Body=n.encode()),
+                      names))
+    order = random.Random(7).sample(names, READING_OPENS + 40)
+    with proxied_mount(seaweedfs, tmp_path, "fetch_processes=2") as (proxy, bucket):
+        assert sorted(p.name for p in (bucket / prefix).iterdir()) == names
+        for name in order[:READING_OPENS]:
+            assert (bucket / prefix / name).read_bytes() == name.encode()
+        assert settled(lambda: len(proxy.requests)), "the stat walk's HEADs went on"
+        heads = proxy.count("HEAD", f"/{prefix}/")
+        assert heads <= ATTRS_AHEAD + 2 * READING_OPENS, f"{heads} HEADs: the stat walk went on through the folder"
+        proxy.reset()
+        for name in order[READING_OPENS:]:
+            assert (bucket / prefix / name).read_bytes() == name.encode()
+        files = [(r.method, r.path.rpartition("/")[2]) for r in proxy.requests if f"/{prefix}/" in r.path]
+        assert sorted(files) == sorted(("GET", name) for name in order[READING_OPENS:]), files
+        proxy.reset()
+        assert {p.name: p.stat().st_size for p in (bucket / prefix).iterdir()} == {n: len(n) for n in names}
+        assert proxy.count("GET", f"/{prefix}/") == 0, "a stat walk fetched file bodies"
+
+
+def settled(count: Callable[[], int], quiet: float = 0.5, within: float = 10) -> bool:
+    """Whether `count()` stopped changing for `quiet` seconds within `within`."""
+    deadline, last, since = time.monotonic() + within, count(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return True
+    return False
 
 
 def test_lookups_in_one_folder_are_answered_at_once(folder, seaweedfs: servers.SeaweedFS, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import re
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -109,6 +110,29 @@ def valid_key_name(name: str) -> bool:
     return valid_name(name)
 
 
+@dataclass
+class OpenRate:
+    """How many files of one folder were opened per `ttl` window, all of them and those that revalidated a
+    cached copy: this window's counts and the one's before it (a rate must not drop to 0 as a window begins)."""
+
+    start: float
+    opens: int = 0
+    revalidating: int = 0
+    before: tuple[int, int] = (0, 0)
+
+    def count(self, now: float, ttl: float, opens: int, revalidating: int) -> None:
+        if now - self.start >= ttl:
+            recent = now - self.start < 2 * ttl
+            self.before = (self.opens, self.revalidating) if recent else (0, 0)
+            self.start, self.opens, self.revalidating = now, 0, 0
+        self.opens += opens
+        self.revalidating += revalidating
+
+    def lately(self) -> OpenRate:
+        """The busier of the two windows, per count."""
+        return OpenRate(self.start, max(self.opens, self.before[0]), max(self.revalidating, self.before[1]))
+
+
 class Namespace:
     def __init__(
         self, settings: Settings, backends: BackendPool, cache: CacheContext, workers: Workers, writeback: WriteBack,
@@ -135,7 +159,7 @@ class Namespace:
         self._attrs_limiter = trio.CapacityLimiter(ATTRS_CONCURRENCY)
         self._unreachable: dict[str, float] = {}  # bucket root URL → time.monotonic() its server last failed
         self._relisting: dict[int, trio.Event] = {}  # folder inode → the listing revalidating its files, under way
-        self._opens: dict[int, list[float]] = {}  # folder inode → [window start, opens in it, in the one before]
+        self._opens: dict[int, OpenRate] = {}  # folder inode → how fast its files are opened
         # Folder URL → the names found, made or written in it through this mount, on a storage that cannot list:
         # what stands in for its listing (readdir, and the folders a lookup cannot ask the server about).
         self._unlisted: dict[str, dict[str, Kind]] = {}
@@ -573,7 +597,11 @@ class Namespace:
         another (`ls -l`), the next files of its folder are asked about meanwhile, in the background."""
         if not self.needs_attrs(node):
             return node
-        walking = ahead or node.parent == self._stat_walk
+        # In a folder whose files are being opened (a data loader's, even one that listed the folder first), a
+        # lookup is most likely an open's: a GET answers it and the open that follows, one request instead of
+        # two. Elsewhere (`mv`, `rm`, a lone `stat`, `ls -l`) a HEAD asks without fetching the content.
+        by_get = self.attrs_by_get if self._opened_lately(node) else None
+        walking = by_get is None and (ahead or node.parent == self._stat_walk)
         if walking:
             parent = self.table.get(node.parent)
             if parent is not None:
@@ -585,11 +613,7 @@ class Namespace:
                 await event.wait()
         if not self.needs_attrs(node) or self._offline_now(node.url):
             return node
-        # Outside a stat walk, in a folder whose files are being opened (a data loader's), a lookup is most likely
-        # an open's: a GET answers it and the open that follows, one request instead of two. Elsewhere (`mv`,
-        # `rm`, a lone `stat`) a HEAD asks without fetching the content.
-        if (not walking and self.attrs_by_get is not None and self._opened_lately(node)
-                and await self.attrs_by_get(node)):
+        if by_get is not None and await by_get(node):
             return node
         try:
             await self._head(node)
@@ -600,9 +624,16 @@ class Namespace:
             log.debug("%s: stored times not known (%s)", node.url, exc)
         return node
 
-    def _opened_lately(self, node: Node) -> bool:
+    def _opened_lately(self, node: Node, opens: int = READING_OPENS) -> bool:
+        """Whether `opens` files of `node`'s folder were opened per `ttl` lately."""
         folder = self.table.get(node.parent)
-        return folder is not None and self._count_open(folder, opens=0) >= READING_OPENS
+        return folder is not None and self._count_open(folder, opens=0).opens >= opens
+
+    def listed_by_client(self, folder: Node) -> None:
+        """A client listed `folder`: whether it stats its files next (`ls -l`) or opens them (a data loader), the
+        opens from now on tell; meanwhile the first files' stored attributes are asked ahead."""
+        self._opens.pop(folder.inode, None)
+        self.stats_ahead(folder)
 
     def stats_ahead(self, folder: Node, after: str = "") -> None:
         """Ask, in the background, for the stored attributes of up to ATTRS_AHEAD files of `folder` after the
@@ -629,8 +660,11 @@ class Namespace:
     async def _attrs_of_sibling(self, node: Node) -> None:
         try:
             async with self._attrs_limiter:
-                with contextlib.suppress(ClearmlfsError):  # its own stat asks again, and reports the error
-                    await self._head(node)
+                # Not once its files are being opened (a data loader that listed its folder first, not `ls -l`):
+                # their own requests answer for them.
+                if self.needs_attrs(node) and not self._opened_lately(node, 1):
+                    with contextlib.suppress(ClearmlfsError):  # its own stat asks again, and reports the error
+                        await self._head(node)
         finally:
             self._heads.pop(node.url).set()
 
@@ -685,12 +719,14 @@ class Namespace:
         folder = self.table.get(node.parent) if node.kind is Kind.FILE else None
         if folder is None or folder.children is None or self.ttl <= 0 or not listable(node.url):
             return
-        opens = self._count_open(folder)
+        # Only the opens that revalidate count here: in a first epoch, each open's GET answers for its file, and
+        # the few files already cached (fetched ahead, say) are cheaper to ask about than a big folder to list.
+        revalidating = self._count_open(folder, revalidating=1).revalidating
         age = time.monotonic() - node.checked
         if age < self.ttl / 2 or self.entries.pending(node.url):
             return
         under_way = self._relisting.get(folder.inode)
-        if under_way is None and opens > LIST_WORTH * (-(-self.table.size(folder) // LIST_PAGE) or 1):
+        if under_way is None and revalidating > LIST_WORTH * (-(-self.table.size(folder) // LIST_PAGE) or 1):
             under_way = self._relisting[folder.inode] = trio.Event()
             if age < self.ttl and self._nursery is not None:
                 self._nursery.start_soon(self._relist, folder, under_way)
@@ -709,27 +745,25 @@ class Namespace:
             done.set()
 
     def count_open(self, node: Node) -> None:
-        """Count an open of the file `node` that `revalidate_by_listing`, which counts the others, is not asked
-        about (its first, cold, open)."""
+        """Count an open of the file `node` that has no cached copy to revalidate (`revalidate_by_listing` counts
+        the others)."""
         folder = self.table.get(node.parent)
         if folder is not None and self.ttl > 0:
-            self._count_open(folder)
+            self._count_open(folder, opens=1)
 
-    def _count_open(self, folder: Node, opens: int = 1) -> int:
-        """Count `opens` opens of files of `folder` (0: only ask); the opens of its files per `ttl` lately (this
-        window's, or the last one's if more)."""
+    def _count_open(self, folder: Node, opens: int = 0, revalidating: int = 0) -> OpenRate:
+        """Count opens of files of `folder` (`revalidating` of them: of cached copies, which revalidate) and
+        return how many of each there were per `ttl` lately."""
         now = time.monotonic()
-        window = self._opens.get(folder.inode)
-        if window is None and not opens:
-            return 0
-        if window is None:
+        rate = self._opens.get(folder.inode)
+        if rate is None:
+            if not opens + revalidating:
+                return OpenRate(now)
             if len(self._opens) >= 1024:  # (folders read one after another: only the recent ones matter)
                 self._opens.clear()
-            window = self._opens[folder.inode] = [now, 0, 0]
-        if now - window[0] >= self.ttl:
-            window[:] = [now, 0, window[1] if now - window[0] < 2 * self.ttl else 0]
-        window[1] += opens
-        return max(int(window[1]), int(window[2]))
+            rate = self._opens[folder.inode] = OpenRate(now)
+        rate.count(now, self.ttl, opens + revalidating, revalidating)
+        return rate.lately()
 
     # -- local (direct access) ---------------------------------------------------------------------
     async def _lookup_local(self, parent: Node, name: str) -> Node:

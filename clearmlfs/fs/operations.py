@@ -183,7 +183,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = next(self._dir_fh)
         self._dirs[fh] = (node, await self.ns.listdir(node))  # a snapshot: offsets stay valid while it is read
-        self.ns.stats_ahead(node)  # (`ls -l` stats every file next)
+        self.ns.listed_by_client(node)
         return fh
 
     @_errors

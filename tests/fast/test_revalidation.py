@@ -63,6 +63,25 @@ def test_files_read_for_the_first_time_are_not_revalidated_by_listing(tmp_path: 
     run(test, tmp_path, f"ttl={TTL},list_ttl=10", "readahead_files=0,cache_files=10000")
 
 
+def test_a_first_epoch_with_a_few_files_cached_already_lists_nothing(tmp_path: Path) -> None:
+    """The few files of a first epoch that are cached already (read before, fetched ahead) are asked about one by
+    one: the opens of files never read answer for themselves, and do not make a big folder worth listing."""
+    async def test(c: Client) -> None:
+        names = [f"{i:03d}.bin" for i in range(200)]
+        for name in names:
+            c.backend.put(f"cold/{name}", name.encode())
+        await c.listdir(f"{ROOT}/cold")
+        cached = names[::40]
+        assert await read_all(c, "cold", cached) == [n.encode() for n in cached]
+        await past_ttl(c)
+        c.backend.requests.clear()
+        assert await read_all(c, "cold", names[::-1]) == [n.encode() for n in names[::-1]]
+        assert c.backend.count("LIST") == 0
+        assert per_file_requests(c, "cold") <= 2 * len(names)
+
+    run(test, tmp_path, f"ttl={TTL},list_ttl=10", "readahead_files=0,cache_files=10000")
+
+
 def test_a_change_made_elsewhere_is_seen_on_open_after_ttl_when_revalidated_by_listing(tmp_path: Path) -> None:
     async def test(c: Client) -> None:
         names = [f"{i:03d}" for i in range(100)]
