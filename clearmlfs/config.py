@@ -146,6 +146,13 @@ class ApiSettings:
     # More URL prefixes the SDK sends the session's token to: sdk.storage.http.legacy_fileservers and
     # sdk.metrics.plot_upload_destination.
     extra_file_servers: tuple[str, ...] = ()
+    # Whether TLS certificates are checked (True), not (False), or against a CA bundle (its path), as the SDK's
+    # HTTP sessions decide, CLEARML_API_HOST_VERIFY_CERT first: for the api server's login, by
+    # api.verify_certificate; for http(s) storage, the fileserver's included, by the key it reads under `sdk`
+    # (sdk.api.verify_certificate), which clearml.conf files rarely have.
+    verify: bool | str = True
+    storage_verify: bool | str = True
+    auth_token: str = field(default="", repr=False)  # CLEARML_AUTH_TOKEN: logs in instead of the key pair
 
 
 @dataclass(frozen=True)
@@ -852,7 +859,27 @@ def _api_settings(api: Mapping[str, Any], sdk: Mapping[str, Any]) -> ApiSettings
         access_key=_env("CLEARML_API_ACCESS_KEY", "TRAINS_API_ACCESS_KEY") or str(creds.get("access_key") or ""),
         secret_key=_env("CLEARML_API_SECRET_KEY", "TRAINS_API_SECRET_KEY") or str(creds.get("secret_key") or ""),
         extra_file_servers=legacy + ((plots,) if plots else ()),
+        verify=_verify_certificate(api, "api.verify_certificate"),
+        storage_verify=_verify_certificate(_get(sdk, "api", {}), "sdk.api.verify_certificate"),
+        auth_token=_env("CLEARML_AUTH_TOKEN"),
     )
+
+
+def _verify_certificate(section: Mapping[str, Any], name: str) -> bool | str:
+    """`section`'s verify_certificate, overridden by CLEARML_API_HOST_VERIFY_CERT, read as the SDK's HTTP sessions
+    read it: a boolean, a word for one (strtobool's), else the path of a CA bundle."""
+    raw = _env("CLEARML_API_HOST_VERIFY_CERT", "TRAINS_API_HOST_VERIFY_CERT")
+    raw = raw or _get(section, "verify_certificate", True)
+    if not isinstance(raw, str):
+        return bool(raw)
+    word = raw.strip().lower()
+    if word in ("y", "yes", "t", "true", "on", "1", "n", "no", "f", "false", "off", "0"):
+        return word in ("y", "yes", "t", "true", "on", "1")
+    path = os.path.expanduser(raw.strip())
+    if not os.path.isfile(path):
+        raise ConfigError(f"{name} (or CLEARML_API_HOST_VERIFY_CERT) must be true, false or the path of a CA bundle "
+                          "file, which is not there")
+    return path
 
 
 def _size_cache(sdk: Mapping[str, Any]) -> SizeCache | None:

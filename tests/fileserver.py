@@ -9,13 +9,14 @@ Content-Length, to a client that accepts deflate; their ETag gets ``:deflate``) 
 differs: the real fileserver asks the api server to validate a token (`auth.validate_token`, cached in Redis);
 this one checks the token's signature and expiry itself, having issued it.
 
-The api server's `auth.login` (GET or POST ``/auth.login``, HTTP basic auth with an access key and secret)
-answers ``{"meta": {...}, "data": {"token": "<JWT>"}}`` as the real one does; the JWT carries ``exp`` (the SDK
-reads it to renew the token a minute early). Two endpoints of the stand-in's own, under ``/_test/``, let a test
+The api server's `auth.login` (GET or POST ``/auth.login``, HTTP basic auth with an access key and secret, or a
+valid token as ``Authorization: Bearer``, which gets a new one) answers
+``{"meta": {...}, "data": {"token": "<JWT>"}}`` as the real one does; the JWT carries ``exp`` (the SDK reads it to
+renew the token a minute early). Two endpoints of the stand-in's own, under ``/_test/``, let a test
 count logins and revoke every token issued so far (a server restart with a new secret, or permissions changed).
 
-Run as ``python -m tests.fileserver --root DIR --files-port N --api-port M --key K --secret S``; `start` does
-that and waits until both answer.
+Run as ``python -m tests.fileserver --root DIR --files-port N --api-port M --key K [--tls DIR]`` (https, with
+DIR's cert.pem and key.pem); `start` does that and waits until both answer.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ class Tokens:
             return False
         return hmac.compare_digest(signature, self._sign(head, body)) and exp > time.time()
 
+    @staticmethod
+    def user(token: str) -> str:
+        """Whose a (valid) token is."""
+        body = token.split(".")[1]
+        return str(json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))["identity"]["user"])
+
     def revoke_all(self) -> None:
         with self.lock:
             self.secret = secrets.token_bytes(32)
@@ -115,15 +122,20 @@ def api_app(tokens: Tokens, users: dict[str, str]) -> Flask:
     @app.route("/v<version>/auth.login", methods=["GET", "POST"])
     def login(version: str = "") -> Response:
         auth = request.authorization
-        if auth is None or auth.type != "basic":
+        if auth is not None and auth.type == "bearer":  # a valid token gets a new one (CLEARML_AUTH_TOKEN)
+            if not tokens.valid(auth.token or ""):
+                return _result(401, "Unauthorized (invalid token)", {}, "auth.login")
+            user = tokens.user(auth.token or "")
+        elif auth is None or auth.type != "basic":
             return _result(401, "Unauthorized (missing credentials)", {}, "auth.login")
-        if not hmac.compare_digest(users.get(auth.username or "", "\0"), auth.password or ""):
+        elif not hmac.compare_digest(users.get(auth.username or "", "\0"), auth.password or ""):
             return _result(
                 401, "Unauthorized (invalid credentials) (failed to locate provided credentials)", {}, "auth.login"
             )
+        else:
+            user = auth.username or ""
         raw = request.args.get("expiration_sec") or (request.get_json(silent=True) or {}).get("expiration_sec")
-        return _result(200, "OK", {"token": tokens.issue(auth.username or "", int(raw) if raw else None)},
-                       "auth.login")
+        return _result(200, "OK", {"token": tokens.issue(user, int(raw) if raw else None)}, "auth.login")
 
     @app.route("/_test/logins", methods=["GET"])
     def logins() -> Response:
@@ -279,20 +291,26 @@ class FileServer:
 ACCESS_KEY, SECRET_KEY = "TESTACCESSKEY0000001", "test-secret-key-never-shown"
 
 
-def start(root: Path, token_seconds: int | None = None) -> servers.Running[FileServer]:
-    """The stand-in in a subprocess, on free ports, once both servers answer; its tokens last `token_seconds`."""
+def start(root: Path, token_seconds: int | None = None, tls: Path | None = None) -> servers.Running[FileServer]:
+    """The stand-in in a subprocess, on free ports, once both servers answer; its tokens last `token_seconds`.
+    With `tls` (a folder), both serve https with a self-signed certificate made there (`tls / "cert.pem"`)."""
     files_port, api_port = servers.free_ports(2)
+    scheme = "https" if tls else "http"
     cmd = [
         str(servers.VENV_BIN / "python"), "-m", "tests.fileserver", "--root", str(root),
         "--files-port", str(files_port), "--api-port", str(api_port), "--key", ACCESS_KEY,
         *(["--token-seconds", str(token_seconds)] if token_seconds else []),
+        *(["--tls", str(tls)] if tls else []),
     ]
+    if tls:
+        servers.self_signed(tls)
     with servers.started("fileserver", cmd, servers.REPO) as (process, log_path):
-        servers.wait_until("fileserver", process, log_path, lambda: servers.http_answers("127.0.0.1", files_port))
         servers.wait_until("fileserver", process, log_path,
-                           lambda: servers.http_answers("127.0.0.1", api_port, "/_test/logins"))
+                           lambda: servers.http_answers("127.0.0.1", files_port, tls=bool(tls)))
+        servers.wait_until("fileserver", process, log_path,
+                           lambda: servers.http_answers("127.0.0.1", api_port, "/_test/logins", tls=bool(tls)))
     info = FileServer(
-        f"http://127.0.0.1:{files_port}", f"http://127.0.0.1:{api_port}", f"127.0.0.1:{files_port}", root,
+        f"{scheme}://127.0.0.1:{files_port}", f"{scheme}://127.0.0.1:{api_port}", f"127.0.0.1:{files_port}", root,
         ACCESS_KEY, SECRET_KEY,
     )
     return servers.Running("fileserver", process, log_path, info)
@@ -309,14 +327,16 @@ def main() -> None:
     parser.add_argument("--api-port", type=int, required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--token-seconds", type=int, default=30 * 24 * 3600)
+    parser.add_argument("--tls", type=Path, help="a folder with cert.pem and key.pem: serve https")
     args = parser.parse_args()
     # The secret is not on the command line (other users see that): the fixture and this module share it.
     tokens = Tokens(args.token_seconds)
     args.root.mkdir(parents=True, exist_ok=True)
+    tls = (str(args.tls / "cert.pem"), str(args.tls / "key.pem")) if args.tls else None
     api = make_server("127.0.0.1", args.api_port, api_app(tokens, {args.key: SECRET_KEY}), threaded=True,
-                      request_handler=_KeepAlive)
+                      request_handler=_KeepAlive, ssl_context=tls)
     files = make_server("127.0.0.1", args.files_port, files_app(args.root, tokens), threaded=True,
-                        request_handler=_KeepAlive)
+                        request_handler=_KeepAlive, ssl_context=tls)
     threading.Thread(target=api.serve_forever, daemon=True).start()
     files.serve_forever()
 

@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -147,9 +148,10 @@ def wait_until(
     )
 
 
-def http_answers(host: str, port: int, path: str = "/") -> int:
-    """Any HTTP status at all means the server is listening and speaking HTTP."""
-    conn = http.client.HTTPConnection(host, port, timeout=2)
+def http_answers(host: str, port: int, path: str = "/", tls: bool = False) -> int:
+    """Any HTTP status at all means the server is listening and speaking HTTP (over TLS, any certificate)."""
+    conn = (http.client.HTTPSConnection(host, port, timeout=2, context=ssl._create_unverified_context()) if tls
+            else http.client.HTTPConnection(host, port, timeout=2))
     try:
         conn.request("GET", path)
         return conn.getresponse().status
@@ -173,8 +175,9 @@ def started(name: str, cmd: list[str], cwd: Path) -> Iterator[tuple[subprocess.P
 # ---------------------------------------------------------------------------------------------------------
 
 
-def s3_client(endpoint: str, key: str, secret: str, **config: Any) -> Any:
-    """A boto3 S3 client the way the tests talk to local servers: path-style, us-east-1, SigV4."""
+def s3_client(endpoint: str, key: str, secret: str, verify: str | None = None, **config: Any) -> Any:
+    """A boto3 S3 client the way the tests talk to local servers: path-style, us-east-1, SigV4 (`verify`: the
+    CA bundle of a server over https)."""
     import boto3
     from botocore.config import Config
 
@@ -193,6 +196,7 @@ def s3_client(endpoint: str, key: str, secret: str, **config: Any) -> Any:
         aws_secret_access_key=secret,
         region_name="us-east-1",
         config=Config(**settings),
+        verify=verify,
     )
 
 
@@ -319,26 +323,61 @@ class MotoS3:
     bucket: str
     log_path: Path
 
-    def client(self, key: str | None = None, secret: str | None = None, endpoint: str | None = None) -> Any:
-        return s3_client(endpoint or self.endpoint, key or self.key, secret or self.secret)
+    def client(
+        self, key: str | None = None, secret: str | None = None, endpoint: str | None = None, ca: Path | None = None
+    ) -> Any:
+        return s3_client(endpoint or self.endpoint, key or self.key, secret or self.secret,
+                         verify=str(ca) if ca else None)
 
 
-def start_moto(workdir: Path) -> Running[MotoS3]:
+def start_moto(workdir: Path, tls: Path | None = None) -> Running[MotoS3]:
+    """moto's S3; with `tls` (a folder), over https with a self-signed certificate made there (cert.pem)."""
     moto = require_binary(VENV_BIN / "moto_server")
     workdir.mkdir(parents=True, exist_ok=True)
     (port,) = free_ports(1)
-    with started("moto_s3", [str(moto), "-H", "127.0.0.1", "-p", str(port)], workdir) as (process, log_path):
+    cmd = [str(moto), "-H", "127.0.0.1", "-p", str(port)]
+    if tls:
+        cmd += ["-c", str(self_signed(tls)), "-k", str(tls / "key.pem")]
+    with started("moto_s3", cmd, workdir) as (process, log_path):
         info = MotoS3(
-            endpoint=f"http://127.0.0.1:{port}",
+            endpoint=f"{'https' if tls else 'http'}://127.0.0.1:{port}",
             host=f"127.0.0.1:{port}",
             key="moto-key",
             secret="moto-secret",
             bucket="moto-bucket",
             log_path=log_path,
         )
-        wait_until("moto_s3", process, log_path, lambda: http_answers("127.0.0.1", port, "/moto-api/"))
-        create_s3_buckets(info.client(), [info.bucket])
+        wait_until("moto_s3", process, log_path, lambda: http_answers("127.0.0.1", port, "/moto-api/", tls=bool(tls)))
+        create_s3_buckets(info.client(ca=tls / "cert.pem" if tls else None), [info.bucket])
     return Running("moto_s3", process, log_path, info)
+
+
+def self_signed(folder: Path) -> Path:
+    """A certificate for 127.0.0.1 signed by its own key (cert.pem, key.pem in `folder`): cert.pem."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "clearmlfs test server")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    (folder / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return folder / "cert.pem"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -65,10 +65,11 @@ else:
 """
 
 
-def _sdk(conf: Path, home: Path, *args: str) -> Any:
-    """One clearml.StorageManager call in a fresh process that knows only `conf`."""
+def _sdk(conf: Path, home: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    """One clearml.StorageManager call in a fresh process that knows only `conf` (and `env`)."""
     home.mkdir(exist_ok=True)
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "CLEARML_CONFIG_FILE": str(conf), "LANG": "C.UTF-8"}
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "CLEARML_CONFIG_FILE": str(conf), "LANG": "C.UTF-8",
+           **(env or {})}
     done = subprocess.run([sys.executable, "-c", _SDK, *args], env=env, capture_output=True, text=True,
                           timeout=SDK_TIMEOUT)
     found = [line for line in done.stdout.splitlines() if line.startswith("RESULT:")]
@@ -235,6 +236,86 @@ def other_server() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture()
+def tls_fileserver(tmp_path: Path) -> Iterator[tuple[FileServer, Path]]:
+    """The stand-in over https, with a self-signed certificate: (the server, its certificate)."""
+    running = standin.start(tmp_path / "tls-files", tls=tmp_path / "tls")
+    try:
+        yield running.info, tmp_path / "tls" / "cert.pem"
+    finally:
+        running.stop()
+
+
+def test_certificates_are_checked_as_the_sdk_checks_them_and_a_refused_one_is_said_at_once(
+    tls_fileserver: tuple[FileServer, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ClearML server (api server and fileserver) whose certificate is self-signed. The SDK's login honours
+    api.verify_certificate, but its transfers read the key under `sdk` (sdk.api.verify_certificate): only
+    CLEARML_API_HOST_VERIFY_CERT (false, or a CA bundle) lets them through. A refused certificate is a
+    configuration error naming the setting, said at once instead of retried."""
+    server, cert = tls_fileserver
+    data = random_bytes(50_000, seed=3)
+    (server.root / "tls").mkdir(parents=True)
+    (server.root / "tls" / "a.bin").write_bytes(data)
+    url = f"{server.files_server}/tls/a.bin"
+    strict = _conf(tmp_path / "strict.conf", tmp_path / "cache", server.api_conf())
+    api_only = _conf(tmp_path / "api.conf", tmp_path / "cache-api", {**server.api_conf(), "verify_certificate": False})
+    try:
+        for conf, setting in ((strict, "api.verify_certificate"), (api_only, "CLEARML_API_HOST_VERIFY_CERT")):
+            StorageManager.configure(conf)
+            with pytest.raises(ConfigError, match="certificate") as raised:
+                StorageManager.get_file_size_bytes(url)
+            assert setting in str(raised.value), str(raised.value)
+        assert _sdk(api_only, tmp_path / "home", "get", url) is None  # (the SDK logged in, then was refused)
+
+        for verify in (str(cert), "false"):
+            monkeypatch.setenv("CLEARML_API_HOST_VERIFY_CERT", verify)
+            StorageManager.configure(_conf(tmp_path / "env.conf", tmp_path / f"cache-{verify[-3:]}", server.api_conf()))
+            assert Path(StorageManager.get_local_copy(url) or "").read_bytes() == data
+        got = _sdk(strict, tmp_path / "home", "get", url, env={"CLEARML_API_HOST_VERIFY_CERT": "false"})
+        assert Path(got).read_bytes() == data
+    finally:
+        StorageManager.configure(settings=None)
+
+
+def test_a_ca_bundle_that_is_not_there_is_a_configuration_error(fileserver: FileServer, tmp_path: Path) -> None:
+    conf = _conf(tmp_path / "c.conf", tmp_path / "cache", {**fileserver.api_conf(), "verify_certificate": "/no/ca.pem"})
+    with pytest.raises(ConfigError, match="verify_certificate"):
+        StorageManager.configure(conf)
+    StorageManager.configure(settings=None)
+
+
+def test_clearml_auth_token_logs_in_instead_of_the_key_pair(
+    fileserver: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLEARML_AUTH_TOKEN (what clearml-agent hands a task) logs in with no api.credentials, for us as for the SDK;
+    the token is shown nowhere."""
+    token = fileserver.token()
+    api = {k: v for k, v in fileserver.api_conf().items() if k != "credentials"}
+    src = tmp_path / "t.bin"
+    src.write_bytes(random_bytes(10_000, seed=5))
+    url = f"{_folder(fileserver)}/t.bin"
+    monkeypatch.setenv("CLEARML_AUTH_TOKEN", token)
+    StorageManager.configure(_conf(tmp_path / "token.conf", tmp_path / "cache", api))
+    try:
+        StorageManager.upload_file(str(src), url)
+        assert StorageManager.get_file_size_bytes(url) == 10_000
+    finally:
+        StorageManager.configure(settings=None)
+    sdk_conf = _conf(tmp_path / "sdk.conf", tmp_path / "sdk-cache", api)
+    got = _sdk(sdk_conf, tmp_path / "home", "get", url, env={"CLEARML_AUTH_TOKEN": token})
+    assert Path(got).read_bytes() == src.read_bytes()
+
+    monkeypatch.setenv("CLEARML_AUTH_TOKEN", token[:-4] + "AAAA")  # (its signature no longer matches)
+    StorageManager.configure(_conf(tmp_path / "bad.conf", tmp_path / "cache2", api))
+    try:
+        with pytest.raises(StorageError, match="CLEARML_AUTH_TOKEN") as raised:
+            StorageManager.upload_file(str(src), url + ".again")
+        assert token[:20] not in str(raised.value)
+    finally:
+        StorageManager.configure(settings=None)
 
 
 def test_the_token_goes_to_the_fileserver_only(

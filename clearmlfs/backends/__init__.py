@@ -90,10 +90,10 @@ class BackendPool:
         transfers = self.settings.s3.max_multipart_concurrency
         if self._login is None:
             where = str(self.settings.source) if self.settings.source else "clearml.conf"
-            self._login = Login(self.settings.api, where, session(), self.settings.timeouts)
+            self._login = Login(self.settings.api, where, session(self.settings.api.verify), self.settings.timeouts)
         return HttpBackend(
             url.scheme, url.host, login=self._login, file_servers=file_server_hosts(self.settings.api),
-            http=session(max(8, transfers * 2)), timeouts=self.settings.timeouts,
+            http=session(self.settings.api.storage_verify, max(8, transfers * 2)), timeouts=self.settings.timeouts,
         )
 
     def _s3_client(self, creds: S3Credentials) -> object:

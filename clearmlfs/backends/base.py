@@ -22,6 +22,7 @@ import mimetypes
 import os
 import random
 import re
+import ssl
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -33,7 +34,7 @@ from typing import ParamSpec, Protocol, TypeVar
 import requests
 import urllib3
 
-from ..errors import ClearmlfsError, NoSpace, StorageError, Transient, Unsupported
+from ..errors import ClearmlfsError, ConfigError, NoSpace, StorageError, Transient, Unsupported
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("clearmlfs.requests")  # one line per remote request, at debug level
@@ -309,6 +310,27 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
     return done
+
+
+def certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The TLS certificate check that failed somewhere in `exc`'s chain (each SDK wraps it its own way), if
+    that is why there was no answer: a setting to change, not a failure to retry."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 16:
+        current = todo.pop()
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.append(current)
+        linked = (current.__cause__, current.__context__, getattr(current, "reason", None), *current.args)
+        todo += [e for e in linked if isinstance(e, BaseException) and all(e is not s for s in seen)]
+    return None
+
+
+def certificate_error(refused: ssl.SSLCertVerificationError, url: str, setting: str) -> ConfigError:
+    why = refused.verify_message or "not trusted"
+    return ConfigError(f"{url}: the server's TLS certificate was refused ({why}); to trust it, set {setting} "
+                       "to a CA bundle's path (or false, to check no certificate), as for the ClearML SDK")
 
 
 def local_error(exc: OSError, url: str) -> ClearmlfsError:

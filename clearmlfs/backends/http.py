@@ -18,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import email.utils
+import functools
 import json
 import logging
 import mimetypes
@@ -27,12 +28,14 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import requests
+import urllib3.exceptions
 import urllib3.fields
 
 from ..config import DEFAULT_TIMEOUTS, ApiSettings, Timeouts
@@ -55,6 +58,8 @@ from .base import (
     ObjectInfo,
     Prefix,
     Progress,
+    certificate_error,
+    certificate_refused,
     local_error,
     log_request,
     pwrite_all,
@@ -119,19 +124,32 @@ def file_server_hosts(api: ApiSettings) -> tuple[str, ...]:
     return tuple(dict.fromkeys(h for h in (*main, *LEGACY_FILE_SERVERS, *api.extra_file_servers) if h))
 
 
-def session(connections: int = 32) -> requests.Session:
-    """An HTTP session pooling enough connections for the mount's parallel transfers; retries are `retry`'s."""
+def session(verify: bool | str = True, connections: int = 32) -> requests.Session:
+    """An HTTP session pooling enough connections for the mount's parallel transfers; retries are `retry`'s.
+    `verify`: whether certificates are checked, or against which CA bundle (`ApiSettings`)."""
     http = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=connections, max_retries=0)
     http.mount("http://", adapter)
     http.mount("https://", adapter)
+    http.verify = verify
+    if verify is False:
+        _warn_unverified()
     return http
+
+
+@functools.cache
+def _warn_unverified() -> None:
+    log.warning("TLS certificates are not checked (api.verify_certificate or CLEARML_API_HOST_VERIFY_CERT is "
+                "false)")
+    # (said once here: urllib3 would say it again on every request)
+    warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
 
 
 # -- the session's token -------------------------------------------------------------------------------------
 class Login:
-    """A token from the api server's ``auth.login`` (HTTP basic auth with api.credentials), shared by the
-    backends of one pool; renewed `TOKEN_MARGIN` before its ``exp`` and when a request was refused with it."""
+    """A token from the api server's ``auth.login`` (HTTP basic auth with api.credentials, or CLEARML_AUTH_TOKEN),
+    shared by the backends of one pool; renewed `TOKEN_MARGIN` before its ``exp`` and when a request was refused
+    with it."""
 
     def __init__(self, api: ApiSettings, where: str, http: requests.Session, timeouts: Timeouts) -> None:
         self._api, self._where, self._http, self._timeouts = api, where, http, timeouts
@@ -154,23 +172,36 @@ class Login:
             return self._token
 
     def _login(self) -> None:
-        if not (self._api.access_key and self._api.secret_key):
-            raise ConfigError(
-                f"{self._where}: no api.credentials (access_key and secret_key) to log in to {self._server} "
-                "with: the ClearML fileserver needs them"
-            )
+        auth, headers = self._login_with()
         url = f"{self._server}/auth.login"
         started = time.monotonic()
         try:
-            answer = self._http.get(
-                url, auth=(self._api.access_key, self._api.secret_key),
-                timeout=(self._timeouts.connect, self._timeouts.read),
-            )
+            answer = self._http.get(url, auth=auth, headers=headers,
+                                    timeout=(self._timeouts.connect, self._timeouts.read))
         except _CAUGHT as exc:
+            refused = certificate_refused(exc)
+            if refused is not None:
+                raise certificate_error(refused, self._server, "api.verify_certificate") from None
             raise Transient(f"{self._server}: logging in failed ({type(exc).__name__})") from None
         log_request("GET", url, answer.status_code, answer.headers.get("Content-Length"), time.monotonic() - started)
         self._token, self._expires = self._token_of(answer)
-        log.debug("logged in to %s as %s", self._server, self._api.access_key)
+        log.debug("logged in to %s as %s", self._server, self._who)
+
+    def _login_with(self) -> tuple[tuple[str, str] | None, dict[str, str]]:
+        """How `auth.login` is asked, as the SDK's session asks it: with CLEARML_AUTH_TOKEN as a bearer token (then
+        with the token it got last), the key pair ignored; else with api.credentials."""
+        if self._api.auth_token:
+            return None, {"Authorization": f"Bearer {self._token or self._api.auth_token}"}
+        if self._api.access_key and self._api.secret_key:
+            return (self._api.access_key, self._api.secret_key), {}
+        raise ConfigError(
+            f"{self._where}: no api.credentials (access_key and secret_key), nor CLEARML_AUTH_TOKEN, to log in to "
+            f"{self._server} with: the ClearML fileserver needs them"
+        )
+
+    @property
+    def _who(self) -> str:
+        return "CLEARML_AUTH_TOKEN" if self._api.auth_token else f"access key {self._api.access_key!r}"
 
     def _token_of(self, answer: requests.Response) -> tuple[str, float]:
         try:
@@ -180,9 +211,10 @@ class Login:
         meta = body.get("meta") if isinstance(body, dict) else None
         why = str(meta.get("result_msg", "") if isinstance(meta, dict) else "")[:200] or answer.reason
         if answer.status_code in (401, 403):
+            check = "CLEARML_AUTH_TOKEN" if self._api.auth_token else f"api.credentials in {self._where}"
             raise AccessDenied(
-                f"{self._server}: login refused for access key {self._api.access_key!r} ({answer.status_code}: "
-                f"{self._scrub(why)}); check api.credentials in {self._where}"
+                f"{self._server}: login refused for {self._who} ({answer.status_code}: {self._scrub(why)}); "
+                f"check {check}"
             )
         if answer.status_code != 200:
             raise _status_error(answer.status_code, f"{self._server}: logging in: {self._scrub(why)}")
@@ -197,7 +229,9 @@ class Login:
         self._http.close()
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._api.secret_key, "<redacted>") if self._api.secret_key else text
+        for secret in (self._api.secret_key, self._api.auth_token, self._token):
+            text = text.replace(secret, "<redacted>") if secret else text
+        return text
 
 
 def _expiry(token: str) -> float:
@@ -492,6 +526,10 @@ def _status_error(status: int, message: str) -> ClearmlfsError:
 
 def _transport_error(exc: BaseException, url: str) -> ClearmlfsError:
     """A request that got no answer: the exception's type only (its text may quote headers)."""
+    refused = certificate_refused(exc)
+    if refused is not None:
+        # (what the SDK reads for http(s) storage: api.verify_certificate is for its api server only)
+        return certificate_error(refused, url, "CLEARML_API_HOST_VERIFY_CERT")
     if isinstance(exc, (*TRANSPORT_FAILURES, requests.RequestException)) and not isinstance(
         exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema)
     ):
