@@ -167,6 +167,26 @@ def test_a_folder_listed_then_read_in_shuffled_order_costs_a_get_per_file_and_no
         assert proxy.count("GET", f"/{prefix}/") == 0, "a stat walk fetched file bodies"
 
 
+def test_a_first_epoch_lists_its_folder_once_though_some_files_are_cached_already(
+    folder, seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    """A shuffled first epoch: each file's GET (at its lookup, once the folder is being read) answers for it, so
+    the few files cached before it (past `ttl`) are asked about one by one; the folder is not listed again."""
+    prefix, contents = folder
+    names = sorted(contents)
+    cached = names[:3]
+    order = random.Random(11).sample(names[3:], len(names) - 3) + cached  # (the cached ones opened last)
+    with proxied_mount(seaweedfs, tmp_path, "ttl=0.5,list_ttl=30,readahead_files=0") as (proxy, bucket):
+        for name in cached:
+            assert (bucket / prefix / name).read_bytes() == contents[name]
+        time.sleep(0.6)
+        proxy.reset()
+        for name in order:
+            assert (bucket / prefix / name).read_bytes() == contents[name]
+        listings = [r for r in proxy.requests if "list-type" in r.query]
+        assert not listings, f"the folder was listed again: {[r.query for r in listings]}"
+
+
 def settled(count: Callable[[], int], quiet: float = 0.5, within: float = 10) -> bool:
     """Whether `count()` stopped changing for `quiet` seconds within `within`."""
     deadline, last, since = time.monotonic() + within, count(), time.monotonic()

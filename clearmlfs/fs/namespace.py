@@ -112,8 +112,9 @@ def valid_key_name(name: str) -> bool:
 
 @dataclass
 class OpenRate:
-    """How many files of one folder were opened per `ttl` window, all of them and those that revalidated a
-    cached copy: this window's counts and the one's before it (a rate must not drop to 0 as a window begins)."""
+    """How many files of one folder were opened per `ttl` window, all of them and those of a cached copy too old
+    to trust (which must ask): this window's counts and the one's before it (a rate must not drop to 0 as a
+    window begins)."""
 
     start: float
     opens: int = 0
@@ -719,11 +720,13 @@ class Namespace:
         folder = self.table.get(node.parent) if node.kind is Kind.FILE else None
         if folder is None or folder.children is None or self.ttl <= 0 or not listable(node.url):
             return
-        # Only the opens that revalidate count here: in a first epoch, each open's GET answers for its file, and
-        # the few files already cached (fetched ahead, say) are cheaper to ask about than a big folder to list.
-        revalidating = self._count_open(folder, revalidating=1).revalidating
+        # Only the opens that would have to ask count towards listing: in a first epoch each file's GET (at its
+        # lookup, or moments before the open) answers for it, and the few files cached earlier (fetched ahead,
+        # say) are cheaper to ask about than a big folder to list.
         age = time.monotonic() - node.checked
-        if age < self.ttl / 2 or self.entries.pending(node.url):
+        asks = age >= self.ttl / 2 and not self.entries.pending(node.url)
+        revalidating = self._count_open(folder, opens=1, revalidating=int(asks)).revalidating
+        if not asks:
             return
         under_way = self._relisting.get(folder.inode)
         if under_way is None and revalidating > LIST_WORTH * (-(-self.table.size(folder) // LIST_PAGE) or 1):
@@ -752,17 +755,17 @@ class Namespace:
             self._count_open(folder, opens=1)
 
     def _count_open(self, folder: Node, opens: int = 0, revalidating: int = 0) -> OpenRate:
-        """Count opens of files of `folder` (`revalidating` of them: of cached copies, which revalidate) and
-        return how many of each there were per `ttl` lately."""
+        """Count opens of files of `folder` (`revalidating` of them: of cached copies whose attributes are too old
+        to trust, which must ask) and return how many of each there were per `ttl` lately."""
         now = time.monotonic()
         rate = self._opens.get(folder.inode)
         if rate is None:
-            if not opens + revalidating:
+            if not opens:
                 return OpenRate(now)
             if len(self._opens) >= 1024:  # (folders read one after another: only the recent ones matter)
                 self._opens.clear()
             rate = self._opens[folder.inode] = OpenRate(now)
-        rate.count(now, self.ttl, opens + revalidating, revalidating)
+        rate.count(now, self.ttl, opens, revalidating)
         return rate.lately()
 
     # -- local (direct access) ---------------------------------------------------------------------
