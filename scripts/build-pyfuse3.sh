@@ -10,7 +10,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$1"
 PYFUSE3_VERSION=3.5.0
-PATCHES=(scripts/pyfuse3-passthrough.patch scripts/pyfuse3-write-views.patch scripts/pyfuse3-parallel-dirops.patch)
+PATCHES=(scripts/pyfuse3-passthrough.patch scripts/pyfuse3-write-views.patch scripts/pyfuse3-parallel-dirops.patch
+         scripts/pyfuse3-readdir-cache.patch)
 # Debian's pool keeps only the versions its current releases use: each known version is tried, and its
 # tarball must match the SHA-256 Debian's .dsc gives for it.
 LIBFUSE_SOURCES="${LIBFUSE_SOURCES:-3.17.2=3d932431ad94e86179e5265cddde1d67aa3bb2fb09a5bd35c641f86f2b5ed06f}"

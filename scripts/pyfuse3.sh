@@ -22,7 +22,8 @@ case "$MODE" in
     patched)
         if ! bash "$ROOT/scripts/build-pyfuse3.sh" "$VENV"; then
             echo "[setup] WARNING: could not build the patched libfuse/pyfuse3; installing the stock pyfuse3:" \
-                "no kernel passthrough, no write views, lookups of a folder one at a time (the mount works without them)" >&2
+                "no kernel passthrough, no write views, lookups of a folder one at a time, no listings cached by the" \
+                "kernel (the mount works without them)" >&2
             stock
         fi
         ;;

@@ -11,6 +11,7 @@ import io
 import os
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -239,6 +240,35 @@ def test_ten_thousand_objects_list_completely(seaweedfs: servers.SeaweedFS, tmp_
         assert sorted(os.listdir(at(mnt, base))) == names
         listed = sh("ls", "-1", at(mnt, base)).stdout.split()
         assert listed == names
+
+
+def test_a_folder_listed_again_is_answered_by_the_kernel_until_its_listing_changes(
+    seaweedfs: servers.SeaweedFS, tmp_path: Path
+) -> None:
+    """The kernel keeps what readdir returned (cache_readdir): listing a folder again while the mount's listing of
+    it stands costs the daemon no readdir (a warm `find`). A file made through the mount shows at once; one made
+    elsewhere once the listing is past `list_ttl` and listed again."""
+    store = stores.seaweed_store(seaweedfs)
+    base = store.fresh_prefix()
+    prefix = base[len(store.root) + 1 :]
+    client = seaweedfs.client()
+    names = [f"f{i:03d}" for i in range(300)]
+    for name in names:
+        client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/{name}", Body=b"x")
+    conf, _ = conf_for(tmp_path, "c", store)
+    readdirs = lambda: (tmp_path / "mnt.mount.log").read_text().count("operations: readdir(")  # noqa: E731
+    with mounted(conf, tmp_path / "mnt", log_level="debug", extra_args=["-o", "list_ttl=3"]) as mnt:
+        folder = at(mnt, base)
+        assert sorted(os.listdir(folder)) == names
+        first = readdirs()
+        for _ in range(3):
+            assert sorted(os.listdir(folder)) == names
+        assert readdirs() == first, "the kernel did not answer the listing again: the daemon was asked"
+        (folder / "made-here").write_bytes(b"y")
+        assert "made-here" in os.listdir(folder)
+        client.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/made-elsewhere", Body=b"z")
+        time.sleep(3.5)
+        assert sorted(os.listdir(folder)) == sorted([*names, "made-here", "made-elsewhere"])
 
 
 def test_find_over_a_three_level_tree_matches_the_server(seaweedfs: servers.SeaweedFS, tmp_path: Path) -> None:

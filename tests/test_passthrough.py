@@ -29,6 +29,7 @@ from clearmlfs.fs.passthrough import (
     kernel_supports,
     parallel_lookups_supported,
     pyfuse3_supports,
+    readdir_cache_supported,
     write_views_supported,
 )
 from clearmlfs.mount import parse_options
@@ -120,6 +121,7 @@ def test_the_capabilities_reported_are_those_of_the_installed_pyfuse3_and_kernel
     assert ("kernel passthrough on" in said) == passthrough_available(), said
     assert ("write views on" in said) == write_views_supported(), said
     assert ("parallel lookups on" in said) == parallel_lookups_supported(), said
+    assert ("listings cached by the kernel on" in said) == readdir_cache_supported(), said
 
 
 # -- reads ----------------------------------------------------------------------------------------------

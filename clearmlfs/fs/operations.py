@@ -24,7 +24,8 @@ from ..backends import ObjectInfo
 from ..errors import ClearmlfsError, Unsupported, to_errno
 from .files import OpenFile, OpenFiles
 from .inodes import Kind, Node
-from .namespace import Namespace
+from .namespace import Namespace, listable
+from .passthrough import readdir_cache_supported
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,8 @@ class Operations(pyfuse3.Operations):
     # And sends lookups and readdirs of one folder at once (scripts/pyfuse3-parallel-dirops.patch): otherwise the
     # kernel sends them one at a time, and 4 readers opening files of one folder wait for each other's HEADs.
     enable_parallel_dirops = True
+    # And lets opendir ask the kernel to cache what readdir returns (scripts/pyfuse3-readdir-cache.patch).
+    readdir_cache = True
 
     def __init__(self, ns: Namespace, files: OpenFiles, ttl: float = 1.0) -> None:
         super().__init__()
@@ -101,6 +104,8 @@ class Operations(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self._dirs: dict[int, tuple[Node, list[Node]]] = {}  # fh → (the folder, its entries)
         self._dir_fh = itertools.count(1)
+        self._cache_readdir = readdir_cache_supported()
+        self._dir_cached: dict[int, float] = {}  # folder inode → `listed` of the listing the kernel caches
 
     # -- attributes --------------------------------------------------------------------------------
     async def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -174,17 +179,25 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self.ns.table.forget(inode, count, self.ns.local_changes)
+            if self.ns.table.get(inode) is None:
+                self._dir_cached.pop(inode, None)  # (the kernel's inode, and its cached readdir, are gone too)
 
     # -- directories -------------------------------------------------------------------------------
     @_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
         node = self.ns.table[inode]
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = next(self._dir_fh)
         self._dirs[fh] = (node, await self.ns.listdir(node))  # a snapshot: offsets stay valid while it is read
         self.ns.listed_by_client(node)
-        return fh
+        if not (self._cache_readdir and node.kind in (Kind.BUCKET, Kind.DIR) and listable(node.url)):
+            return fh  # (what a web server's folder shows grows with lookups; a local one changes under us)
+        # The kernel keeps what readdir returns, and answers the next opendir from it while the listing it was
+        # filled from is still the one held: a warm `find` costs no readdir. A newer listing drops it.
+        keep = self._dir_cached.get(inode) == node.listed
+        self._dir_cached[inode] = node.listed
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

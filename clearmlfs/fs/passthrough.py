@@ -107,13 +107,19 @@ def parallel_lookups_supported() -> bool:
     return hasattr(pyfuse3.Operations, "enable_parallel_dirops")
 
 
+def readdir_cache_supported() -> bool:
+    """Whether this pyfuse3 lets opendir have the kernel cache readdir (scripts/pyfuse3-readdir-cache.patch)."""
+    return hasattr(pyfuse3.Operations, "readdir_cache")
+
+
 def capabilities() -> str:
     """What this installation can do, in one line (`clearmlfs config`)."""
     passthrough = "on" if pyfuse3_supports() and kernel_supports() else "off ({})".format(
         "this kernel is older than 6.9" if pyfuse3_supports() else "stock pyfuse3: scripts/setup.sh builds one")
     on = {True: "on", False: "off"}
     return (f"kernel passthrough {passthrough}; write views {on[write_views_supported()]}; "
-            f"parallel lookups {on[parallel_lookups_supported()]}")
+            f"parallel lookups {on[parallel_lookups_supported()]}; listings cached by the kernel "
+            f"{on[readdir_cache_supported()]}")
 
 
 class Passthrough(TaskHost):
