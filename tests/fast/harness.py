@@ -110,9 +110,14 @@ class Client:
         """The names in a folder, as os.listdir gives them (without "." and "..")."""
         return [n for n in await self.readdir(path) if n not in (".", "..")]
 
+    async def opendir(self, path: str) -> int:
+        """The handle of an opened folder (opendir may answer with a FileInfo: the kernel's readdir cache)."""
+        opened = await self.ops.opendir(await self.inode(path), CTX)
+        return opened if isinstance(opened, int) else int(opened.fh)
+
     async def readdir(self, path: str) -> list[str]:
         """Every name readdir replies with."""
-        fh = await self.ops.opendir(await self.inode(path), CTX)
+        fh = await self.opendir(path)
         names: list[str] = []
 
         def reply(token: object, name: bytes, attrs: object, next_id: int) -> bool:

@@ -48,7 +48,7 @@ def test_a_listing_read_after_its_files_were_forgotten_gives_the_kernel_live_ino
     async def test(c: Client) -> None:
         for i in range(5):
             c.backend.put(f"d/{i}", b"y")
-        fh = await c.ops.opendir(await c.inode(f"{ROOT}/d"), None)  # type: ignore[arg-type]
+        fh = await c.opendir(f"{ROOT}/d")
         for i in range(5):
             await c.attrs(f"{ROOT}/d/{i}")
         await forget_everything(c)

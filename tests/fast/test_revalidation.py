@@ -177,7 +177,7 @@ def test_a_snapshot_read_after_its_forgotten_files_were_let_go_gives_them_their_
         for i in range(5):
             c.backend.put(f"s/{i}", b"s")
         c.backend.put("t/x", b"t")
-        fh = await c.ops.opendir(await c.inode(f"{ROOT}/s"), None)  # type: ignore[arg-type]
+        fh = await c.opendir(f"{ROOT}/s")
         for i in range(5):
             await c.attrs(f"{ROOT}/s/{i}")
         await forget_everything(c)  # kept by the listing of s
@@ -211,7 +211,7 @@ def test_files_forgotten_while_their_stored_times_are_asked_for_stay_whole(tmp_p
         ns = c.fs.ops.ns
         await ns.listdir(ns.table[await c.inode(f"{ROOT}/h")])  # (listed, no HEAD asked yet)
         c.backend.hold()
-        fh = await c.ops.opendir(await c.inode(f"{ROOT}/h"), None)  # type: ignore[arg-type]
+        fh = await c.opendir(f"{ROOT}/h")
         await c.ops.releasedir(fh)
         await trio.sleep(0.05)  # (the HEADs are on their way, held)
         for i in range(20):  # the kernel held them (readdirplus), then dropped them
