@@ -25,6 +25,7 @@ import re
 import ssl
 import threading
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -331,6 +332,13 @@ def certificate_error(refused: ssl.SSLCertVerificationError, url: str, setting: 
     why = refused.verify_message or "not trusted"
     return ConfigError(f"{url}: the server's TLS certificate was refused ({why}); to trust it, set {setting} "
                        "to a CA bundle's path (or false, to check no certificate), as for the ClearML SDK")
+
+
+@functools.cache
+def unverified(setting: str) -> None:
+    """Say once per setting that TLS certificates are not checked; urllib3 would say it on every request."""
+    log.warning("TLS certificates are not checked (%s is false)", setting)
+    warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
 
 
 def local_error(exc: OSError, url: str) -> ClearmlfsError:

@@ -18,7 +18,6 @@ import base64
 import binascii
 import contextlib
 import email.utils
-import functools
 import json
 import logging
 import mimetypes
@@ -28,7 +27,6 @@ import tempfile
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -64,6 +62,7 @@ from .base import (
     log_request,
     pwrite_all,
     retry,
+    unverified,
 )
 
 log = logging.getLogger(__name__)
@@ -133,16 +132,8 @@ def session(verify: bool | str = True, connections: int = 32) -> requests.Sessio
     http.mount("https://", adapter)
     http.verify = verify
     if verify is False:
-        _warn_unverified()
+        unverified("api.verify_certificate or CLEARML_API_HOST_VERIFY_CERT")
     return http
-
-
-@functools.cache
-def _warn_unverified() -> None:
-    log.warning("TLS certificates are not checked (api.verify_certificate or CLEARML_API_HOST_VERIFY_CERT is "
-                "false)")
-    # (said once here: urllib3 would say it again on every request)
-    warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
 
 
 # -- the session's token -------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from .base import (
     pwrite_all,
     request_log,
     retry,
+    unverified,
 )
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,8 @@ def make_client(creds: S3Credentials, settings: S3Settings, timeouts: Timeouts =
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
     endpoint = f"{'https' if creds.secure else 'http'}://{creds.host}" if creds.host else None
+    if creds.verify is False:
+        unverified(f"verify of the sdk.aws.s3 entry for {creds.host or creds.bucket or 'AWS'}")
     client = session.client("s3", endpoint_url=endpoint, verify=creds.verify, config=botocore.config.Config(**options))
     # botocore loads each operation's model on first use (from disk): do it now, not on a user's first `ls`.
     client.get_paginator("list_objects_v2")
