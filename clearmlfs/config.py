@@ -449,6 +449,11 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
+# The words distutils' strtobool takes, with which the SDK reads its boolean environment variables.
+STRTOBOOL_TRUE = ("y", "yes", "t", "true", "on", "1")
+STRTOBOOL_FALSE = ("n", "no", "f", "false", "off", "0")
+
+
 def parse_bool(text: str) -> bool:
     """true/yes/on/1 or false/no/off/0, in any case; ValueError for anything else."""
     word = text.strip().lower()
@@ -781,7 +786,7 @@ def _azure_containers(conf: _Conf) -> tuple[tuple[AzureContainer, ...], tuple[Az
         ))
     account, key = os.environ.get("AZURE_STORAGE_ACCOUNT"), os.environ.get("AZURE_STORAGE_KEY")
     default_credential = os.environ.get("CLEARML_AZURE_STORAGE_USE_DEFAULT_CREDENTIAL", "").strip().lower()
-    chain = default_credential in ("y", "yes", "t", "true", "on", "1")
+    chain = default_credential in STRTOBOOL_TRUE
     if account and (key or chain):  # the SDK's environment fallback, after the configured entries
         containers.append(AzureContainer(account_name=account, account_key=key or "", use_default_credential=chain,
                                          origin="environment AZURE_STORAGE_ACCOUNT/AZURE_STORAGE_KEY"))
@@ -873,8 +878,8 @@ def _verify_certificate(section: Mapping[str, Any], name: str) -> bool | str:
     if not isinstance(raw, str):
         return bool(raw)
     word = raw.strip().lower()
-    if word in ("y", "yes", "t", "true", "on", "1", "n", "no", "f", "false", "off", "0"):
-        return word in ("y", "yes", "t", "true", "on", "1")
+    if word in STRTOBOOL_TRUE + STRTOBOOL_FALSE:
+        return word in STRTOBOOL_TRUE
     path = os.path.expanduser(raw.strip())
     if not os.path.isfile(path):
         raise ConfigError(f"{name} (or CLEARML_API_HOST_VERIFY_CERT) must be true, false or the path of a CA bundle "

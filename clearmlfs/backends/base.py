@@ -313,25 +313,21 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
     return done
 
 
-def certificate_refused(exc: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The TLS certificate check that failed somewhere in `exc`'s chain (each SDK wraps it its own way), if
-    that is why there was no answer: a setting to change, not a failure to retry."""
+def certificate_error(exc: BaseException, url: str, setting: str) -> ConfigError | None:
+    """The error to report when `exc` (however its SDK wrapped it) is a TLS certificate that failed its check:
+    a setting to change, not a failure to retry. None for any other failure."""
     seen: list[BaseException] = []
     todo = [exc]
     while todo and len(seen) < 16:
         current = todo.pop()
         if isinstance(current, ssl.SSLCertVerificationError):
-            return current
+            why = current.verify_message or "not trusted"
+            return ConfigError(f"{url}: the server's TLS certificate was refused ({why}); to trust it, set {setting} "
+                               "to a CA bundle's path (or false, to check no certificate), as for the ClearML SDK")
         seen.append(current)
         linked = (current.__cause__, current.__context__, getattr(current, "reason", None), *current.args)
         todo += [e for e in linked if isinstance(e, BaseException) and all(e is not s for s in seen)]
     return None
-
-
-def certificate_error(refused: ssl.SSLCertVerificationError, url: str, setting: str) -> ConfigError:
-    why = refused.verify_message or "not trusted"
-    return ConfigError(f"{url}: the server's TLS certificate was refused ({why}); to trust it, set {setting} "
-                       "to a CA bundle's path (or false, to check no certificate), as for the ClearML SDK")
 
 
 @functools.cache

@@ -57,7 +57,6 @@ from .base import (
     Prefix,
     Progress,
     certificate_error,
-    certificate_refused,
     local_error,
     log_request,
     pwrite_all,
@@ -170,9 +169,9 @@ class Login:
             answer = self._http.get(url, auth=auth, headers=headers,
                                     timeout=(self._timeouts.connect, self._timeouts.read))
         except _CAUGHT as exc:
-            refused = certificate_refused(exc)
+            refused = certificate_error(exc, self._server, "api.verify_certificate")
             if refused is not None:
-                raise certificate_error(refused, self._server, "api.verify_certificate") from None
+                raise refused from None
             raise Transient(f"{self._server}: logging in failed ({type(exc).__name__})") from None
         log_request("GET", url, answer.status_code, answer.headers.get("Content-Length"), time.monotonic() - started)
         self._token, self._expires = self._token_of(answer)
@@ -517,10 +516,10 @@ def _status_error(status: int, message: str) -> ClearmlfsError:
 
 def _transport_error(exc: BaseException, url: str) -> ClearmlfsError:
     """A request that got no answer: the exception's type only (its text may quote headers)."""
-    refused = certificate_refused(exc)
+    # (what the SDK reads for http(s) storage: api.verify_certificate is for its api server only)
+    refused = certificate_error(exc, url, "CLEARML_API_HOST_VERIFY_CERT")
     if refused is not None:
-        # (what the SDK reads for http(s) storage: api.verify_certificate is for its api server only)
-        return certificate_error(refused, url, "CLEARML_API_HOST_VERIFY_CERT")
+        return refused
     if isinstance(exc, (*TRANSPORT_FAILURES, requests.RequestException)) and not isinstance(
         exc, (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema)
     ):

@@ -48,7 +48,6 @@ from .base import (
     ReaderAbandoned,
     attrs_metadata,
     certificate_error,
-    certificate_refused,
     content_type,
     local_error,
     log_request,
@@ -133,9 +132,9 @@ def _translate(exc: BaseException, url: str, bucket: str | None = None, host: st
         return Rejected(message) if 400 <= status < 500 and status != 408 else StorageError(message)
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return AccessDenied(f"{url}: no S3 credentials configured (sdk.aws.s3 key/secret or the AWS chain)")
-    refused = certificate_refused(exc)
+    refused = certificate_error(exc, url, "`verify` in its sdk.aws.s3 credentials entry")
     if refused is not None:
-        return certificate_error(refused, url, "`verify` in its sdk.aws.s3 credentials entry")
+        return refused
     if isinstance(exc, _TRANSIENT_EXC):
         return Transient(f"{url}: {type(exc).__name__}: {exc}")
     if isinstance(exc, OSError):
